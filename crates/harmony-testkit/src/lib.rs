@@ -1,0 +1,385 @@
+//! Test support shared by the workspace's integration tests: a fresh database per test on
+//! either backend, the Postgres availability policy, throw-away Postgres servers, and waiting
+//! with a deadline instead of sleeping.
+//!
+//! Policy for Postgres: tests read the server URL from `HARMONY_TEST_PG` (default
+//! `postgres://postgres@127.0.0.1:5432/test`). When it is unreachable a test prints a loud
+//! `SKIPPED (no postgres)` line and returns — unless `HARMONY_REQUIRE_PG=1` (set by `.ci/run`),
+//! in which case it fails.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harmonydb::{BackendConfig, Db, DbConfig, Executor};
+
+/// Default URL of the shared test server.
+pub const DEFAULT_TEST_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The shared Postgres server's URL.
+pub fn pg_base_url() -> String {
+    std::env::var("HARMONY_TEST_PG").unwrap_or_else(|_| DEFAULT_TEST_PG.to_owned())
+}
+
+fn pg_required() -> bool {
+    std::env::var("HARMONY_REQUIRE_PG").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// A random lowercase identifier suffix.
+pub fn unique_suffix() -> String {
+    let mut s = String::with_capacity(12);
+    for _ in 0..12 {
+        s.push(fastrand::alphanumeric().to_ascii_lowercase());
+    }
+    s
+}
+
+/// Appends `key=value` to a URL's query string.
+pub fn with_option(url: &str, key: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{key}={value}")
+}
+
+/// Whether the shared Postgres server answers. When it does not: fails the test if
+/// `HARMONY_REQUIRE_PG=1`, else prints the skip line and returns false.
+pub async fn postgres_or_skip(test: &str) -> bool {
+    let url = with_option(&pg_base_url(), "migrate", "false");
+    let cfg = DbConfig::from_url(&url).expect("HARMONY_TEST_PG is a valid URL");
+    let reachable = match Db::open(cfg).await {
+        Ok(db) => db.scalar::<i64>("SELECT 1", &[]).await.is_ok(),
+        Err(_) => false,
+    };
+    if !reachable {
+        if pg_required() {
+            panic!("{test}: Postgres at {} is unreachable and HARMONY_REQUIRE_PG=1", harmonydb::redact(&pg_base_url()));
+        }
+        eprintln!("*** {test}: SKIPPED (no postgres) — set HARMONY_TEST_PG to run it ***");
+    }
+    reachable
+}
+
+/// Which backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A temporary SQLite file.
+    Sqlite,
+    /// A fresh schema on the shared Postgres server.
+    Postgres,
+}
+
+/// A fresh, migrated database for one test, removed when dropped: a temporary SQLite file, or
+/// a new schema on the shared Postgres server (`DROP SCHEMA … CASCADE` on drop).
+pub struct TestDb {
+    /// The open handle.
+    pub db: Db,
+    /// A URL that opens the same database (for child processes and second handles).
+    pub url: String,
+    backend: Backend,
+    schema: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// A fresh database on `backend`; `None` when Postgres is unavailable and not required.
+    pub async fn new(backend: Backend, test: &str) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => Some(Self::sqlite().await),
+            Backend::Postgres => Self::postgres(test).await,
+        }
+    }
+
+    /// A migrated SQLite database in a new temporary directory.
+    pub async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("harmony.db");
+        let url = format!("sqlite://{}", path.display());
+        let db = Db::open(DbConfig::from_url(&url).unwrap())
+            .await
+            .expect("open test SQLite database");
+        TestDb {
+            db,
+            url,
+            backend: Backend::Sqlite,
+            schema: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A migrated, newly created schema on the shared Postgres server.
+    pub async fn postgres(test: &str) -> Option<TestDb> {
+        if !postgres_or_skip(test).await {
+            return None;
+        }
+        let schema = format!("t_{}", unique_suffix());
+        let url = with_option(&with_option(&pg_base_url(), "schema", &schema), "pool_size", "6");
+        let db = Db::open(DbConfig::from_url(&url).unwrap())
+            .await
+            .expect("open test Postgres schema");
+        Some(TestDb {
+            db,
+            url,
+            backend: Backend::Postgres,
+            schema: Some(schema),
+            _dir: None,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A second, independent handle to the same database (its own connections).
+    pub async fn open_another(&self) -> Db {
+        let mut cfg = DbConfig::from_url(&self.url).unwrap();
+        cfg.migrate_on_open = false;
+        Db::open(cfg).await.expect("second handle")
+    }
+
+    /// The same database's URL with an extra option.
+    pub fn url_with(&self, key: &str, value: &str) -> String {
+        with_option(&self.url, key, value)
+    }
+
+    /// The SQLite file (None on Postgres).
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        match &DbConfig::from_url(&self.url).ok()?.backend {
+            BackendConfig::Sqlite(s) => Some(s.path.clone()),
+            BackendConfig::Postgres(_) => None,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(schema) = self.schema.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot be blocked on; do the cleanup on a
+        // thread of its own with a small runtime.
+        let base = pg_base_url();
+        let _ = std::thread::spawn(move || drop_schema(&base, &schema)).join();
+    }
+}
+
+/// Drops a test schema (only `t_…` names, never anything else).
+pub fn drop_schema(base_url: &str, schema: &str) {
+    assert!(schema.starts_with("t_") && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cleanup runtime");
+    rt.block_on(async {
+        let cfg = DbConfig::from_url(&with_option(base_url, "migrate", "false")).unwrap();
+        let Ok(db) = Db::open(cfg).await else { return };
+        drop_schema_via_do(&db, schema).await;
+    });
+}
+
+async fn drop_schema_via_do(db: &Db, schema: &str) {
+    // `DROP SCHEMA` needs an identifier; run it through a server-side helper that quotes it
+    // with format('%I'). The helper lives in pg_temp, so it disappears with the session.
+    let created = db
+        .exec_script(
+            "CREATE OR REPLACE FUNCTION pg_temp.harmony_drop_test_schema(s text) RETURNS void
+             LANGUAGE plpgsql AS $$ BEGIN EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', s); END $$",
+        )
+        .await;
+    if created.is_ok() {
+        let _ = db
+            .exec("SELECT pg_temp.harmony_drop_test_schema($1)", &[&schema])
+            .await;
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`. For waiting
+/// on something another thread or process does, where no signal is available; never a fixed
+/// sleep.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn pg_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+fn is_root() -> bool {
+    // `id -u` rather than libc's getuid, which would need unsafe code.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A throw-away PostgreSQL server in a temporary directory, for tests that must kill a
+/// server (failover) or need password authentication.
+pub struct TempPg {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+impl TempPg {
+    /// `initdb` + `pg_ctl start`. Local connections use `trust`, except that user `secret`
+    /// (password `right-password`) must authenticate with a password. Returns `None` (after
+    /// printing why) when the Postgres binaries are not installed.
+    pub fn start() -> Option<TempPg> {
+        let Some(bin) = pg_bin_dir() else {
+            eprintln!("*** TempPg: SKIPPED (no postgres binaries under /usr/lib/postgresql) ***");
+            return None;
+        };
+        let as_postgres = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("harmony-temp-pg")
+            .tempdir()
+            .expect("temp dir");
+        if as_postgres {
+            // initdb refuses to run as root; the server runs as the postgres user.
+            run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()));
+        }
+        let data = dir.path().join("data");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, "unused-superuser-password\n").expect("pw file");
+        if as_postgres {
+            run_ok(Command::new("chown").args(["postgres:postgres"]).arg(&pwfile));
+        }
+        let mut initdb = pg_command(&bin, "initdb", as_postgres);
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=trust", "-E", "UTF8"])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        run_ok(&mut initdb);
+        let hba = data.join("pg_hba.conf");
+        let mut text = String::from(
+            "host all secret 127.0.0.1/32 scram-sha-256\nhost all secret ::1/128 scram-sha-256\n",
+        );
+        text.push_str(&std::fs::read_to_string(&hba).expect("pg_hba.conf"));
+        std::fs::write(&hba, text).expect("write pg_hba.conf");
+        let port = free_port();
+        let pg = TempPg {
+            port,
+            dir,
+            bin,
+            as_postgres,
+        };
+        pg.start_server();
+        let create_user = Command::new(pg.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg("CREATE USER secret PASSWORD 'right-password' SUPERUSER; CREATE DATABASE harmony;")
+            .output()
+            .expect("psql");
+        assert!(create_user.status.success(), "psql: {}", String::from_utf8_lossy(&create_user.stderr));
+        Some(pg)
+    }
+
+    fn start_server(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("log");
+        let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
+        ctl.arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .arg("-w")
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("start");
+        run_ok(&mut ctl);
+    }
+
+    /// A URL for user `postgres` (trusted) on database `harmony`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/harmony", self.port)
+    }
+
+    /// The server's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the postmaster with SIGKILL (a crash, not a shutdown), and waits until the port
+    /// refuses connections.
+    pub fn kill(&self) {
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+            .expect("postmaster.pid");
+        run_ok(Command::new("kill").args(["-9", pid.trim()]));
+        // Children of a SIGKILLed postmaster exit on their own; the port closes with it.
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(start.elapsed() < Duration::from_secs(30), "temp postgres did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TempPg {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
+        ctl.arg("-D").arg(&data).args(["-m", "immediate", "stop"]);
+        let _ = ctl.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+fn pg_command(bin: &Path, tool: &str, as_postgres: bool) -> Command {
+    let path = bin.join(tool);
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,696 @@
+//! HarmonyDB: a small, safe SQL layer over embedded SQLite and PostgreSQL.
+//!
+//! One [`Db`] handle hides the backend. The API is built so that the safe thing is the only
+//! thing: SQL text is `&'static str` (a value cannot be formatted into it), every value is a
+//! bind parameter written `$1…$n` in both dialects, and errors carry an [`ErrorKind`] so that
+//! callers never parse messages.
+//!
+//! ```no_run
+//! # async fn demo() -> harmonydb::Result<()> {
+//! use harmonydb::{Db, DbConfig, Executor};
+//!
+//! let db = Db::open(DbConfig::from_url("sqlite://./harmony.db")?).await?;
+//! let n: i64 = db.scalar("SELECT count(*) FROM harmony_task WHERE name = $1", &[&"SDR"]).await?;
+//! db.transaction(|tx| async move {
+//!     tx.exec("DELETE FROM harmony_task WHERE name = $1", &[&"SDR"]).await?;
+//!     Ok(true) // commit
+//! })
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! What this crate owns: connections (a writer thread plus reader threads for SQLite, a
+//! failover-aware pool for Postgres), migrations, transactions with retry, error kinds and
+//! DB metrics. What it must not know: anything about tasks; the engine's store module holds
+//! the task SQL.
+
+extern crate self as harmonydb;
+
+mod config;
+mod error;
+mod metrics;
+mod migrate;
+mod notify;
+mod postgres;
+mod sqlite;
+mod value;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel as cb;
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot};
+
+pub use config::{
+    BackendConfig, DEFAULT_SCHEMA, DEFAULT_URL, DbConfig, PgHost, PostgresConfig, SqliteConfig,
+    Synchronous, TlsMode,
+};
+pub use error::{Error, ErrorKind, Result, redact};
+pub use harmonydb_derive::FromRow;
+pub use metrics::DbMetrics;
+pub use migrate::{MigrationInfo, MigrationStatus};
+pub use notify::{Notification, NotifyListener};
+pub use value::{
+    Columns, FromRow, FromValue, Params, Row, SQLITE_TIMESTAMP_FORMAT, Scalar, Timestamp,
+    ToValue, Value,
+};
+
+use crate::postgres::{PgBackend, PgTx};
+use crate::sqlite::{SqliteBackend, TxMsg};
+
+/// What a statement should give back.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Exec,
+    Rows,
+}
+
+/// What a statement gave back.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Output {
+    Affected(u64),
+    Rows(Vec<Row>),
+}
+
+/// The SQL dialect behind a handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// Embedded SQLite.
+    Sqlite,
+    /// PostgreSQL (and Postgres-compatible distributed SQL).
+    Postgres,
+}
+
+impl Dialect {
+    /// Picks the statement written for this dialect. For the few statements whose SQL must
+    /// differ (arrays, `SKIP LOCKED`, upserts with dialect-specific functions).
+    pub fn pick(self, sqlite: &'static str, postgres: &'static str) -> &'static str {
+        match self {
+            Dialect::Sqlite => sqlite,
+            Dialect::Postgres => postgres,
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+}
+
+tokio::task_local! {
+    /// Set while a transaction closure runs, so that a non-transaction call made from inside
+    /// it (which would deadlock on SQLite's single writer, or escape the transaction on
+    /// Postgres) fails at once instead.
+    static IN_TRANSACTION: ();
+}
+
+fn in_transaction() -> bool {
+    IN_TRANSACTION.try_with(|_| ()).is_ok()
+}
+
+fn misuse_in_transaction() -> Error {
+    Error::new(
+        ErrorKind::Misuse,
+        "a non-transaction database call was made inside a transaction closure; use the Tx handle the closure received",
+    )
+}
+
+mod private {
+    use super::{BoxFuture, Output, Result, Value, Want};
+
+    /// Implemented by [`Db`](super::Db) and [`Tx`](super::Tx) only.
+    pub trait Sealed {
+        fn run_stmt(&self, sql: &'static str, params: Vec<Value>, want: Want) -> BoxFuture<'_, Result<Output>>;
+        fn run_script(&self, sql: &'static str) -> BoxFuture<'_, Result<()>>;
+        fn dialect_of(&self) -> super::Dialect;
+    }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The query API shared by [`Db`] (each call on its own) and [`Tx`] (inside a transaction).
+///
+/// SQL is `&'static str` and uses `$1…$n` placeholders in both dialects; parameters are
+/// `&[&dyn ToValue]`, for example `&[&id, &"name"]`.
+pub trait Executor: private::Sealed + Sync {
+    /// The dialect, for the rare statement that must differ.
+    fn dialect(&self) -> Dialect {
+        self.dialect_of()
+    }
+
+    /// Runs a statement; returns the number of rows it changed (or returned, for a query).
+    fn exec(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<u64>> + Send {
+        let fut = self.run_stmt(sql, value::to_values(params), Want::Exec);
+        async move {
+            match fut.await? {
+                Output::Affected(n) => Ok(n),
+                Output::Rows(rows) => Ok(rows.len() as u64),
+            }
+        }
+    }
+
+    /// Runs a query and converts every row.
+    fn select<T: FromRow>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<Vec<T>>> + Send {
+        let fut = self.run_stmt(sql, value::to_values(params), Want::Rows);
+        async move { rows(fut.await?)?.iter().map(T::from_row).collect() }
+    }
+
+    /// Runs a query that must return at least one row; returns the first. No row is an
+    /// [`ErrorKind::NotFound`] error.
+    fn query_row<T: FromRow>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<T>> + Send {
+        let fut = self.query_opt::<T>(sql, params);
+        async move {
+            fut.await?
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, "query returned no rows"))
+        }
+    }
+
+    /// Runs a query; returns its first row, if any.
+    fn query_opt<T: FromRow>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<Option<T>>> + Send {
+        let fut = self.run_stmt(sql, value::to_values(params), Want::Rows);
+        async move { rows(fut.await?)?.first().map(T::from_row).transpose() }
+    }
+
+    /// Runs a query returning one column of one row.
+    fn scalar<T: FromValue>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<T>> + Send {
+        let fut = self.query_row::<Scalar<T>>(sql, params);
+        async move { fut.await.map(|s| s.0) }
+    }
+
+    /// Runs a query returning one column of at most one row.
+    fn scalar_opt<T: FromValue>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<Option<T>>> + Send {
+        let fut = self.query_opt::<Scalar<T>>(sql, params);
+        async move { fut.await.map(|s| s.map(|s| s.0)) }
+    }
+
+    /// Runs several statements separated by `;`, without parameters (schema scripts).
+    fn exec_script(&self, sql: &'static str) -> impl Future<Output = Result<()>> + Send {
+        self.run_script(sql)
+    }
+}
+
+fn rows(out: Output) -> Result<Vec<Row>> {
+    match out {
+        Output::Rows(r) => Ok(r),
+        Output::Affected(_) => Err(Error::new(ErrorKind::Other, "statement returned no rows")),
+    }
+}
+
+enum Backend {
+    Sqlite(SqliteBackend),
+    Postgres(PgBackend),
+}
+
+struct Inner {
+    backend: Backend,
+    config: DbConfig,
+    metrics: DbMetrics,
+}
+
+/// A handle to the database. Cheap to clone; all clones share the connections.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Db({})", self.inner.config)
+    }
+}
+
+/// Bounded, capped exponential backoff for transactions that lose a race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included.
+    pub max_attempts: u32,
+    /// Wait after the first failure.
+    pub initial_backoff: Duration,
+    /// Largest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1` (attempt counts from 1), with ±25 % jitter so
+    /// that processes that collided once do not collide again in lockstep.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX));
+        let capped = exp.min(self.max_backoff);
+        capped.mul_f64(0.75 + fastrand::f64() * 0.5)
+    }
+}
+
+/// Options of one transaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxOptions {
+    /// Re-run the whole closure on [`ErrorKind::Serialization`] (Postgres 40001/40P01,
+    /// YugabyteDB restart-read, SQLite BUSY), with this policy. `None`: fail at once.
+    pub retry: Option<RetryPolicy>,
+}
+
+impl TxOptions {
+    /// Retry serialization failures with the default policy.
+    pub fn retry() -> Self {
+        TxOptions {
+            retry: Some(RetryPolicy::default()),
+        }
+    }
+}
+
+/// What a transaction closure returns: whether to commit, and the value handed back.
+pub trait Commit {
+    /// True to commit, false to roll back.
+    fn should_commit(&self) -> bool;
+}
+
+impl Commit for bool {
+    fn should_commit(&self) -> bool {
+        *self
+    }
+}
+
+impl<T> Commit for Option<T> {
+    /// `Some` commits and hands the value back; `None` rolls back.
+    fn should_commit(&self) -> bool {
+        self.is_some()
+    }
+}
+
+/// Where a database lives and what state its schema is in (`harmony db status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DbStatus {
+    /// `sqlite` or `postgres`.
+    pub backend: &'static str,
+    /// The redacted URL.
+    pub url: String,
+    /// Postgres: the host new connections go to; SQLite: the file.
+    pub location: String,
+    /// Postgres: index of that host in the configured list.
+    pub host_index: Option<usize>,
+    /// Postgres schema.
+    pub schema: Option<String>,
+    /// Migration state.
+    pub migrations: MigrationStatus,
+}
+
+impl Db {
+    /// Opens the database described by `config`, and applies pending migrations unless
+    /// `config.migrate_on_open` is false.
+    pub async fn open(config: DbConfig) -> Result<Db> {
+        let metrics = DbMetrics::new(config.backend_name());
+        let backend = match &config.backend {
+            BackendConfig::Sqlite(s) => Backend::Sqlite(SqliteBackend::open(s).await?),
+            BackendConfig::Postgres(p) => Backend::Postgres(PgBackend::open(p, &metrics).await?),
+        };
+        let db = Db {
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                metrics,
+            }),
+        };
+        if db.inner.config.migrate_on_open {
+            db.migrate().await?;
+        }
+        Ok(db)
+    }
+
+    /// The configuration this handle was opened with.
+    pub fn config(&self) -> &DbConfig {
+        &self.inner.config
+    }
+
+    /// This handle's metrics.
+    pub fn metrics(&self) -> &DbMetrics {
+        &self.inner.metrics
+    }
+
+    /// Applies pending migrations; returns the ones applied by this call (empty when the
+    /// schema was already current).
+    pub async fn migrate(&self) -> Result<Vec<MigrationInfo>> {
+        migrate::apply(self).await
+    }
+
+    /// The schema's migration state.
+    pub async fn migration_status(&self) -> Result<MigrationStatus> {
+        migrate::status(self).await
+    }
+
+    /// Backend, location and migration state.
+    pub async fn status(&self) -> Result<DbStatus> {
+        let migrations = self.migration_status().await?;
+        let (location, host_index, schema) = match &self.inner.backend {
+            Backend::Sqlite(s) => (s.path().display().to_string(), None, None),
+            Backend::Postgres(p) => {
+                let (idx, host) = p
+                    .current_host()
+                    .map_or((None, "(not connected)".to_owned()), |(i, h)| (Some(i), h));
+                (host, idx, Some(p.config().schema.clone()))
+            }
+        };
+        Ok(DbStatus {
+            backend: self.inner.config.backend_name(),
+            url: self.inner.config.to_string(),
+            location,
+            host_index,
+            schema,
+            migrations,
+        })
+    }
+
+    /// Runs `f` in a transaction without retry. See [`Db::transaction_with`].
+    pub async fn transaction<F, Fut, R>(&self, f: F) -> Result<R>
+    where
+        F: FnMut(Tx) -> Fut,
+        Fut: Future<Output = Result<R>> + Send,
+        R: Commit,
+    {
+        self.transaction_with(TxOptions::default(), f).await
+    }
+
+    /// Runs `f` in a transaction. The closure gets the [`Tx`] to run statements with and
+    /// returns whether to commit: `Ok(true)` / `Ok(Some(v))` commits, `Ok(false)` / `Ok(None)`
+    /// or an error rolls back, and so does a panic or dropping the returned future. With
+    /// `opts.retry`, a serialization failure (from any statement or from COMMIT) re-runs the
+    /// whole closure after a backoff, up to the policy's attempt limit.
+    ///
+    /// Inside the closure, calls on a `Db` handle fail with [`ErrorKind::Misuse`]: every
+    /// statement of the transaction must go through the `Tx`.
+    pub async fn transaction_with<F, Fut, R>(&self, opts: TxOptions, mut f: F) -> Result<R>
+    where
+        F: FnMut(Tx) -> Fut,
+        Fut: Future<Output = Result<R>> + Send,
+        R: Commit,
+    {
+        if in_transaction() {
+            return Err(misuse_in_transaction());
+        }
+        let mut attempt = 1u32;
+        loop {
+            match self.transaction_once(&mut f).await {
+                Err(e) if e.kind().is_retryable() => match opts.retry {
+                    Some(policy) if attempt < policy.max_attempts => {
+                        self.inner.metrics.retried();
+                        tracing::debug!(attempt, error = %e, "retrying transaction");
+                        tokio::time::sleep(policy.backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                    _ => return Err(e),
+                },
+                other => return other,
+            }
+        }
+    }
+
+    async fn transaction_once<F, Fut, R>(&self, f: &mut F) -> Result<R>
+    where
+        F: FnMut(Tx) -> Fut,
+        Fut: Future<Output = Result<R>> + Send,
+        R: Commit,
+    {
+        self.inner.metrics.transaction_started();
+        let started = Instant::now();
+        let (tx, finisher) = match &self.inner.backend {
+            Backend::Sqlite(s) => {
+                let sender = s.begin().await;
+                self.inner.metrics.observe(started.elapsed(), sender.as_ref().err().map(Error::kind));
+                let sender = sender?;
+                (
+                    Tx {
+                        inner: TxInner::Sqlite(sender.clone()),
+                        metrics: self.inner.metrics.clone(),
+                    },
+                    Finisher::Sqlite(sender),
+                )
+            }
+            Backend::Postgres(p) => {
+                let pg = Arc::new(p.begin().await?);
+                (
+                    Tx {
+                        inner: TxInner::Postgres(Arc::clone(&pg)),
+                        metrics: self.inner.metrics.clone(),
+                    },
+                    Finisher::Postgres(pg),
+                )
+            }
+        };
+        let out = IN_TRANSACTION.scope((), f(tx)).await;
+        match out {
+            Ok(r) => {
+                finisher.finish(r.should_commit(), &self.inner.metrics).await?;
+                Ok(r)
+            }
+            Err(e) => {
+                if let Err(rollback) = finisher.finish(false, &self.inner.metrics).await {
+                    tracing::debug!(error = %rollback, "rollback after failed closure also failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Streams the rows of a read-only query without loading them all into memory.
+    pub fn stream<T: FromRow + Send + 'static>(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> RowStream<T> {
+        let (tx, rx) = mpsc::channel::<Result<Row>>(256);
+        if in_transaction() {
+            let _ = tx.try_send(Err(misuse_in_transaction()));
+        } else {
+            let params = value::to_values(params);
+            match &self.inner.backend {
+                Backend::Sqlite(s) => s.stream(sql, params, tx),
+                Backend::Postgres(_) => {
+                    let db = self.clone();
+                    tokio::spawn(async move {
+                        if let Backend::Postgres(p) = &db.inner.backend {
+                            p.stream(sql, params, tx).await;
+                        }
+                    });
+                }
+            }
+        }
+        RowStream {
+            rx,
+            _row: std::marker::PhantomData,
+        }
+    }
+
+    /// Opens a dedicated listening connection for `LISTEN/NOTIFY` (Postgres only; `None` on
+    /// SQLite, where cross-process changes are found with [`Db::data_version`]).
+    pub async fn listen(&self, channels: &[&'static str]) -> Result<Option<NotifyListener>> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(p) => notify::listen(p, channels).await.map(Some),
+        }
+    }
+
+    /// SQLite: `PRAGMA data_version` of the writer connection — a number that changes whenever
+    /// another connection (another process) commits. A cheap change check for other processes on the same file.
+    /// `None` on Postgres.
+    pub async fn data_version(&self) -> Result<Option<i64>> {
+        match &self.inner.backend {
+            Backend::Sqlite(s) => s.data_version().await.map(Some),
+            Backend::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// Postgres: closes idle pooled connections so the next ones are opened afresh (after a
+    /// suspected host failure). No-op on SQLite.
+    pub fn reset_idle_connections(&self) {
+        if let Backend::Postgres(p) = &self.inner.backend {
+            p.drop_idle();
+        }
+    }
+}
+
+/// The rows of [`Db::stream`], converted as they arrive. Backed by a bounded channel, so a
+/// slow consumer slows the producer instead of buffering the whole result.
+pub struct RowStream<T> {
+    rx: mpsc::Receiver<Result<Row>>,
+    _row: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: FromRow> Stream for RowStream<T> {
+    type Item = Result<T>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<T>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|item| item.map(|r| r.and_then(|row| T::from_row(&row))))
+    }
+}
+
+impl private::Sealed for Db {
+    fn run_stmt(&self, sql: &'static str, params: Vec<Value>, want: Want) -> BoxFuture<'_, Result<Output>> {
+        Box::pin(async move {
+            if in_transaction() {
+                return Err(misuse_in_transaction());
+            }
+            let started = Instant::now();
+            let out = match &self.inner.backend {
+                Backend::Sqlite(s) => s.run(sql, params, want).await,
+                Backend::Postgres(p) => p.run(sql, params, want).await,
+            };
+            self.inner
+                .metrics
+                .observe(started.elapsed(), out.as_ref().err().map(Error::kind));
+            out
+        })
+    }
+
+    fn run_script(&self, sql: &'static str) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if in_transaction() {
+                return Err(misuse_in_transaction());
+            }
+            match &self.inner.backend {
+                Backend::Sqlite(s) => s.script(sql).await,
+                Backend::Postgres(p) => p.script(sql).await,
+            }
+        })
+    }
+
+    fn dialect_of(&self) -> Dialect {
+        match self.inner.backend {
+            Backend::Sqlite(_) => Dialect::Sqlite,
+            Backend::Postgres(_) => Dialect::Postgres,
+        }
+    }
+}
+
+impl Executor for Db {}
+
+enum TxInner {
+    Sqlite(cb::Sender<TxMsg>),
+    Postgres(Arc<PgTx>),
+}
+
+/// The handle a transaction closure runs its statements through. It is only valid while the
+/// closure runs; after the transaction ends every call fails with [`ErrorKind::Misuse`].
+pub struct Tx {
+    inner: TxInner,
+    metrics: DbMetrics,
+}
+
+impl private::Sealed for Tx {
+    fn run_stmt(&self, sql: &'static str, params: Vec<Value>, want: Want) -> BoxFuture<'_, Result<Output>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let out = match &self.inner {
+                TxInner::Sqlite(sender) => {
+                    let (reply, rx) = oneshot::channel();
+                    let job = sqlite::Job {
+                        sql,
+                        params,
+                        want,
+                        reply,
+                    };
+                    match sender.send(TxMsg::Job(job)) {
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err(tx_finished())),
+                        Err(_) => Err(tx_finished()),
+                    }
+                }
+                TxInner::Postgres(pg) => pg.run(sql, params, want).await,
+            };
+            self.metrics
+                .observe(started.elapsed(), out.as_ref().err().map(Error::kind));
+            out
+        })
+    }
+
+    fn run_script(&self, sql: &'static str) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            match &self.inner {
+                TxInner::Sqlite(sender) => {
+                    let (reply, rx) = oneshot::channel();
+                    match sender.send(TxMsg::Script(sql, reply)) {
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err(tx_finished())),
+                        Err(_) => Err(tx_finished()),
+                    }
+                }
+                TxInner::Postgres(pg) => pg.script(sql).await,
+            }
+        })
+    }
+
+    fn dialect_of(&self) -> Dialect {
+        match self.inner {
+            TxInner::Sqlite(_) => Dialect::Sqlite,
+            TxInner::Postgres(_) => Dialect::Postgres,
+        }
+    }
+}
+
+impl Executor for Tx {}
+
+fn tx_finished() -> Error {
+    Error::new(ErrorKind::Misuse, "the transaction has already finished")
+}
+
+/// The transaction function's own handle, used to send COMMIT or ROLLBACK.
+enum Finisher {
+    Sqlite(cb::Sender<TxMsg>),
+    Postgres(Arc<PgTx>),
+}
+
+impl Finisher {
+    async fn finish(self, commit: bool, metrics: &DbMetrics) -> Result<()> {
+        let started = Instant::now();
+        let out = match self {
+            Finisher::Sqlite(sender) => {
+                let (reply, rx) = oneshot::channel();
+                match sender.send(TxMsg::Finish { commit, reply }) {
+                    Ok(()) => rx.await.unwrap_or_else(|_| Err(tx_finished())),
+                    Err(_) => Err(tx_finished()),
+                }
+            }
+            Finisher::Postgres(pg) => pg.finish(commit).await,
+        };
+        metrics.observe(started.elapsed(), out.as_ref().err().map(Error::kind));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_grows() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        };
+        assert!(p.backoff(1) <= Duration::from_millis(13));
+        assert!(p.backoff(2) >= Duration::from_millis(15));
+        for attempt in 1..40 {
+            assert!(p.backoff(attempt) <= Duration::from_millis(125));
+        }
+    }
+}
