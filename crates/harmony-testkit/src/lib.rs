@@ -53,7 +53,10 @@ pub async fn postgres_or_skip(test: &str) -> bool {
     };
     if !reachable {
         if pg_required() {
-            panic!("{test}: Postgres at {} is unreachable and HARMONY_REQUIRE_PG=1", harmonydb::redact(&pg_base_url()));
+            panic!(
+                "{test}: Postgres at {} is unreachable and HARMONY_REQUIRE_PG=1",
+                harmonydb::redact(&pg_base_url())
+            );
         }
         eprintln!("*** {test}: SKIPPED (no postgres) — set HARMONY_TEST_PG to run it ***");
     }
@@ -113,7 +116,11 @@ impl TestDb {
             return None;
         }
         let schema = format!("t_{}", unique_suffix());
-        let url = with_option(&with_option(&pg_base_url(), "schema", &schema), "pool_size", "6");
+        let url = with_option(
+            &with_option(&pg_base_url(), "schema", &schema),
+            "pool_size",
+            "6",
+        );
         let db = Db::open(DbConfig::from_url(&url).unwrap())
             .await
             .expect("open test Postgres schema");
@@ -166,7 +173,12 @@ impl Drop for TestDb {
 
 /// Drops a test schema (only `t_…` names, never anything else).
 pub fn drop_schema(base_url: &str, schema: &str) {
-    assert!(schema.starts_with("t_") && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    assert!(
+        schema.starts_with("t_")
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -269,19 +281,34 @@ impl TempPg {
             .expect("temp dir");
         if as_postgres {
             // initdb refuses to run as root; the server runs as the postgres user.
-            run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()));
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir.path()),
+            );
         }
         let data = dir.path().join("data");
         let pwfile = dir.path().join("pw");
         std::fs::write(&pwfile, "unused-superuser-password\n").expect("pw file");
         if as_postgres {
-            run_ok(Command::new("chown").args(["postgres:postgres"]).arg(&pwfile));
+            run_ok(
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&pwfile),
+            );
         }
         let mut initdb = pg_command(&bin, "initdb", as_postgres);
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=trust", "-E", "UTF8"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=trust",
+                "-E",
+                "UTF8",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()));
         run_ok(&mut initdb);
         let hba = data.join("pg_hba.conf");
@@ -299,11 +326,28 @@ impl TempPg {
         };
         pg.start_server();
         let create_user = Command::new(pg.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c"])
-            .arg("CREATE USER secret PASSWORD 'right-password' SUPERUSER; CREATE DATABASE harmony;")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+            ])
+            .arg("CREATE USER secret PASSWORD 'right-password' SUPERUSER")
+            .args(["-c", "CREATE DATABASE harmony"])
             .output()
             .expect("psql");
-        assert!(create_user.status.success(), "psql: {}", String::from_utf8_lossy(&create_user.stderr));
+        assert!(
+            create_user.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&create_user.stderr)
+        );
         Some(pg)
     }
 
@@ -324,6 +368,44 @@ impl TempPg {
             ))
             .arg("start");
         run_ok(&mut ctl);
+    }
+
+    /// Creates a database (the name is quoted by psql's `:"var"` interpolation, never pasted
+    /// into SQL text).
+    pub fn create_database(&self, name: &str) {
+        use std::io::Write;
+        let mut child = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+            ])
+            .arg(format!("db={name}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"CREATE DATABASE :\"db\";\n")
+            .expect("write psql input");
+        let out = child.wait_with_output().expect("psql");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// A URL for user `postgres` (trusted) on database `harmony`.
@@ -348,7 +430,10 @@ impl TempPg {
         // Children of a SIGKILLed postmaster exit on their own; the port closes with it.
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(start.elapsed() < Duration::from_secs(30), "temp postgres did not die");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "temp postgres did not die"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -375,7 +460,9 @@ fn pg_command(bin: &Path, tool: &str, as_postgres: bool) -> Command {
 }
 
 fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",

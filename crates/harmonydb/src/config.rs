@@ -66,6 +66,9 @@ pub struct SqliteConfig {
     pub readers: usize,
     /// Durability of commits.
     pub synchronous: Synchronous,
+    /// Create the file when it does not exist (default true). Read-only commands turn this
+    /// off so that a typo in a path never leaves an empty database behind.
+    pub create_if_missing: bool,
 }
 
 /// TLS mode for Postgres connections, with libpq's meanings.
@@ -196,6 +199,7 @@ impl DbConfig {
                 busy_timeout: crate::sqlite::DEFAULT_BUSY_TIMEOUT,
                 readers: 4,
                 synchronous: Synchronous::Normal,
+                create_if_missing: true,
             }),
             migrate_on_open: true,
         }
@@ -206,7 +210,7 @@ impl DbConfig {
         let url = url.trim();
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             config_error(format!(
-                "malformed database URL {}: expected sqlite://PATH or postgres://USER@HOST/DB",
+                "malformed database URL {}: expected sqlite://PATH or postgres://HOST[:PORT]/DATABASE",
                 crate::error::redact(url)
             ))
         })?;
@@ -214,7 +218,7 @@ impl DbConfig {
             "sqlite" => parse_sqlite(rest),
             "postgres" | "postgresql" => parse_postgres(rest),
             other => Err(config_error(format!(
-                "unknown database URL scheme {other:?}: use sqlite://PATH or postgres://USER@HOST/DB"
+                "unknown database URL scheme {other:?}: use sqlite://PATH or postgres://HOST[:PORT]/DATABASE"
             ))),
         }
     }
@@ -243,7 +247,11 @@ fn decode(part: &str, what: &str) -> Result<String> {
     percent_decode_str(part)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| config_error(format!("database URL: {what} is not valid UTF-8 after %-decoding")))
+        .map_err(|_| {
+            config_error(format!(
+                "database URL: {what} is not valid UTF-8 after %-decoding"
+            ))
+        })
 }
 
 /// Splits `?k=v&k2=v2` into decoded pairs.
@@ -254,7 +262,9 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            config_error(format!("database URL option {pair:?} has no value (expected key=value)"))
+            config_error(format!(
+                "database URL option {pair:?} has no value (expected key=value)"
+            ))
         })?;
         out.push((decode(k, "an option name")?, decode(v, "an option value")?));
     }
@@ -263,7 +273,9 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>> {
 
 fn parse_number<T: FromStr>(key: &str, value: &str) -> Result<T> {
     value.parse().map_err(|_| {
-        config_error(format!("database URL option {key}={value:?} is not a valid number"))
+        config_error(format!(
+            "database URL option {key}={value:?} is not a valid number"
+        ))
     })
 }
 
@@ -347,7 +359,10 @@ fn parse_postgres(rest: &str) -> Result<DbConfig> {
         return Err(config_error("database URL has an empty user name"));
     }
     let hosts = parse_hosts(hostlist)?;
-    let database = match database.map(|d| decode(d, "the database name")).transpose()? {
+    let database = match database
+        .map(|d| decode(d, "the database name"))
+        .transpose()?
+    {
         Some(d) if !d.is_empty() => d,
         _ => user.clone(),
     };
@@ -410,7 +425,11 @@ fn parse_hosts(list: &str) -> Result<Vec<PgHost>> {
             let port = match after.strip_prefix(':') {
                 Some(p) => Some(p),
                 None if after.is_empty() => None,
-                None => return Err(config_error(format!("database URL host {item:?} is malformed"))),
+                None => {
+                    return Err(config_error(format!(
+                        "database URL host {item:?} is malformed"
+                    )));
+                }
             };
             (h.to_owned(), port)
         } else {
@@ -421,14 +440,21 @@ fn parse_hosts(list: &str) -> Result<Vec<PgHost>> {
         };
         let port = match port {
             Some(p) => p.parse::<u16>().map_err(|_| {
-                config_error(format!("database URL host {item:?} has an invalid port {p:?}"))
+                config_error(format!(
+                    "database URL host {item:?} has an invalid port {p:?}"
+                ))
             })?,
             None => 5432,
         };
         if host.is_empty() {
-            return Err(config_error(format!("database URL host {item:?} has no host name")));
+            return Err(config_error(format!(
+                "database URL host {item:?} has no host name"
+            )));
         }
-        hosts.push(PgHost { host: decode(&host, "a host")?, port });
+        hosts.push(PgHost {
+            host: decode(&host, "a host")?,
+            port,
+        });
     }
     Ok(hosts)
 }
@@ -471,8 +497,9 @@ mod tests {
             panic!()
         };
         assert_eq!(s.path, PathBuf::from("./harmony.db"));
-        let c = DbConfig::from_url("sqlite:///var/lib/h.db?readers=2&synchronous=full&migrate=false")
-            .unwrap();
+        let c =
+            DbConfig::from_url("sqlite:///var/lib/h.db?readers=2&synchronous=full&migrate=false")
+                .unwrap();
         assert!(!c.migrate_on_open);
         let BackendConfig::Sqlite(s) = c.backend else {
             panic!()
@@ -484,15 +511,26 @@ mod tests {
 
     #[test]
     fn postgres_urls() {
-        let p = pg("postgres://bob:p%40ss@db1:5433,db2,[::1]:6000/harmony?schema=prod&sslmode=require&pool_size=4");
+        let p = pg(
+            "postgres://bob:p%40ss@db1:5433,db2,[::1]:6000/harmony?schema=prod&sslmode=require&pool_size=4",
+        );
         assert_eq!(p.user, "bob");
         assert_eq!(p.password.as_deref(), Some("p@ss"));
         assert_eq!(
             p.hosts,
             vec![
-                PgHost { host: "db1".into(), port: 5433 },
-                PgHost { host: "db2".into(), port: 5432 },
-                PgHost { host: "::1".into(), port: 6000 },
+                PgHost {
+                    host: "db1".into(),
+                    port: 5433
+                },
+                PgHost {
+                    host: "db2".into(),
+                    port: 5432
+                },
+                PgHost {
+                    host: "::1".into(),
+                    port: 6000
+                },
             ]
         );
         assert_eq!(p.database, "harmony");

@@ -195,8 +195,16 @@ pub fn redact(message: &str) -> String {
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(at) => {
-                out.push_str("***@");
-                out.push_str(&authority[at + 1..]);
+                // Keep the user name (useful in errors), hide the password.
+                let userinfo = &authority[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _password)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
             }
             None => out.push_str(authority),
         }
@@ -234,7 +242,8 @@ mod tests {
     fn redacts_url_credentials() {
         let m = redact("cannot reach postgres://bob:s3cret@db1:5432,db2/harmony?sslmode=require");
         assert!(!m.contains("s3cret"), "{m}");
-        assert!(!m.contains("bob"), "{m}");
+        assert!(m.contains("bob:***@db1"), "{m}");
+        assert_eq!(redact("postgres://bob@h/db"), "postgres://bob@h/db");
         assert!(m.contains("db1:5432,db2/harmony"), "{m}");
     }
 
@@ -254,7 +263,8 @@ mod tests {
 
     #[test]
     fn new_and_context_redact() {
-        let e = Error::new(ErrorKind::Connection, "postgres://u:pw@h/db refused").context("opening");
+        let e =
+            Error::new(ErrorKind::Connection, "postgres://u:pw@h/db refused").context("opening");
         assert!(!e.to_string().contains("pw@"));
         assert_eq!(e.kind(), ErrorKind::Connection);
     }

@@ -53,8 +53,8 @@ pub use metrics::DbMetrics;
 pub use migrate::{MigrationInfo, MigrationStatus};
 pub use notify::{Notification, NotifyListener};
 pub use value::{
-    Columns, FromRow, FromValue, Params, Row, SQLITE_TIMESTAMP_FORMAT, Scalar, Timestamp,
-    ToValue, Value,
+    Columns, FromRow, FromValue, Params, Row, SQLITE_TIMESTAMP_FORMAT, Scalar, Timestamp, ToValue,
+    Value,
 };
 
 use crate::postgres::{PgBackend, PgTx};
@@ -127,7 +127,12 @@ mod private {
 
     /// Implemented by [`Db`](super::Db) and [`Tx`](super::Tx) only.
     pub trait Sealed {
-        fn run_stmt(&self, sql: &'static str, params: Vec<Value>, want: Want) -> BoxFuture<'_, Result<Output>>;
+        fn run_stmt(
+            &self,
+            sql: &'static str,
+            params: Vec<Value>,
+            want: Want,
+        ) -> BoxFuture<'_, Result<Output>>;
         fn run_script(&self, sql: &'static str) -> BoxFuture<'_, Result<()>>;
         fn dialect_of(&self) -> super::Dialect;
     }
@@ -146,7 +151,11 @@ pub trait Executor: private::Sealed + Sync {
     }
 
     /// Runs a statement; returns the number of rows it changed (or returned, for a query).
-    fn exec(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<u64>> + Send {
+    fn exec(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = Result<u64>> + Send {
         let fut = self.run_stmt(sql, value::to_values(params), Want::Exec);
         async move {
             match fut.await? {
@@ -157,14 +166,22 @@ pub trait Executor: private::Sealed + Sync {
     }
 
     /// Runs a query and converts every row.
-    fn select<T: FromRow>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<Vec<T>>> + Send {
+    fn select<T: FromRow>(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = Result<Vec<T>>> + Send {
         let fut = self.run_stmt(sql, value::to_values(params), Want::Rows);
         async move { rows(fut.await?)?.iter().map(T::from_row).collect() }
     }
 
     /// Runs a query that must return at least one row; returns the first. No row is an
     /// [`ErrorKind::NotFound`] error.
-    fn query_row<T: FromRow>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<T>> + Send {
+    fn query_row<T: FromRow>(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = Result<T>> + Send {
         let fut = self.query_opt::<T>(sql, params);
         async move {
             fut.await?
@@ -173,19 +190,31 @@ pub trait Executor: private::Sealed + Sync {
     }
 
     /// Runs a query; returns its first row, if any.
-    fn query_opt<T: FromRow>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<Option<T>>> + Send {
+    fn query_opt<T: FromRow>(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
         let fut = self.run_stmt(sql, value::to_values(params), Want::Rows);
         async move { rows(fut.await?)?.first().map(T::from_row).transpose() }
     }
 
     /// Runs a query returning one column of one row.
-    fn scalar<T: FromValue>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<T>> + Send {
+    fn scalar<T: FromValue>(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = Result<T>> + Send {
         let fut = self.query_row::<Scalar<T>>(sql, params);
         async move { fut.await.map(|s| s.0) }
     }
 
     /// Runs a query returning one column of at most one row.
-    fn scalar_opt<T: FromValue>(&self, sql: &'static str, params: Params<'_>) -> impl Future<Output = Result<Option<T>>> + Send {
+    fn scalar_opt<T: FromValue>(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
         let fut = self.query_opt::<Scalar<T>>(sql, params);
         async move { fut.await.map(|s| s.map(|s| s.0)) }
     }
@@ -251,9 +280,10 @@ impl RetryPolicy {
     /// The wait before attempt `attempt + 1` (attempt counts from 1), with ±25 % jitter so
     /// that processes that collided once do not collide again in lockstep.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX));
+        let exp = self.initial_backoff.saturating_mul(
+            1u32.checked_shl(attempt.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        );
         let capped = exp.min(self.max_backoff);
         capped.mul_f64(0.75 + fastrand::f64() * 0.5)
     }
@@ -432,7 +462,9 @@ impl Db {
         let (tx, finisher) = match &self.inner.backend {
             Backend::Sqlite(s) => {
                 let sender = s.begin().await;
-                self.inner.metrics.observe(started.elapsed(), sender.as_ref().err().map(Error::kind));
+                self.inner
+                    .metrics
+                    .observe(started.elapsed(), sender.as_ref().err().map(Error::kind));
                 let sender = sender?;
                 (
                     Tx {
@@ -456,7 +488,9 @@ impl Db {
         let out = IN_TRANSACTION.scope((), f(tx)).await;
         match out {
             Ok(r) => {
-                finisher.finish(r.should_commit(), &self.inner.metrics).await?;
+                finisher
+                    .finish(r.should_commit(), &self.inner.metrics)
+                    .await?;
                 Ok(r)
             }
             Err(e) => {
@@ -546,7 +580,12 @@ impl<T: FromRow> Stream for RowStream<T> {
 }
 
 impl private::Sealed for Db {
-    fn run_stmt(&self, sql: &'static str, params: Vec<Value>, want: Want) -> BoxFuture<'_, Result<Output>> {
+    fn run_stmt(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        want: Want,
+    ) -> BoxFuture<'_, Result<Output>> {
         Box::pin(async move {
             if in_transaction() {
                 return Err(misuse_in_transaction());
@@ -598,7 +637,12 @@ pub struct Tx {
 }
 
 impl private::Sealed for Tx {
-    fn run_stmt(&self, sql: &'static str, params: Vec<Value>, want: Want) -> BoxFuture<'_, Result<Output>> {
+    fn run_stmt(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        want: Want,
+    ) -> BoxFuture<'_, Result<Output>> {
         Box::pin(async move {
             let started = Instant::now();
             let out = match &self.inner {

@@ -62,7 +62,11 @@ impl DbMetrics {
             "Statement latency, from submission to result",
             self.latency.clone(),
         );
-        sub.register("transactions", "Transactions started", self.transactions.clone());
+        sub.register(
+            "transactions",
+            "Transactions started",
+            self.transactions.clone(),
+        );
         sub.register(
             "transaction_retries",
             "Transactions re-run after a serialization failure or busy database",
@@ -89,7 +93,9 @@ impl DbMetrics {
         self.queries.inc();
         self.latency.observe(elapsed.as_secs_f64());
         if let Some(kind) = error {
-            self.errors.get_or_create(&[("kind", kind_label(kind))]).inc();
+            self.errors
+                .get_or_create(&[("kind", kind_label(kind))])
+                .inc();
         }
     }
 
@@ -110,7 +116,8 @@ impl DbMetrics {
     }
 
     pub(crate) fn set_host_index(&self, index: usize) {
-        self.host_index.set(i64::try_from(index).unwrap_or(i64::MAX));
+        self.host_index
+            .set(i64::try_from(index).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn failed_over(&self) {
@@ -170,10 +177,16 @@ mod tests {
         m.register(&mut reg);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
-        assert!(out.contains("harmonydb_queries_total{backend=\"sqlite\"} 2"), "{out}");
         assert!(
-            out.contains("harmonydb_query_errors_total{kind=\"unique_violation\",backend=\"sqlite\"} 1")
-                || out.contains("harmonydb_query_errors_total{backend=\"sqlite\",kind=\"unique_violation\"} 1"),
+            out.contains("harmonydb_queries_total{backend=\"sqlite\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "harmonydb_query_errors_total{kind=\"unique_violation\",backend=\"sqlite\"} 1"
+            ) || out.contains(
+                "harmonydb_query_errors_total{backend=\"sqlite\",kind=\"unique_violation\"} 1"
+            ),
             "{out}"
         );
     }

@@ -158,7 +158,10 @@ fn verify(dialect: Dialect, applied: &[LedgerRow]) -> Result<()> {
         let Some(known) = MIGRATIONS.iter().find(|m| m.version == row.version) else {
             return Err(Error::new(
                 ErrorKind::Migration,
-                format!("the migration ledger records unknown version {} ({})", row.version, row.name),
+                format!(
+                    "the migration ledger records unknown version {} ({})",
+                    row.version, row.name
+                ),
             ));
         };
         if known.checksum(dialect) != row.checksum {
@@ -198,7 +201,10 @@ pub(crate) async fn apply(db: &Db) -> Result<Vec<MigrationInfo>> {
     let applied = ledger(db).await.map_err(as_migration)?;
     verify(dialect, &applied)?;
     let mut done = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| !applied.iter().any(|a| a.version == m.version)) {
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| !applied.iter().any(|a| a.version == m.version))
+    {
         let m = *m;
         let ran = db
             .transaction(|tx| async move {
@@ -238,8 +244,14 @@ pub(crate) async fn apply(db: &Db) -> Result<Vec<MigrationInfo>> {
 
 fn as_migration(e: Error) -> Error {
     match e.kind() {
-        ErrorKind::Migration | ErrorKind::Connection | ErrorKind::Authentication | ErrorKind::Timeout => e,
-        _ => Error::new(ErrorKind::Migration, format!("applying migrations: {}", e.message())),
+        ErrorKind::Migration
+        | ErrorKind::Connection
+        | ErrorKind::Authentication
+        | ErrorKind::Timeout => e,
+        _ => Error::new(
+            ErrorKind::Migration,
+            format!("applying migrations: {}", e.message()),
+        ),
     }
 }
 
@@ -257,7 +269,11 @@ pub(crate) async fn status(db: &Db) -> Result<MigrationStatus> {
             .scalar::<bool>("SELECT to_regclass('harmony_schema_migrations') IS NOT NULL", &[])
             .await?,
     };
-    let applied = if table_exists { ledger(db).await? } else { Vec::new() };
+    let applied = if table_exists {
+        ledger(db).await?
+    } else {
+        Vec::new()
+    };
     verify(db.dialect(), &applied)?;
     Ok(MigrationStatus {
         current_version: applied.last().map(|r| r.version),
@@ -289,14 +305,20 @@ mod tests {
     #[test]
     fn both_dialect_directories_hold_exactly_the_listed_files() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-        let listed: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.name)).collect();
+        let listed: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| format!("{}.sql", m.name))
+            .collect();
         for dialect in ["sqlite", "postgres"] {
             let mut files: Vec<String> = std::fs::read_dir(root.join(dialect))
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect();
             files.sort();
-            assert_eq!(files, listed, "{dialect} migrations differ from the embedded list");
+            assert_eq!(
+                files, listed,
+                "{dialect} migrations differ from the embedded list"
+            );
         }
     }
 

@@ -72,7 +72,10 @@ impl NotifyListener {
     }
 }
 
-pub(crate) async fn listen(backend: &PgBackend, channels: &[&'static str]) -> Result<NotifyListener> {
+pub(crate) async fn listen(
+    backend: &PgBackend,
+    channels: &[&'static str],
+) -> Result<NotifyListener> {
     let (tx, rx) = mpsc::channel(NOTIFY_BUFFER_MAX);
     let dropped = Arc::new(AtomicU64::new(0));
     let sink = NotifySink {
@@ -98,5 +101,9 @@ pub(crate) async fn listen(backend: &PgBackend, channels: &[&'static str]) -> Re
             .await
             .map_err(crate::postgres::map_error)?;
     }
-    Ok(NotifyListener { client, rx, dropped })
+    Ok(NotifyListener {
+        client,
+        rx,
+        dropped,
+    })
 }

@@ -55,14 +55,21 @@ impl PgConn {
             .map(|c| Box::from(c.name()))
             .collect::<Vec<_>>()
             .into();
-        self.statements.insert(key, (stmt.clone(), Arc::clone(&columns)));
+        self.statements
+            .insert(key, (stmt.clone(), Arc::clone(&columns)));
         Ok((stmt, columns))
     }
 
-    pub(crate) async fn run(&mut self, sql: &'static str, params: &[Value], want: Want) -> Result<Output> {
+    pub(crate) async fn run(
+        &mut self,
+        sql: &'static str,
+        params: &[Value],
+        want: Want,
+    ) -> Result<Output> {
         let (stmt, columns) = self.prepared(sql).await?;
         check_param_count(&stmt, params)?;
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         match want {
             Want::Exec => {
                 let n = self.client.execute(&stmt, &refs).await.map_err(map_error)?;
@@ -217,7 +224,9 @@ async fn drive<S, T>(
     let messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
     pin_mut!(messages);
     while let Some(Ok(message)) = messages.next().await {
-        if let (tokio_postgres::AsyncMessage::Notification(n), Some(sink)) = (message, &notifications) {
+        if let (tokio_postgres::AsyncMessage::Notification(n), Some(sink)) =
+            (message, &notifications)
+        {
             sink.deliver(n.channel(), n.payload());
         }
     }
@@ -257,7 +266,10 @@ pub(crate) struct PgBackend {
 impl PgBackend {
     /// Opens a dedicated (unpooled) connection whose notifications arrive on the returned
     /// channel, for `LISTEN`.
-    pub(crate) async fn listen_connection(&self, sink: crate::notify::NotifySink) -> Result<Client> {
+    pub(crate) async fn listen_connection(
+        &self,
+        sink: crate::notify::NotifySink,
+    ) -> Result<Client> {
         let (client, _) = self.pool.manager().connect_first(Some(sink)).await?;
         Ok(client)
     }
@@ -271,12 +283,12 @@ impl PgBackend {
         }
         let tls = match cfg.tls {
             TlsMode::Disable => Tls::None,
-            TlsMode::Prefer | TlsMode::Require => {
-                Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls::unverified()?))
-            }
-            TlsMode::VerifyFull => {
-                Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(tls::verified()?))
-            }
+            TlsMode::Prefer | TlsMode::Require => Tls::Rustls(
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls::unverified()?),
+            ),
+            TlsMode::VerifyFull => Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+                tls::verified()?,
+            )),
         };
         let current = Arc::new(AtomicUsize::new(usize::MAX));
         let manager = PgManager {
@@ -339,7 +351,12 @@ impl PgBackend {
         })
     }
 
-    pub(crate) async fn run(&self, sql: &'static str, params: Vec<Value>, want: Want) -> Result<Output> {
+    pub(crate) async fn run(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        want: Want,
+    ) -> Result<Output> {
         let mut conn = self.get().await?;
         conn.run(sql, &params, want).await
     }
@@ -349,7 +366,12 @@ impl PgBackend {
         conn.script(sql).await
     }
 
-    pub(crate) async fn stream(&self, sql: &'static str, params: Vec<Value>, tx: mpsc::Sender<Result<Row>>) {
+    pub(crate) async fn stream(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        tx: mpsc::Sender<Result<Row>>,
+    ) {
         let result = async {
             let mut conn = self.get().await?;
             let (stmt, columns) = conn.prepared(sql).await?;
@@ -361,7 +383,9 @@ impl PgBackend {
                 .map_err(map_error)?;
             pin_mut!(stream);
             while let Some(row) = stream.next().await {
-                let row = row.map_err(map_error).and_then(|r| decode_row(&r, &columns))?;
+                let row = row
+                    .map_err(map_error)
+                    .and_then(|r| decode_row(&r, &columns))?;
                 if tx.send(Ok(row)).await.is_err() {
                     break;
                 }
@@ -404,7 +428,12 @@ pub(crate) struct PgTx {
 }
 
 impl PgTx {
-    pub(crate) async fn run(&self, sql: &'static str, params: Vec<Value>, want: Want) -> Result<Output> {
+    pub(crate) async fn run(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        want: Want,
+    ) -> Result<Output> {
         let mut guard = self.conn.lock().await;
         let conn = guard.as_mut().ok_or_else(finished)?;
         conn.run(sql, &params, want).await
@@ -419,7 +448,9 @@ impl PgTx {
     pub(crate) async fn finish(&self, commit: bool) -> Result<()> {
         let mut guard = self.conn.lock().await;
         let mut conn = guard.take().ok_or_else(finished)?;
-        let out = conn.script(if commit { "COMMIT" } else { "ROLLBACK" }).await;
+        let out = conn
+            .script(if commit { "COMMIT" } else { "ROLLBACK" })
+            .await;
         if out.is_err() {
             // The connection's state is unknown; never give it back to the pool.
             let _ = Object::take(conn);
@@ -477,10 +508,11 @@ fn decode_value(r: &tokio_postgres::Row, i: usize, ty: &Type, name: &str) -> Res
         Type::TIMESTAMP => get::<chrono::NaiveDateTime>(r, i, name)?
             .map(|t| Value::Timestamp(Timestamp::from_chrono(t.and_utc()))),
         Type::INT8_ARRAY => get::<Vec<i64>>(r, i, name)?.map(Value::IntArray),
-        Type::INT4_ARRAY => {
-            get::<Vec<i32>>(r, i, name)?.map(|v| Value::IntArray(v.into_iter().map(i64::from).collect()))
+        Type::INT4_ARRAY => get::<Vec<i32>>(r, i, name)?
+            .map(|v| Value::IntArray(v.into_iter().map(i64::from).collect())),
+        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => {
+            get::<Vec<String>>(r, i, name)?.map(Value::TextArray)
         }
-        Type::TEXT_ARRAY | Type::VARCHAR_ARRAY => get::<Vec<String>>(r, i, name)?.map(Value::TextArray),
         ref other => {
             return Err(Error::new(
                 ErrorKind::Decode,
@@ -500,7 +532,11 @@ fn type_error(v: &Value, ty: &Type) -> BoxError {
 }
 
 impl ToSql for Value {
-    fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> std::result::Result<IsNull, BoxError> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, BoxError> {
         match self {
             Value::Null => Ok(IsNull::Yes),
             Value::Bool(b) => match *ty {
@@ -564,7 +600,9 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> Error {
             || *code == SqlState::EXCLUSION_VIOLATION
         {
             ErrorKind::Constraint
-        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
+        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
             ErrorKind::Serialization
         } else if *code == SqlState::INVALID_PASSWORD
             || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
@@ -592,10 +630,21 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> Error {
         }
         return Error::new(kind, msg).with_code(code.code());
     }
-    let text = e.to_string();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
     let kind = if text.contains("timed out") || text.contains("timeout") {
         ErrorKind::Timeout
-    } else if e.is_closed() || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) {
+    } else if e.is_closed()
+        || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+    {
         ErrorKind::Connection
     } else if text.contains("error serializing parameter") {
         ErrorKind::Decode
@@ -633,7 +682,9 @@ mod tls {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
-        Ok(builder()?.with_root_certificates(roots).with_no_client_auth())
+        Ok(builder()?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
     }
 
     /// `sslmode=require|prefer`: encrypted, certificate not checked (libpq's meaning).
@@ -665,7 +716,12 @@ mod tls {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn verify_tls13_signature(
@@ -674,7 +730,12 @@ mod tls {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-            verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -84,6 +84,16 @@ impl SqliteBackend {
     }
 
     fn open_blocking(cfg: &SqliteConfig) -> Result<Self> {
+        if !cfg.create_if_missing && !cfg.path.exists() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "no SQLite database at {}; create it with `harmony db migrate --db sqlite://{}`",
+                    cfg.path.display(),
+                    cfg.path.display()
+                ),
+            ));
+        }
         check_directory(&cfg.path)?;
         let writer_conn = open_connection(cfg, false)?;
         // WAL must be set before readers open, and it needs the write lock once.
@@ -134,7 +144,12 @@ impl SqliteBackend {
     }
 
     /// Runs one statement outside any transaction.
-    pub(crate) async fn run(&self, sql: &'static str, params: Vec<Value>, want: Want) -> Result<Output> {
+    pub(crate) async fn run(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        want: Want,
+    ) -> Result<Output> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             sql,
@@ -164,13 +179,20 @@ impl SqliteBackend {
             want: Want::Rows,
             reply,
         };
-        self.writer.send(WriterMsg::Job(job)).map_err(|_| closed())?;
+        self.writer
+            .send(WriterMsg::Job(job))
+            .map_err(|_| closed())?;
         match rx.await.map_err(|_| closed())?? {
             Output::Rows(rows) => rows
                 .first()
-                .ok_or_else(|| Error::new(ErrorKind::Other, "PRAGMA data_version returned nothing"))?
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::Other, "PRAGMA data_version returned nothing")
+                })?
                 .get_idx(0),
-            Output::Affected(_) => Err(Error::new(ErrorKind::Other, "PRAGMA data_version returned nothing")),
+            Output::Affected(_) => Err(Error::new(
+                ErrorKind::Other,
+                "PRAGMA data_version returned nothing",
+            )),
         }
     }
 
@@ -184,9 +206,15 @@ impl SqliteBackend {
     }
 
     /// Streams the rows of a read-only query.
-    pub(crate) fn stream(&self, sql: &'static str, params: Vec<Value>, rows: mpsc::Sender<Result<Row>>) {
-        if let Err(cb::SendError(ReaderMsg::Stream(job))) =
-            self.readers.send(ReaderMsg::Stream(StreamJob { sql, params, rows }))
+    pub(crate) fn stream(
+        &self,
+        sql: &'static str,
+        params: Vec<Value>,
+        rows: mpsc::Sender<Result<Row>>,
+    ) {
+        if let Err(cb::SendError(ReaderMsg::Stream(job))) = self
+            .readers
+            .send(ReaderMsg::Stream(StreamJob { sql, params, rows }))
         {
             let _ = job.rows.try_send(Err(closed()));
         }
@@ -204,7 +232,10 @@ impl SqliteBackend {
 }
 
 fn closed() -> Error {
-    Error::new(ErrorKind::Connection, "the SQLite worker threads have stopped")
+    Error::new(
+        ErrorKind::Connection,
+        "the SQLite worker threads have stopped",
+    )
 }
 
 fn check_directory(path: &Path) -> Result<()> {
@@ -275,13 +306,19 @@ fn open_error(path: &Path, e: rusqlite::Error) -> Error {
     };
     Error::new(
         kind,
-        format!("cannot open SQLite database {}: {}", path.display(), err.message()),
+        format!(
+            "cannot open SQLite database {}: {}",
+            path.display(),
+            err.message()
+        ),
     )
 }
 
 fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
     let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI
     } else {
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
@@ -303,8 +340,10 @@ fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
         .and_then(|_| conn.pragma_update(None, "cache_size", -16_000))
         .map_err(|e| open_error(&cfg.path, e))?;
     // A file that exists but is not a database fails here, not at first use.
-    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
-        .map_err(|e| open_error(&cfg.path, e))?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| open_error(&cfg.path, e))?;
     Ok(conn)
 }
 
@@ -317,7 +356,12 @@ impl ColumnCache {
     fn get(&mut self, sql: &'static str, stmt: &rusqlite::Statement<'_>) -> Columns {
         self.0
             .entry((sql.as_ptr() as usize, sql.len()))
-            .or_insert_with(|| stmt.column_names().map(Box::from).collect::<Vec<_>>().into())
+            .or_insert_with(|| {
+                stmt.column_names()
+                    .map(Box::from)
+                    .collect::<Vec<_>>()
+                    .into()
+            })
             .clone()
     }
 }
@@ -396,7 +440,8 @@ fn reader_loop(conn: Connection, rx: cb::Receiver<ReaderMsg>, writer: cb::Sender
                     }
                 };
                 if !readonly {
-                    if let Err(cb::SendError(WriterMsg::Job(job))) = writer.send(WriterMsg::Job(job))
+                    if let Err(cb::SendError(WriterMsg::Job(job))) =
+                        writer.send(WriterMsg::Job(job))
                     {
                         let _ = job.reply.send(Err(closed()));
                     }
@@ -461,7 +506,11 @@ fn run_job(
                     returned += 1;
                 }
             }
-            Ok(Output::Affected(if readonly { returned } else { conn.changes() }))
+            Ok(Output::Affected(if readonly {
+                returned
+            } else {
+                conn.changes()
+            }))
         }
         Want::Rows => {
             let cols = columns.get(sql, &stmt);
@@ -492,7 +541,10 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, params: &[Value]) -> Result<()> {
         let value = params.get(n.wrapping_sub(1)).ok_or_else(|| {
             Error::new(
                 ErrorKind::Misuse,
-                format!("statement uses ${n} but only {} parameters were given", params.len()),
+                format!(
+                    "statement uses ${n} but only {} parameters were given",
+                    params.len()
+                ),
             )
         })?;
         stmt.raw_bind_parameter(idx, SqlValue(value))
@@ -539,9 +591,7 @@ impl rusqlite::ToSql for SqlValue<'_> {
             Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
             Value::Timestamp(t) => ToSqlOutput::from(t.to_sqlite_text()),
             Value::IntArray(v) => ToSqlOutput::from(serde_json::to_string(v).unwrap_or_default()),
-            Value::TextArray(v) => {
-                ToSqlOutput::from(serde_json::to_string(v).unwrap_or_default())
-            }
+            Value::TextArray(v) => ToSqlOutput::from(serde_json::to_string(v).unwrap_or_default()),
         })
     }
 }
@@ -552,9 +602,8 @@ pub(crate) fn map_error(e: rusqlite::Error) -> Error {
         rusqlite::Error::SqliteFailure(f, msg) => {
             let text = msg.clone().unwrap_or_else(|| f.to_string());
             let kind = match f.extended_code {
-                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
-                    ErrorKind::UniqueViolation
-                }
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => ErrorKind::UniqueViolation,
                 rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ErrorKind::ForeignKey,
                 _ => match f.code {
                     ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => ErrorKind::Serialization,
@@ -568,8 +617,9 @@ pub(crate) fn map_error(e: rusqlite::Error) -> Error {
             Error::new(kind, text).with_code(f.extended_code.to_string())
         }
         rusqlite::Error::QueryReturnedNoRows => Error::new(ErrorKind::NotFound, "no rows returned"),
-        rusqlite::Error::InvalidParameterCount(_, _)
-        | rusqlite::Error::InvalidParameterName(_) => Error::new(ErrorKind::Misuse, e.to_string()),
+        rusqlite::Error::InvalidParameterCount(_, _) | rusqlite::Error::InvalidParameterName(_) => {
+            Error::new(ErrorKind::Misuse, e.to_string())
+        }
         _ => Error::new(ErrorKind::Other, e.to_string()),
     }
 }

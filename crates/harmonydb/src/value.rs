@@ -400,9 +400,8 @@ impl FromValue for Vec<i64> {
     fn from_value(value: &Value, column: &str) -> Result<Self> {
         match value {
             Value::IntArray(v) => Ok(v.clone()),
-            Value::Text(s) => serde_json::from_str(s).map_err(|e| {
-                Error::new(ErrorKind::Decode, format!("column {column:?}: {e}"))
-            }),
+            Value::Text(s) => serde_json::from_str(s)
+                .map_err(|e| Error::new(ErrorKind::Decode, format!("column {column:?}: {e}"))),
             _ => mismatch(value, column, "an integer array"),
         }
     }
@@ -412,9 +411,8 @@ impl FromValue for Vec<String> {
     fn from_value(value: &Value, column: &str) -> Result<Self> {
         match value {
             Value::TextArray(v) => Ok(v.clone()),
-            Value::Text(s) => serde_json::from_str(s).map_err(|e| {
-                Error::new(ErrorKind::Decode, format!("column {column:?}: {e}"))
-            }),
+            Value::Text(s) => serde_json::from_str(s)
+                .map_err(|e| Error::new(ErrorKind::Decode, format!("column {column:?}: {e}"))),
             _ => mismatch(value, column, "a text array"),
         }
     }
@@ -475,7 +473,10 @@ impl Row {
         let value = self.values.get(idx).ok_or_else(|| {
             Error::new(
                 ErrorKind::Decode,
-                format!("no column at position {idx} (row has {})", self.values.len()),
+                format!(
+                    "no column at position {idx} (row has {})",
+                    self.values.len()
+                ),
             )
         })?;
         if matches!(value, Value::Null) {

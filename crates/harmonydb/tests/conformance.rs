@@ -85,13 +85,28 @@ async fn crud_and_select_into_structs(t: &TestDb) {
     assert_eq!(
         rows,
         vec![
-            TaskRow { id: a, name: "SDR".into(), owner_id: None, retries: 0, posted },
-            TaskRow { id: b, name: "PoRep".into(), owner_id: None, retries: 0, posted },
+            TaskRow {
+                id: a,
+                name: "SDR".into(),
+                owner_id: None,
+                retries: 0,
+                posted
+            },
+            TaskRow {
+                id: b,
+                name: "PoRep".into(),
+                owner_id: None,
+                retries: 0,
+                posted
+            },
         ]
     );
 
     let changed = db
-        .exec("UPDATE harmony_task SET retries = retries + 1 WHERE name = $1", &[&"SDR"])
+        .exec(
+            "UPDATE harmony_task SET retries = retries + 1 WHERE name = $1",
+            &[&"SDR"],
+        )
         .await
         .unwrap();
     assert_eq!(changed, 1);
@@ -123,7 +138,10 @@ async fn crud_and_select_into_structs(t: &TestDb) {
         .await
         .unwrap();
     assert_eq!(deleted, 1);
-    let left: i64 = db.scalar("SELECT count(*) FROM harmony_task", &[]).await.unwrap();
+    let left: i64 = db
+        .scalar("SELECT count(*) FROM harmony_task", &[])
+        .await
+        .unwrap();
     assert_eq!(left, 1);
 }
 
@@ -151,13 +169,19 @@ async fn error_kinds(t: &TestDb) {
     assert_eq!(e.kind(), ErrorKind::NotFound);
 
     let e = db
-        .exec("INSERT INTO harmony_task (name) VALUES ($1)", &[&"no-times"])
+        .exec(
+            "INSERT INTO harmony_task (name) VALUES ($1)",
+            &[&"no-times"],
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Constraint, "{e}");
 
     let e = db
-        .scalar::<i64>("SELECT owner_id FROM harmony_task_args, (SELECT NULL AS owner_id) n LIMIT 1", &[])
+        .scalar::<i64>(
+            "SELECT owner_id FROM harmony_task_args, (SELECT NULL AS owner_id) n LIMIT 1",
+            &[],
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Decode, "{e}");
@@ -187,19 +211,27 @@ async fn transaction_isolation_and_rollback(t: &TestDb) {
                 let theirs: i64 = tokio::spawn(async move { other.scalar(count, &[]).await })
                     .await
                     .unwrap()?;
-                Ok(if mine == 1 && theirs == 0 { None } else { Some((mine, theirs)) })
+                Ok(if mine == 1 && theirs == 0 {
+                    None
+                } else {
+                    Some((mine, theirs))
+                })
             }
         })
         .await
         .unwrap();
-    assert_eq!(seen, None, "uncommitted write was visible elsewhere (mine, theirs)");
+    assert_eq!(
+        seen, None,
+        "uncommitted write was visible elsewhere (mine, theirs)"
+    );
     assert_eq!(db.scalar::<i64>(count, &[]).await.unwrap(), 0);
     assert_eq!(other.scalar::<i64>(count, &[]).await.unwrap(), 0);
 
     // Ok(false) rolls back too; an error rolls back and is returned.
     let committed = db
         .transaction(|tx| async move {
-            tx.exec("INSERT INTO harmony_task_args VALUES (7, 'x', 'y')", &[]).await?;
+            tx.exec("INSERT INTO harmony_task_args VALUES (7, 'x', 'y')", &[])
+                .await?;
             Ok(false)
         })
         .await
@@ -207,8 +239,11 @@ async fn transaction_isolation_and_rollback(t: &TestDb) {
     assert!(!committed);
     let e = db
         .transaction(|tx| async move {
-            tx.exec("INSERT INTO harmony_task_args VALUES (7, 'x', 'y')", &[]).await?;
-            Err::<bool, _>(harmonydb::Error::external(std::io::Error::other("caller failed")))
+            tx.exec("INSERT INTO harmony_task_args VALUES (7, 'x', 'y')", &[])
+                .await?;
+            Err::<bool, _>(harmonydb::Error::external(std::io::Error::other(
+                "caller failed",
+            )))
         })
         .await
         .unwrap_err();
@@ -218,7 +253,8 @@ async fn transaction_isolation_and_rollback(t: &TestDb) {
     // Ok(true) commits, visible to the other connection.
     assert!(
         db.transaction(|tx| async move {
-            tx.exec("INSERT INTO harmony_task_args VALUES (7, 'x', 'y')", &[]).await?;
+            tx.exec("INSERT INTO harmony_task_args VALUES (7, 'x', 'y')", &[])
+                .await?;
             Ok(true)
         })
         .await
@@ -263,11 +299,16 @@ async fn transaction_commit_values_and_panics(t: &TestDb) {
     })
     .await;
     assert!(joined.is_err_and(|e| e.is_panic()));
-    let left: i64 = db.scalar("SELECT count(*) FROM harmony_task", &[]).await.unwrap();
+    let left: i64 = db
+        .scalar("SELECT count(*) FROM harmony_task", &[])
+        .await
+        .unwrap();
     assert_eq!(left, 1, "the panicking transaction's delete must roll back");
     // The writer (SQLite) / pool (Postgres) still works.
     assert_eq!(
-        db.exec("DELETE FROM harmony_task WHERE id = $1", &[&id]).await.unwrap(),
+        db.exec("DELETE FROM harmony_task WHERE id = $1", &[&id])
+            .await
+            .unwrap(),
         1
     );
 }
@@ -279,8 +320,11 @@ async fn non_transaction_call_inside_closure_is_refused(t: &TestDb) {
         .transaction(|tx| {
             let inner = inner.clone();
             async move {
-                tx.exec("INSERT INTO harmony_task_args VALUES (1, 'a', 'b')", &[]).await?;
-                inner.exec("INSERT INTO harmony_task_args VALUES (2, 'a', 'b')", &[]).await?;
+                tx.exec("INSERT INTO harmony_task_args VALUES (1, 'a', 'b')", &[])
+                    .await?;
+                inner
+                    .exec("INSERT INTO harmony_task_args VALUES (2, 'a', 'b')", &[])
+                    .await?;
                 Ok(true)
             }
         })
@@ -296,7 +340,12 @@ async fn non_transaction_call_inside_closure_is_refused(t: &TestDb) {
         .await
         .unwrap_err();
     assert_eq!(nested.kind(), ErrorKind::Misuse);
-    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM harmony_task_args", &[]).await.unwrap(), 0);
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM harmony_task_args", &[])
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 async fn serialization_failure_is_retried(t: &TestDb) {
@@ -321,9 +370,13 @@ async fn serialization_retry_postgres(t: &TestDb) {
             let attempts = attempts.clone();
             async move {
                 let n = attempts.fetch_add(1, Ordering::SeqCst);
-                tx.exec("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[]).await?;
+                tx.exec("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", &[])
+                    .await?;
                 let v: i64 = tx
-                    .scalar("SELECT last_history_id FROM harmony_task_follow WHERE from_type = 'a'", &[])
+                    .scalar(
+                        "SELECT last_history_id FROM harmony_task_follow WHERE from_type = 'a'",
+                        &[],
+                    )
                     .await?;
                 // Only the first attempt of each side waits, so the two first attempts
                 // overlap and the retry runs alone.
@@ -345,11 +398,17 @@ async fn serialization_retry_postgres(t: &TestDb) {
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     let v: i64 = db
-        .scalar("SELECT last_history_id FROM harmony_task_follow WHERE from_type = 'a'", &[])
+        .scalar(
+            "SELECT last_history_id FROM harmony_task_follow WHERE from_type = 'a'",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(v, 2, "both increments must land");
-    assert!(attempts.load(Ordering::SeqCst) >= 3, "one side must have been retried");
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "one side must have been retried"
+    );
     assert!(db.metrics().retries() >= 1);
 }
 
@@ -370,7 +429,11 @@ async fn busy_retry_sqlite(t: &TestDb) {
                 let release_rx = release_rx.clone();
                 let locked_tx = locked_tx.clone();
                 async move {
-                    tx.exec("INSERT INTO harmony_task_args VALUES (1, 'holder', 'x')", &[]).await?;
+                    tx.exec(
+                        "INSERT INTO harmony_task_args VALUES (1, 'holder', 'x')",
+                        &[],
+                    )
+                    .await?;
                     if let Some(l) = locked_tx.lock().unwrap().take() {
                         let _ = l.send(());
                     }
@@ -390,21 +453,37 @@ async fn busy_retry_sqlite(t: &TestDb) {
     };
     let c = contender.clone();
     let contend = tokio::spawn(async move {
-        c.transaction_with(TxOptions { retry: Some(policy) }, |tx| async move {
-            tx.exec("INSERT INTO harmony_task_args VALUES (1, 'contender', 'y')", &[]).await?;
-            Ok(true)
-        })
+        c.transaction_with(
+            TxOptions {
+                retry: Some(policy),
+            },
+            |tx| async move {
+                tx.exec(
+                    "INSERT INTO harmony_task_args VALUES (1, 'contender', 'y')",
+                    &[],
+                )
+                .await?;
+                Ok(true)
+            },
+        )
         .await
     });
-    eventually("the contender to hit BUSY and retry", Duration::from_secs(20), || {
-        let n = contender.metrics().retries();
-        async move { (n >= 1).then_some(()) }
-    })
+    eventually(
+        "the contender to hit BUSY and retry",
+        Duration::from_secs(20),
+        || {
+            let n = contender.metrics().retries();
+            async move { (n >= 1).then_some(()) }
+        },
+    )
     .await;
     release_tx.send(()).unwrap();
     hold.await.unwrap().unwrap();
     assert!(contend.await.unwrap().unwrap());
-    let n: i64 = t.db.scalar("SELECT count(*) FROM harmony_task_args", &[]).await.unwrap();
+    let n: i64 =
+        t.db.scalar("SELECT count(*) FROM harmony_task_args", &[])
+            .await
+            .unwrap();
     assert_eq!(n, 2);
 }
 
@@ -435,9 +514,16 @@ async fn injection_shaped_strings_round_trip(t: &TestDb) {
         assert_eq!(back, (s.clone(), s.clone()));
     }
     // The tables the strings talk about are intact.
-    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM harmony_task", &[]).await.unwrap(), 0);
     assert_eq!(
-        db.scalar::<i64>("SELECT count(*) FROM harmony_task_args", &[]).await.unwrap(),
+        db.scalar::<i64>("SELECT count(*) FROM harmony_task", &[])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM harmony_task_args", &[])
+            .await
+            .unwrap(),
         nasty.len() as i64
     );
 }
@@ -496,13 +582,17 @@ async fn streaming_rows(t: &TestDb) {
     let db = &t.db;
     db.transaction(|tx| async move {
         for i in 0..1000i64 {
-            tx.exec("INSERT INTO harmony_task_args VALUES ($1, 'k', 'v')", &[&i]).await?;
+            tx.exec("INSERT INTO harmony_task_args VALUES ($1, 'k', 'v')", &[&i])
+                .await?;
         }
         Ok(true)
     })
     .await
     .unwrap();
-    let mut stream = db.stream::<(i64,)>("SELECT task_id FROM harmony_task_args ORDER BY task_id", &[]);
+    let mut stream = db.stream::<(i64,)>(
+        "SELECT task_id FROM harmony_task_args ORDER BY task_id",
+        &[],
+    );
     let mut expect = 0;
     while let Some(row) = stream.next().await {
         assert_eq!(row.unwrap().0, expect);
@@ -513,25 +603,39 @@ async fn streaming_rows(t: &TestDb) {
     let mut partial = db.stream::<(i64,)>("SELECT task_id FROM harmony_task_args", &[]);
     assert!(partial.next().await.is_some());
     drop(partial);
-    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM harmony_task_args", &[]).await.unwrap(), 1000);
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM harmony_task_args", &[])
+            .await
+            .unwrap(),
+        1000
+    );
 }
 
 async fn migrations_are_idempotent_and_checked(t: &TestDb) {
     let db = &t.db;
-    assert!(db.migrate().await.unwrap().is_empty(), "second migrate applies nothing");
+    assert!(
+        db.migrate().await.unwrap().is_empty(),
+        "second migrate applies nothing"
+    );
     let status = db.migration_status().await.unwrap();
     assert_eq!(status.current_version, Some(status.latest_version));
     assert!(status.pending.is_empty());
 
     // A changed checksum is refused on the next open.
-    db.exec("UPDATE harmony_schema_migrations SET checksum = 'tampered' WHERE version = 1", &[])
-        .await
-        .unwrap();
+    db.exec(
+        "UPDATE harmony_schema_migrations SET checksum = 'tampered' WHERE version = 1",
+        &[],
+    )
+    .await
+    .unwrap();
     let e = harmonydb::Db::open(harmonydb::DbConfig::from_url(&t.url).unwrap())
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Migration, "{e}");
-    assert!(e.to_string().contains("changed after it was applied"), "{e}");
+    assert!(
+        e.to_string().contains("changed after it was applied"),
+        "{e}"
+    );
 
     // A database newer than the binary is refused, and that is what the error says.
     db.exec(
@@ -561,7 +665,9 @@ async fn concurrent_opens_migrate_once(t: &TestDb) {
     let opens: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { Db::open(harmonydb::DbConfig::from_url(&url).unwrap()).await })
+            tokio::spawn(
+                async move { Db::open(harmonydb::DbConfig::from_url(&url).unwrap()).await },
+            )
         })
         .collect();
     let mut handles = Vec::new();
@@ -569,7 +675,10 @@ async fn concurrent_opens_migrate_once(t: &TestDb) {
         handles.push(o.await.unwrap().expect("every concurrent open succeeds"));
     }
     let ledger: Vec<(i64,)> = handles[0]
-        .select("SELECT version FROM harmony_schema_migrations ORDER BY version", &[])
+        .select(
+            "SELECT version FROM harmony_schema_migrations ORDER BY version",
+            &[],
+        )
         .await
         .unwrap();
     let versions: Vec<i64> = ledger.into_iter().map(|r| r.0).collect();
@@ -587,18 +696,15 @@ async fn concurrent_opens_migrate_once(t: &TestDb) {
 
 async fn parameter_mistakes_are_misuse(t: &TestDb) {
     let db = &t.db;
-    let e = db
-        .exec("SELECT $1 || ''", &[&"a", &"b"])
-        .await
-        .unwrap_err();
+    let e = db.exec("SELECT $1 || ''", &[&"a", &"b"]).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
     let e = db.exec("SELECT $1 || $2", &[&"a"]).await.unwrap_err();
-    assert!(matches!(e.kind(), ErrorKind::Misuse | ErrorKind::Other), "{e}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Misuse | ErrorKind::Other),
+        "{e}"
+    );
     // The same parameter used twice binds once, in both dialects.
-    let v: String = db
-        .scalar("SELECT $1 || '-' || $1", &[&"x"])
-        .await
-        .unwrap();
+    let v: String = db.scalar("SELECT $1 || '-' || $1", &[&"x"]).await.unwrap();
     assert_eq!(v, "x-x");
     // Out-of-order use binds by number, not by first appearance.
     let v: String = db
