@@ -59,6 +59,7 @@ macro_rules! migrations {
 migrations! {
     1 => "0001_init",
     2 => "0002_task_args",
+    3 => "0003_type_lock",
 }
 
 /// Serialises migrations across processes on Postgres (`pg_advisory_xact_lock` key).

@@ -577,6 +577,15 @@ impl ToSql for Value {
                 _ => Err(type_error(self, ty)),
             },
             Value::TextArray(v) => v.to_sql(ty, out),
+            Value::BoolArray(v) => v.to_sql(ty, out),
+            Value::TimestampArray(v) => match *ty {
+                Type::TIMESTAMPTZ_ARRAY => v
+                    .iter()
+                    .map(|t| t.to_chrono())
+                    .collect::<Vec<_>>()
+                    .to_sql(ty, out),
+                _ => Err(type_error(self, ty)),
+            },
         }
     }
 

@@ -325,9 +325,9 @@ fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI
     };
-    let conn =
+    let mut conn =
         Connection::open_with_flags(&cfg.path, flags).map_err(|e| open_error(&cfg.path, e))?;
-    conn.busy_timeout(cfg.busy_timeout)
+    conn.busy_handler(Some(busy_handler(cfg.busy_timeout)))
         .map_err(|e| open_error(&cfg.path, e))?;
     conn.set_prepared_statement_cache_capacity(256);
     let sync = match cfg.synchronous {
@@ -345,6 +345,26 @@ fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
     })
     .map_err(|e| open_error(&cfg.path, e))?;
     Ok(conn)
+}
+
+/// Waits for another process's lock in short, jittered steps until `timeout`.
+///
+/// SQLite's default handler sleeps in growing steps (up to 100 ms), so under steady contention
+/// from other writers a waiter can miss every window and starve for the whole timeout — long
+/// enough for a node's heartbeat to look dead. Sub-millisecond polling hands the lock over
+/// fairly at the cost of a few wake-ups.
+fn busy_handler(timeout: Duration) -> impl FnMut(i32) -> bool + Send + 'static {
+    let mut started = std::time::Instant::now();
+    move |attempt: i32| {
+        if attempt == 0 {
+            started = std::time::Instant::now();
+        }
+        if started.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(100 + fastrand::u64(..400)));
+        true
+    }
 }
 
 /// Per-connection cache of result column names, keyed by the SQL text's address (SQL is
@@ -592,6 +612,14 @@ impl rusqlite::ToSql for SqlValue<'_> {
             Value::Timestamp(t) => ToSqlOutput::from(t.to_sqlite_text()),
             Value::IntArray(v) => ToSqlOutput::from(serde_json::to_string(v).unwrap_or_default()),
             Value::TextArray(v) => ToSqlOutput::from(serde_json::to_string(v).unwrap_or_default()),
+            Value::BoolArray(v) => {
+                let ints: Vec<i64> = v.iter().map(|b| i64::from(*b)).collect();
+                ToSqlOutput::from(serde_json::to_string(&ints).unwrap_or_default())
+            }
+            Value::TimestampArray(v) => {
+                let texts: Vec<String> = v.iter().map(|t| t.to_sqlite_text()).collect();
+                ToSqlOutput::from(serde_json::to_string(&texts).unwrap_or_default())
+            }
         })
     }
 }

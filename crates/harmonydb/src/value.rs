@@ -10,7 +10,7 @@
 //! | `Float` | FLOAT4/FLOAT8 | REAL |
 //! | `Bool` | BOOLEAN | 0 / 1 |
 //! | `Timestamp` | TIMESTAMPTZ | TEXT `YYYY-MM-DD HH:MM:SS.fff` (UTC) |
-//! | `IntArray` / `TextArray` | `INT8[]` / `TEXT[]` | JSON array text (read with `json_each`) |
+//! | `IntArray` / `TextArray` / `BoolArray` / `TimestampArray` | `INT8[]` / `TEXT[]` / `BOOL[]` / `TIMESTAMPTZ[]` | JSON array text (read with `json_each`) |
 
 use std::fmt;
 use std::sync::Arc;
@@ -113,6 +113,27 @@ impl fmt::Debug for Timestamp {
     }
 }
 
+impl serde::Serialize for Timestamp {
+    /// RFC 3339 in UTC with milliseconds: `2026-11-20T23:17:00.123Z`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &self
+                .to_chrono()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| Timestamp::from_chrono(t.with_timezone(&Utc)))
+            .or_else(|_| Timestamp::parse_sqlite_text(&s))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_sqlite_text())
@@ -140,6 +161,10 @@ pub enum Value {
     IntArray(Vec<i64>),
     /// An array of text.
     TextArray(Vec<String>),
+    /// An array of booleans.
+    BoolArray(Vec<bool>),
+    /// An array of timestamps.
+    TimestampArray(Vec<Timestamp>),
 }
 
 impl Value {
@@ -154,6 +179,8 @@ impl Value {
             Value::Timestamp(_) => "timestamp",
             Value::IntArray(_) => "integer array",
             Value::TextArray(_) => "text array",
+            Value::BoolArray(_) => "boolean array",
+            Value::TimestampArray(_) => "timestamp array",
         }
     }
 }
@@ -264,6 +291,30 @@ impl ToValue for [String] {
 impl ToValue for Vec<String> {
     fn to_value(&self) -> Value {
         Value::TextArray(self.clone())
+    }
+}
+
+impl ToValue for [bool] {
+    fn to_value(&self) -> Value {
+        Value::BoolArray(self.to_vec())
+    }
+}
+
+impl ToValue for Vec<bool> {
+    fn to_value(&self) -> Value {
+        Value::BoolArray(self.clone())
+    }
+}
+
+impl ToValue for [Timestamp] {
+    fn to_value(&self) -> Value {
+        Value::TimestampArray(self.to_vec())
+    }
+}
+
+impl ToValue for Vec<Timestamp> {
+    fn to_value(&self) -> Value {
+        Value::TimestampArray(self.clone())
     }
 }
 

@@ -16,6 +16,9 @@ CREATE TABLE harmony_test_attempt (
     task_id     BIGINT      NOT NULL,
     machine_id  BIGINT      NOT NULL,
     started     TIMESTAMPTZ NOT NULL,
-    ended       TIMESTAMPTZ
+    ended       TIMESTAMPTZ,
+    -- Start in microseconds since the epoch, for latency measurements finer than the
+    -- millisecond timestamp columns.
+    started_us  BIGINT      NOT NULL DEFAULT 0
 );
 CREATE INDEX harmony_test_attempt_task ON harmony_test_attempt (task_id);

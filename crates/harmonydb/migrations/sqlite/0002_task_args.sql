@@ -16,6 +16,9 @@ CREATE TABLE harmony_test_attempt (
     task_id     INTEGER NOT NULL,
     machine_id  INTEGER NOT NULL,
     started     TEXT    NOT NULL,
-    ended       TEXT
+    ended       TEXT,
+    -- Start in microseconds since the epoch, for latency measurements finer than the
+    -- millisecond timestamp columns.
+    started_us  INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX harmony_test_attempt_task ON harmony_test_attempt (task_id);

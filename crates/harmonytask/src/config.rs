@@ -1,0 +1,102 @@
+//! Engine settings, with the defaults of DESIGN §13. Every interval and limit has a name with
+//! its unit last.
+
+use std::time::Duration;
+
+use crate::resources::Resources;
+
+/// How an engine runs. Build with [`EngineConfig::default`] and override fields.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The node's advertised address and identity across restarts (`harmony_machines
+    /// .host_and_port`). Two live nodes must not share it.
+    pub host_and_port: String,
+    /// Display name (default: the host name part of `host_and_port`).
+    pub machine_name: String,
+    /// Build version recorded in the details row.
+    pub version: String,
+    /// Config layers recorded in the details row.
+    pub layers: Vec<String>,
+    /// The budget; `None` detects it (logical CPUs, total RAM, NVML GPUs).
+    pub budget: Option<Resources>,
+    /// Safety-net database poll while notifications are healthy.
+    pub poll_interval: Duration,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// A machine whose heartbeat is older than this is dead.
+    pub dead_after: Duration,
+    /// How often this node looks for dead machines.
+    pub reaper_interval: Duration,
+    /// How long ordinary running tasks get to finish at shutdown before they are cancelled.
+    pub shutdown_grace: Duration,
+    /// After cancelling, how long to wait for tasks to return before releasing their rows
+    /// anyway.
+    pub cancel_wait: Duration,
+    /// Most tasks of one type claimed by one statement.
+    pub claim_batch_max: usize,
+    /// Most waiting tasks of one type kept in memory (the poll reads this many).
+    pub view_max_per_type: usize,
+    /// Most outcomes recorded in one transaction.
+    pub record_batch_max: usize,
+    /// After `can_accept` refused everything (or the cluster limit was hit), wait this long
+    /// before offering the type's tasks again, unless new work arrives.
+    pub refused_retry_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            host_and_port: "127.0.0.1:4701".into(),
+            machine_name: String::new(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            layers: Vec::new(),
+            budget: None,
+            poll_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            dead_after: Duration::from_secs(30),
+            reaper_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+            cancel_wait: Duration::from_secs(5),
+            claim_batch_max: 100,
+            view_max_per_type: 400,
+            record_batch_max: 512,
+            refused_retry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the settings; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("poll_interval", self.poll_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("dead_after", self.dead_after),
+            ("reaper_interval", self.reaper_interval),
+            ("refused_retry_interval", self.refused_retry_interval),
+        ];
+        for (name, d) in positive {
+            if d.is_zero() {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if self.dead_after <= self.heartbeat_interval {
+            return Err(format!(
+                "dead_after ({:?}) must be longer than heartbeat_interval ({:?}), or live nodes would be declared dead",
+                self.dead_after, self.heartbeat_interval
+            ));
+        }
+        if self.claim_batch_max == 0 || self.view_max_per_type == 0 || self.record_batch_max == 0 {
+            return Err(
+                "claim_batch_max, view_max_per_type and record_batch_max must be positive".into(),
+            );
+        }
+        if self.host_and_port.is_empty() || self.host_and_port.len() > 300 {
+            return Err("host_and_port must be 1–300 characters".into());
+        }
+        if let Some(b) = &self.budget {
+            b.validate().map_err(|e| format!("budget: {e}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,741 @@
+//! The engine: registration, start-up, adding tasks, status, shutdown.
+//!
+//! [`Engine::builder`] collects task types and settings; [`EngineBuilder::start`] registers the
+//! machine and spawns the background loops, all on one `TaskTracker`: the scheduler actor, the
+//! recorder, the heartbeat and the reaper. Each loop stops on a cancellation token; shutdown is
+//! "cancel, then a bounded wait".
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use harmonydb::{Db, ErrorKind, Timestamp, Tx, TxOptions};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::machine::{Heartbeat, NodeFlags, Ownership, Reaper};
+use crate::metrics::{EngineMetrics, TypeMetrics};
+use crate::recorder::{self, Recorder};
+use crate::resources::{Amounts, Resources};
+use crate::runner::StopReason;
+use crate::scheduler::admission::downstream_order;
+use crate::scheduler::{ClaimResult, PollResult, Scheduler};
+use crate::status::EngineStatus;
+use crate::store::{Candidate, MachineRegister, Store};
+use crate::task::{MachineId, Task, TaskId, TypeDetails, validate_name};
+
+/// Events for the scheduler actor.
+pub(crate) enum Event {
+    /// Tasks added by this process.
+    Added { ty: usize, tasks: Vec<Candidate> },
+    /// A task released by this node (retry or preemption), recorded.
+    Released { ty: usize, task: Candidate },
+    /// An attempt returned; its resources are free.
+    Finished { ty: usize, id: TaskId },
+    /// A claim job ended.
+    Claimed(ClaimResult),
+    /// A poll job ended.
+    Polled(PollResult),
+    /// Status request.
+    Status(oneshot::Sender<EngineStatus>),
+    /// Stop claiming.
+    Drain,
+    /// Cancel running attempts.
+    StopRunning {
+        reason: StopReason,
+        include_protected: bool,
+    },
+}
+
+/// Scheduler event channel size; adds beyond it fall back to a poll.
+const EVENTS_MAX: usize = 8192;
+/// Recorder queue size.
+const RECORD_QUEUE_MAX: usize = 8192;
+
+/// Running attempts, as published by the scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RunningCounts {
+    pub total: usize,
+    /// Time-sensitive or uninterruptible: awaited at shutdown, never cancelled.
+    pub protected: usize,
+}
+
+/// A registered type as the engine holds it.
+pub(crate) struct TypeEntry {
+    pub task: Arc<dyn Task>,
+    pub details: TypeDetails,
+    pub name: Arc<str>,
+    pub cost: Amounts,
+    pub ownership: Arc<Ownership>,
+    pub metrics: TypeMetrics,
+}
+
+impl TypeEntry {
+    pub(crate) fn protected(&self) -> bool {
+        self.details.time_sensitive || self.details.uninterruptible
+    }
+}
+
+/// Called after a task of the type completed successfully and its completion committed, with
+/// the key/values the attempt set with `RunContext::set_meta`.
+pub type CompleteCallback = Arc<dyn Fn(TaskId, &HashMap<String, String>) + Send + Sync>;
+
+/// Why the engine stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StopCause {
+    Shutdown,
+    Fenced(i64),
+    RestartRequested,
+}
+
+/// State shared by the engine's handle and its loops.
+pub(crate) struct Shared {
+    pub db: Db,
+    pub store: Store,
+    pub machine: MachineId,
+    pub config: EngineConfig,
+    pub clock: Arc<dyn Clock>,
+    pub budget: Resources,
+    pub types: Vec<TypeEntry>,
+    pub type_index: HashMap<String, usize>,
+    pub events: mpsc::Sender<Event>,
+    pub nudged: Notify,
+    poll_requested: AtomicBool,
+    pub flags: Arc<NodeFlags>,
+    pub recorder: mpsc::Sender<recorder::Request>,
+    pub metrics: EngineMetrics,
+    /// Background loops (scheduler, recorder, heartbeat, reaper, claim and poll jobs).
+    pub tracker: TaskTracker,
+    /// Task attempts.
+    pub runs: TaskTracker,
+    /// Stops the scheduler.
+    pub stop: CancellationToken,
+    /// Stops heartbeat and reaper.
+    pub stop_liveness: CancellationToken,
+    /// Fired on a fatal error (fenced).
+    pub fatal: CancellationToken,
+    /// Fired when the engine has fully stopped.
+    done: CancellationToken,
+    cause: Mutex<Option<StopCause>>,
+    shutting_down: AtomicBool,
+    callbacks: RwLock<HashMap<usize, Vec<CompleteCallback>>>,
+    counts: watch::Receiver<RunningCounts>,
+}
+
+impl Shared {
+    /// Sends an event to the scheduler, waiting for room; a stopped scheduler is ignored.
+    pub(crate) async fn send(&self, ev: Event) {
+        let _ = self.events.send(ev).await;
+    }
+
+    /// Wakes the scheduler for a pass.
+    pub(crate) fn nudge(&self) {
+        self.nudged.notify_one();
+    }
+
+    /// Asks the scheduler to poll every type soon.
+    pub(crate) fn request_poll(&self) {
+        self.poll_requested.store(true, Ordering::Release);
+        self.nudge();
+    }
+
+    pub(crate) fn take_poll_request(&self) -> bool {
+        self.poll_requested.swap(false, Ordering::AcqRel)
+    }
+
+    /// Tells the local scheduler about tasks this process just added.
+    fn notify_added(&self, name: &str, tasks: Vec<Candidate>) {
+        match self.type_index.get(name) {
+            Some(&ty) => {
+                self.types[ty].metrics.added.inc_by(tasks.len() as u64);
+                if self.events.try_send(Event::Added { ty, tasks }).is_err() {
+                    // Scheduler busy: it will find them with a poll instead.
+                    self.request_poll();
+                }
+            }
+            None => self.metrics.added_other(name),
+        }
+    }
+
+    /// Runs the completion callbacks of a successful task.
+    pub(crate) fn task_completed(&self, ty: usize, id: TaskId, meta: &HashMap<String, String>) {
+        let callbacks = self
+            .callbacks
+            .read()
+            .map(|c| c.get(&ty).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        for cb in callbacks {
+            cb(id, meta);
+        }
+    }
+
+    /// Drains and stops. `Shutdown` gives ordinary tasks the grace period, then cancels them;
+    /// `RestartRequested` waits for every task to finish (an operator asked for a drain).
+    pub(crate) async fn stop_with(&self, cause: StopCause) {
+        let s = self;
+        if s.shutting_down.swap(true, Ordering::AcqRel) || s.fatal.is_cancelled() {
+            s.done.cancelled().await;
+            return;
+        }
+        s.flags.draining.store(true, Ordering::Release);
+        s.send(Event::Drain).await;
+        let mut counts = s.counts.clone();
+        let grace = match cause {
+            StopCause::RestartRequested => Duration::MAX,
+            _ => s.config.shutdown_grace,
+        };
+        let all_done = |c: &RunningCounts| c.total == 0;
+        let only_protected = |c: &RunningCounts| c.total == c.protected;
+        // 1. Grace for ordinary tasks.
+        let _ = tokio::time::timeout(grace, counts.wait_for(all_done)).await;
+        // 2. Cancel what is left of them, wait a bounded time for them to return.
+        if !all_done(&counts.borrow()) {
+            tracing::info!(
+                running = counts.borrow().total,
+                "grace period over; cancelling running tasks"
+            );
+            s.send(Event::StopRunning {
+                reason: StopReason::Shutdown,
+                include_protected: false,
+            })
+            .await;
+            let _ =
+                tokio::time::timeout(s.config.cancel_wait, counts.wait_for(only_protected)).await;
+        }
+        // 3. Time-sensitive and uninterruptible tasks are awaited.
+        if counts.borrow().protected > 0 {
+            tracing::info!(
+                running = counts.borrow().protected,
+                "waiting for time-sensitive and uninterruptible tasks"
+            );
+            let _ = counts.wait_for(|c| c.protected == 0).await;
+        }
+        // 4. Let finished attempts record their outcomes (bounded: an attempt that ignored
+        //    cancellation is abandoned and its row released below).
+        s.runs.close();
+        let _ = tokio::time::timeout(s.config.cancel_wait, s.runs.wait()).await;
+        s.stop_liveness.cancel();
+        if cause == StopCause::RestartRequested
+            && let Err(e) = s.store.machine_clear_restart(s.machine).await
+        {
+            tracing::warn!(error = %e, "could not clear the restart request");
+        }
+        let now = s.clock.now();
+        match s.store.task_release_owned(s.machine, now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released tasks still owned at shutdown"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release owned tasks; they are released when this machine is reaped")
+            }
+        }
+        if let Err(e) = s.store.machine_unregister(s.machine).await {
+            tracing::warn!(error = %e, "could not delete this machine's row; the reaper will");
+        }
+        {
+            let mut c = s.cause.lock().unwrap_or_else(|p| p.into_inner());
+            c.get_or_insert(cause);
+        }
+        s.stop.cancel();
+        s.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.tracker.wait()).await;
+        s.done.cancel();
+    }
+
+    /// Stops the engine because it can no longer run safely (its machine row is gone).
+    pub(crate) fn fail(&self, err: Error) {
+        let cause = match &err {
+            Error::Fenced(id) => StopCause::Fenced(*id),
+            _ => StopCause::Fenced(self.machine.0),
+        };
+        {
+            let mut c = self.cause.lock().unwrap_or_else(|p| p.into_inner());
+            if c.is_some() {
+                return;
+            }
+            *c = Some(cause);
+        }
+        tracing::error!(error = %err, "stopping: this node can no longer run tasks safely");
+        self.flags.draining.store(true, Ordering::Release);
+        self.fatal.cancel();
+        self.stop_liveness.cancel();
+        self.stop.cancel();
+        self.runs.close();
+        self.tracker.close();
+        let done = self.done.clone();
+        let runs = self.runs.clone();
+        let wait = self.config.cancel_wait;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(wait, runs.wait()).await;
+            done.cancel();
+        });
+    }
+}
+
+/// Adds tasks of one type; handed to [`Task::adder`].
+#[derive(Clone)]
+pub struct TaskAdder {
+    engine: Engine,
+    name: String,
+}
+
+impl TaskAdder {
+    /// The type this adder adds.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Adds one task of this type; see [`Engine::add_task`].
+    pub async fn add<F, Fut>(&self, extra: F) -> Result<Option<TaskId>>
+    where
+        F: Fn(TaskId, Tx) -> Fut + Send + Sync,
+        Fut: Future<Output = harmonydb::Result<bool>> + Send,
+    {
+        self.engine.add_task(&self.name, extra).await
+    }
+}
+
+/// Collects task types and settings; [`EngineBuilder::start`] starts the node.
+pub struct EngineBuilder {
+    db: Db,
+    tasks: Vec<Arc<dyn Task>>,
+    config: EngineConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl EngineBuilder {
+    /// Registers a task type.
+    pub fn register(mut self, task: impl Task) -> Self {
+        self.tasks.push(Arc::new(task));
+        self
+    }
+
+    /// Registers a shared task type.
+    pub fn register_arc(mut self, task: Arc<dyn Task>) -> Self {
+        self.tasks.push(task);
+        self
+    }
+
+    /// Sets the configuration.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the budget instead of detecting it.
+    pub fn budget(mut self, budget: Resources) -> Self {
+        self.config.budget = Some(budget);
+        self
+    }
+
+    /// Injects the clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Validates everything, registers this machine and starts the loops.
+    pub async fn start(self) -> Result<Engine> {
+        self.config.validate().map_err(Error::Config)?;
+        let mut details = Vec::with_capacity(self.tasks.len());
+        let mut seen = HashMap::new();
+        for t in &self.tasks {
+            let d = t.type_details();
+            d.validate()?;
+            if seen.insert(d.name.clone(), ()).is_some() {
+                return Err(Error::DuplicateType(d.name));
+            }
+            details.push(d);
+        }
+        let may_follow: HashMap<String, Vec<String>> = details
+            .iter()
+            .map(|d| (d.name.clone(), d.may_follow.clone()))
+            .collect();
+        let downstream = downstream_order(&may_follow)?;
+        let budget = self.config.budget.unwrap_or_else(crate::resources::detect);
+        budget
+            .validate()
+            .map_err(|e| Error::Config(format!("budget: {e}")))?;
+        let budget_units = budget.amounts();
+        for d in &details {
+            let (fit, short) = d.cost.amounts().how_many_fit(&budget_units);
+            if fit == 0 {
+                tracing::warn!(
+                    task_type = %d.name,
+                    resource = %short.map_or("?".to_owned(), |r| r.to_string()),
+                    cost = %d.cost,
+                    budget = %budget,
+                    "task type can never run on this node: its cost exceeds the whole budget"
+                );
+            }
+        }
+
+        let store = Store::new(self.db.clone());
+        let names: Vec<&str> = details.iter().map(|d| d.name.as_str()).collect();
+        let machine_name = if self.config.machine_name.is_empty() {
+            self.config
+                .host_and_port
+                .rsplit_once(':')
+                .map_or(self.config.host_and_port.as_str(), |(h, _)| h)
+                .to_owned()
+        } else {
+            self.config.machine_name.clone()
+        };
+        let registered = store
+            .machine_register(&MachineRegister {
+                host_and_port: &self.config.host_and_port,
+                cpu: budget.cpu.round() as i64,
+                ram: i64::try_from(budget.ram).unwrap_or(i64::MAX),
+                gpu: budget.gpu,
+                tasks: &names.join(","),
+                layers: &self.config.layers.join(","),
+                name: &machine_name,
+                version: &self.config.version,
+                now: self.clock.now(),
+            })
+            .await?;
+        if registered.released_tasks > 0 {
+            tracing::info!(
+                released = registered.released_tasks,
+                "released tasks still owned by an earlier run of this node"
+            );
+        }
+        let machine = registered.id;
+        tracing::info!(machine = %machine, host = %self.config.host_and_port, budget = %budget, "node registered");
+
+        let flags = Arc::new(NodeFlags::default());
+        let metrics = EngineMetrics::new();
+        let types: Vec<TypeEntry> = self
+            .tasks
+            .into_iter()
+            .zip(details)
+            .map(|(task, d)| TypeEntry {
+                ownership: Arc::new(Ownership {
+                    store: store.clone(),
+                    machine,
+                    flags: Arc::clone(&flags),
+                    can_yield: d.can_yield,
+                    uninterruptible: d.uninterruptible,
+                }),
+                metrics: metrics.for_type(&d.name),
+                name: Arc::from(d.name.as_str()),
+                cost: d.cost.amounts(),
+                details: d,
+                task,
+            })
+            .collect();
+        let type_index = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.to_string(), i))
+            .collect();
+        let (events_tx, events_rx) = mpsc::channel(EVENTS_MAX);
+        let (record_tx, record_rx) = mpsc::channel(RECORD_QUEUE_MAX);
+        let (counts_tx, counts_rx) = watch::channel(RunningCounts::default());
+        let shared = Arc::new(Shared {
+            db: self.db,
+            store,
+            machine,
+            config: self.config,
+            clock: self.clock,
+            budget,
+            types,
+            type_index,
+            events: events_tx,
+            nudged: Notify::new(),
+            poll_requested: AtomicBool::new(false),
+            flags,
+            recorder: record_tx,
+            metrics,
+            tracker: TaskTracker::new(),
+            runs: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            stop_liveness: CancellationToken::new(),
+            fatal: CancellationToken::new(),
+            done: CancellationToken::new(),
+            cause: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
+            callbacks: RwLock::new(HashMap::new()),
+            counts: counts_rx,
+        });
+        let scheduler = Scheduler::new(Arc::clone(&shared), events_rx, counts_tx, downstream);
+        shared.tracker.spawn(scheduler.run());
+        shared.tracker.spawn(
+            Recorder {
+                shared: Arc::clone(&shared),
+                rx: record_rx,
+            }
+            .run(),
+        );
+        shared.tracker.spawn(
+            Heartbeat {
+                shared: Arc::clone(&shared),
+            }
+            .run(shared.stop_liveness.clone()),
+        );
+        shared.tracker.spawn(
+            Reaper {
+                shared: Arc::clone(&shared),
+            }
+            .run(shared.stop_liveness.clone()),
+        );
+        let engine = Engine { shared };
+        for entry in &engine.shared.types {
+            entry.task.adder(TaskAdder {
+                engine: engine.clone(),
+                name: entry.name.to_string(),
+            });
+        }
+        Ok(engine)
+    }
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts building an engine on `db`.
+    pub fn builder(db: Db) -> EngineBuilder {
+        EngineBuilder {
+            db,
+            tasks: Vec::new(),
+            config: EngineConfig::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// This node's machine id.
+    pub fn machine_id(&self) -> MachineId {
+        self.shared.machine
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.shared.metrics
+    }
+
+    /// The node's budget.
+    pub fn budget(&self) -> Resources {
+        self.shared.budget
+    }
+
+    /// Names of the types this node runs.
+    pub fn task_types(&self) -> Vec<String> {
+        self.shared
+            .types
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect()
+    }
+
+    /// Adds a task. `extra` runs inside the transaction that inserts the task row, with the new
+    /// id, to write the caller's own rows that reference it: `Ok(true)` commits, `Ok(false)`
+    /// or an error rolls back (no task). A unique violation from `extra` means "already
+    /// queued" and returns `Ok(None)`. Serialization failures re-run the whole transaction.
+    ///
+    /// The type does not have to run on this node; nodes that run it find the task.
+    pub async fn add_task<F, Fut>(&self, name: &str, extra: F) -> Result<Option<TaskId>>
+    where
+        F: Fn(TaskId, Tx) -> Fut + Send + Sync,
+        Fut: Future<Output = harmonydb::Result<bool>> + Send,
+    {
+        self.add_task_after(name, None, extra).await
+    }
+
+    /// Like [`Engine::add_task`], recording `previous` as the task whose completion created
+    /// this one.
+    pub async fn add_task_after<F, Fut>(
+        &self,
+        name: &str,
+        previous: Option<TaskId>,
+        extra: F,
+    ) -> Result<Option<TaskId>>
+    where
+        F: Fn(TaskId, Tx) -> Fut + Send + Sync,
+        Fut: Future<Output = harmonydb::Result<bool>> + Send,
+    {
+        validate_name(name)?;
+        let s = &self.shared;
+        let posted = s.clock.now();
+        let machine = s.machine;
+        let extra = &extra;
+        let result =
+            s.db.transaction_with(TxOptions::retry(), |tx| async move {
+                let id = Store::task_insert(&tx, name, posted, machine, previous).await?;
+                Ok(extra(id, tx).await?.then_some(id))
+            })
+            .await;
+        let id = match result {
+            Ok(Some(id)) => id,
+            Ok(None) => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::UniqueViolation => {
+                tracing::debug!(task_type = name, "task already queued");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        s.notify_added(
+            name,
+            vec![Candidate {
+                id,
+                posted,
+                updated: posted,
+                retries: 0,
+            }],
+        );
+        Ok(Some(id))
+    }
+
+    /// Adds a task with arguments (stored in `harmony_task_args`).
+    pub async fn add_task_with_args(
+        &self,
+        name: &str,
+        args: &[(String, String)],
+    ) -> Result<Option<TaskId>> {
+        self.add_task(name, |id, tx| async move {
+            Store::task_args_insert(&tx, id, args).await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Adds `count` tasks of one type in one transaction (one insert statement); `extra` gets
+    /// all new ids. Returns them (empty when `extra` rolled back).
+    pub async fn add_tasks<F, Fut>(&self, name: &str, count: usize, extra: F) -> Result<Vec<TaskId>>
+    where
+        F: Fn(Vec<TaskId>, Tx) -> Fut + Send + Sync,
+        Fut: Future<Output = harmonydb::Result<bool>> + Send,
+    {
+        validate_name(name)?;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let s = &self.shared;
+        let posted = s.clock.now();
+        let machine = s.machine;
+        let extra = &extra;
+        let ids =
+            s.db.transaction_with(TxOptions::retry(), |tx| async move {
+                let ids = Store::task_insert_many(&tx, name, count, posted, machine).await?;
+                Ok(extra(ids.clone(), tx).await?.then_some(ids))
+            })
+            .await?
+            .unwrap_or_default();
+        if !ids.is_empty() {
+            s.notify_added(
+                name,
+                ids.iter()
+                    .map(|id| Candidate {
+                        id: *id,
+                        posted,
+                        updated: posted,
+                        retries: 0,
+                    })
+                    .collect(),
+            );
+        }
+        Ok(ids)
+    }
+
+    /// Re-queues a permanently failed task with its original id and posted time.
+    pub async fn restart_task(&self, id: TaskId) -> Result<()> {
+        let s = &self.shared;
+        let now = s.clock.now();
+        let name = s.store.task_restart(id, s.machine, now).await?;
+        if let Some(posted) = s.store.task_get(id).await?.map(|t| t.posted_time) {
+            s.notify_added(
+                &name,
+                vec![Candidate {
+                    id,
+                    posted,
+                    updated: now,
+                    retries: 0,
+                }],
+            );
+        }
+        Ok(())
+    }
+
+    /// Registers a callback run after each successful completion of a type.
+    pub fn on_task_complete(&self, name: &str, callback: CompleteCallback) -> Result<()> {
+        let ty = *self
+            .shared
+            .type_index
+            .get(name)
+            .ok_or_else(|| Error::UnknownType(name.to_owned()))?;
+        self.shared
+            .callbacks
+            .write()
+            .map_err(|_| Error::Stopped)?
+            .entry(ty)
+            .or_default()
+            .push(callback);
+        Ok(())
+    }
+
+    /// A snapshot of what runs and why waiting work does not.
+    pub async fn status(&self) -> Result<EngineStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .events
+            .send(Event::Status(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Polls the database now instead of at the next interval.
+    pub fn poll_now(&self) {
+        self.shared.request_poll();
+    }
+
+    /// Waits until the engine has stopped: `Ok` after a graceful shutdown, an error when it
+    /// stopped because it was fenced ([`Error::Fenced`]) or restarted
+    /// ([`Error::RestartRequested`]).
+    pub async fn wait(&self) -> Result<()> {
+        self.shared.done.cancelled().await;
+        let cause = self
+            .shared
+            .cause
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match cause {
+            None | Some(StopCause::Shutdown) => Ok(()),
+            Some(StopCause::Fenced(id)) => Err(Error::Fenced(id)),
+            Some(StopCause::RestartRequested) => Err(Error::RestartRequested),
+        }
+    }
+
+    /// Whether the engine has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.done.is_cancelled()
+    }
+
+    /// Graceful shutdown (DESIGN §9): stop claiming; give ordinary running tasks
+    /// `shutdown_grace` to finish; cancel the rest (they are released with retries unchanged
+    /// and history `err = "shutdown"`); await time-sensitive and uninterruptible tasks; release
+    /// every task still owned; delete the machine row. Idempotent; returns like [`Engine::wait`].
+    pub async fn shutdown(&self) -> Result<()> {
+        self.shared.stop_with(StopCause::Shutdown).await;
+        self.wait().await
+    }
+
+    /// The time now on the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+}

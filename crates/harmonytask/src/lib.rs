@@ -1,0 +1,55 @@
+//! HarmonyTask: a pure, distributed, resource-aware task engine on SQL.
+//!
+//! Tasks are rows in `harmony_task`. Every node registers the task types it can run and
+//! greedily claims the tasks that fit its CPU / RAM / GPU / storage budget. The database is the
+//! single authority: a claim is one atomic statement, every outcome is recorded in a
+//! transaction fenced by `owner_id = this machine`, and a dead node's tasks are released by
+//! deleting its machine row. So a task never has two live owners, and nothing is lost when a
+//! node dies.
+//!
+//! ```no_run
+//! # use harmonytask::*;
+//! # struct Seal;
+//! # #[async_trait::async_trait] impl Task for Seal {
+//! #   fn type_details(&self) -> TypeDetails { TypeDetails::new("Seal") }
+//! #   async fn run(&self, _: TaskId, _: RunContext) -> Result<Done, TaskError> { Ok(Done(true)) }
+//! # }
+//! # async fn demo(db: harmonydb::Db) -> harmonytask::Result<()> {
+//! let engine = Engine::builder(db).register(Seal).start().await?;
+//! engine.add_task("Seal", |_id, _tx| async { Ok(true) }).await?;
+//! engine.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
+//! (the actor and its pure decisions), `runner` (one attempt), `recorder` (batched, fenced
+//! outcomes), `machine` (heartbeat, reaper, ownership), [`store`] (all engine SQL),
+//! [`resources`], [`builtin`] (test and benchmark types).
+
+pub mod builtin;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod error;
+mod machine;
+pub mod metrics;
+mod recorder;
+pub mod resources;
+mod runner;
+mod scheduler;
+pub mod status;
+pub mod store;
+pub mod task;
+
+pub use async_trait::async_trait;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::EngineConfig;
+pub use engine::{CompleteCallback, Engine, EngineBuilder, TaskAdder};
+pub use error::{Error, Result};
+pub use resources::{ByteSize, Resource, Resources};
+pub use scheduler::admission::Blocked;
+pub use status::{EngineStatus, RunningTask, TypeStatus};
+pub use task::{
+    Done, EngineView, Limiter, MachineId, RetryWait, RunContext, TASK_NAME_MAX, Task, TaskError,
+    TaskId, TypeDetails, validate_name,
+};

@@ -1,0 +1,106 @@
+//! Records attempt outcomes, many per transaction.
+//!
+//! Each finished attempt sends its [`Outcome`] here and waits for the verdict. The recorder
+//! takes everything that has queued up (up to `record_batch_max`) and records it in one
+//! transaction through [`Store::task_record`], fenced by `owner_id = this machine`: batching
+//! comes for free under load (while one transaction commits, the next batch gathers) and costs
+//! nothing when idle (a lone outcome is recorded at once).
+//!
+//! Transient database errors are retried with capped backoff until the batch is recorded; the
+//! scheduler never waits on this loop, because resources are freed when `run` returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::Shared;
+use crate::store::{Outcome, RecordBatch};
+
+/// What happened to one outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Recorded; the history row's id.
+    Applied(i64),
+    /// Discarded: the task was no longer owned by this machine.
+    FencedOut,
+    /// Not recorded: the engine stopped first (its row is released at shutdown, or belongs to
+    /// other nodes after a fence).
+    Abandoned,
+}
+
+pub(crate) struct Request {
+    pub outcome: Outcome,
+    pub reply: oneshot::Sender<Verdict>,
+}
+
+/// Longest wait between retries of a failed batch.
+const RECORD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub(crate) struct Recorder {
+    pub shared: Arc<Shared>,
+    pub rx: mpsc::Receiver<Request>,
+}
+
+impl Recorder {
+    /// Runs until every sender is gone (all attempts finished) or the engine fails fatally.
+    pub(crate) async fn run(mut self) {
+        let max = self.shared.config.record_batch_max;
+        let mut batch: Vec<Request> = Vec::with_capacity(max);
+        let stop = self.shared.stop.clone();
+        loop {
+            // By the time `stop` fires, every attempt has returned and been recorded (or
+            // abandoned), so nothing is left behind.
+            let n = tokio::select! {
+                n = self.rx.recv_many(&mut batch, max) => n,
+                () = stop.cancelled() => return,
+            };
+            if n == 0 {
+                return;
+            }
+            self.record(&mut batch).await;
+        }
+    }
+
+    async fn record(&self, batch: &mut Vec<Request>) {
+        let s = &self.shared;
+        let outcomes: Vec<Outcome> = batch.iter().map(|r| r.outcome.clone()).collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if s.fatal.is_cancelled() {
+                for r in batch.drain(..) {
+                    let _ = r.reply.send(Verdict::Abandoned);
+                }
+                return;
+            }
+            let b = RecordBatch {
+                owner: s.machine,
+                host_and_port: &s.config.host_and_port,
+                now: s.clock.now(),
+                outcomes: &outcomes,
+            };
+            match s.store.task_record(&b).await {
+                Ok(recorded) => {
+                    // A task appears at most once per batch: it is released only by recording.
+                    let applied: std::collections::HashMap<_, _> =
+                        recorded.applied.into_iter().collect();
+                    for r in batch.drain(..) {
+                        let verdict = applied
+                            .get(&r.outcome.id)
+                            .map_or(Verdict::FencedOut, |h| Verdict::Applied(*h));
+                        let _ = r.reply.send(verdict);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, outcomes = outcomes.len(), retry_in = ?backoff, "recording outcomes failed; retrying");
+                    tokio::select! {
+                        () = s.fatal.cancelled() => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECORD_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}

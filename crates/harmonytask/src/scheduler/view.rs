@@ -1,0 +1,206 @@
+//! The scheduler's bounded view of one type's waiting tasks.
+//!
+//! A view holds at most `capacity` of the oldest unowned tasks of its type, ordered by
+//! `(posted_time, id)`. It is filled by database polls (which read the oldest `capacity` rows
+//! through the partial index) and by local adds; `maybe_more` says whether the database may
+//! hold waiting tasks beyond it. The view is a hint: the claim statement is the authority, so
+//! a stale entry only costs a claim that gets fewer rows than asked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use harmonydb::Timestamp;
+
+use crate::store::Candidate;
+use crate::task::{RetryWait, TaskId};
+
+/// The waiting tasks of one type known to this node.
+#[derive(Debug)]
+pub(crate) struct TypeView {
+    by_order: BTreeMap<(Timestamp, TaskId), Candidate>,
+    posted_of: HashMap<TaskId, Timestamp>,
+    capacity: usize,
+    /// The database may hold waiting tasks of this type that are not in the view.
+    pub maybe_more: bool,
+}
+
+impl TypeView {
+    pub(crate) fn new(capacity: usize) -> Self {
+        TypeView {
+            by_order: BTreeMap::new(),
+            posted_of: HashMap::new(),
+            capacity: capacity.max(1),
+            maybe_more: false,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_order.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_order.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn contains(&self, id: TaskId) -> bool {
+        self.posted_of.contains_key(&id)
+    }
+
+    /// Oldest posted time in the view.
+    pub(crate) fn oldest(&self) -> Option<Timestamp> {
+        self.by_order.keys().next().map(|(t, _)| *t)
+    }
+
+    /// Adds (or updates) a candidate. When the view is full, the newest entry is dropped and
+    /// `maybe_more` set: the database still has it.
+    pub(crate) fn insert(&mut self, c: Candidate) {
+        self.remove(c.id);
+        let key = (c.posted, c.id);
+        if self.by_order.len() >= self.capacity {
+            let newest = *self
+                .by_order
+                .keys()
+                .next_back()
+                .expect("full view is not empty");
+            self.maybe_more = true;
+            if key > newest {
+                return;
+            }
+            self.remove(newest.1);
+        }
+        self.posted_of.insert(c.id, c.posted);
+        self.by_order.insert(key, c);
+    }
+
+    pub(crate) fn remove(&mut self, id: TaskId) -> Option<Candidate> {
+        let posted = self.posted_of.remove(&id)?;
+        self.by_order.remove(&(posted, id))
+    }
+
+    /// Replaces the view with a poll's result. `complete` means the poll returned fewer rows
+    /// than it asked for, so nothing waits beyond them. `skip` filters out tasks this node is
+    /// claiming or running (a poll that raced a claim still lists them).
+    pub(crate) fn replace(
+        &mut self,
+        polled: Vec<Candidate>,
+        complete: bool,
+        skip: impl Fn(TaskId) -> bool,
+    ) {
+        self.by_order.clear();
+        self.posted_of.clear();
+        for c in polled {
+            if !skip(c.id) {
+                self.insert(c);
+            }
+        }
+        self.maybe_more = !complete;
+    }
+
+    /// Whether a task is past its retry wait at `now`.
+    fn eligible_at(c: &Candidate, retry: &RetryWait) -> Timestamp {
+        if c.retries == 0 {
+            return c.updated;
+        }
+        c.updated + retry.wait(c.retries)
+    }
+
+    /// Up to `limit` ids that may start at `now`, oldest first, and the earliest time a task
+    /// still in its retry wait becomes eligible.
+    pub(crate) fn eligible(
+        &self,
+        now: Timestamp,
+        retry: &RetryWait,
+        limit: usize,
+    ) -> (Vec<TaskId>, Option<Timestamp>) {
+        let mut ids = Vec::with_capacity(limit.min(self.by_order.len()));
+        let mut next: Option<Timestamp> = None;
+        for c in self.by_order.values() {
+            let at = Self::eligible_at(c, retry);
+            if at <= now {
+                if ids.len() < limit {
+                    ids.push(c.id);
+                }
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            if ids.len() >= limit && next.is_some() {
+                break;
+            }
+        }
+        (ids, next)
+    }
+}
+
+/// Time until `at` from `now`, zero when past.
+pub(crate) fn until(now: Timestamp, at: Timestamp) -> Duration {
+    at.since(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: i64, posted: i64) -> Candidate {
+        Candidate {
+            id: TaskId(id),
+            posted: Timestamp::from_millis(posted),
+            updated: Timestamp::from_millis(posted),
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn fifo_by_posted_then_id() {
+        let mut v = TypeView::new(10);
+        v.insert(cand(3, 100));
+        v.insert(cand(1, 200));
+        v.insert(cand(2, 100));
+        let (ids, next) = v.eligible(Timestamp::from_millis(1000), &RetryWait::Immediate, 10);
+        assert_eq!(ids, vec![TaskId(2), TaskId(3), TaskId(1)]);
+        assert_eq!(next, None);
+        assert_eq!(v.oldest(), Some(Timestamp::from_millis(100)));
+    }
+
+    #[test]
+    fn bounded_keeps_oldest_and_remembers_more() {
+        let mut v = TypeView::new(2);
+        v.insert(cand(1, 10));
+        v.insert(cand(2, 20));
+        assert!(!v.maybe_more);
+        v.insert(cand(3, 30));
+        assert!(v.maybe_more);
+        assert!(!v.contains(TaskId(3)));
+        v.insert(cand(4, 5));
+        assert!(v.contains(TaskId(4)) && v.contains(TaskId(1)) && !v.contains(TaskId(2)));
+        assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn retry_wait_is_honoured() {
+        let mut v = TypeView::new(10);
+        let mut c = cand(1, 0);
+        c.retries = 2;
+        c.updated = Timestamp::from_millis(1_000);
+        v.insert(c);
+        v.insert(cand(2, 500));
+        let wait = RetryWait::constant(Duration::from_secs(5));
+        let (ids, next) = v.eligible(Timestamp::from_millis(2_000), &wait, 10);
+        assert_eq!(ids, vec![TaskId(2)]);
+        assert_eq!(next, Some(Timestamp::from_millis(6_000)));
+        let (ids, next) = v.eligible(Timestamp::from_millis(6_000), &wait, 10);
+        assert_eq!(ids, vec![TaskId(1), TaskId(2)]);
+        assert_eq!(next, None);
+    }
+
+    #[test]
+    fn replace_skips_local_work() {
+        let mut v = TypeView::new(10);
+        v.insert(cand(9, 1));
+        v.replace(vec![cand(1, 1), cand(2, 2)], true, |id| id == TaskId(2));
+        assert!(v.contains(TaskId(1)) && !v.contains(TaskId(2)) && !v.contains(TaskId(9)));
+        assert!(!v.maybe_more);
+        v.replace(vec![cand(1, 1)], false, |_| false);
+        assert!(v.maybe_more);
+    }
+}

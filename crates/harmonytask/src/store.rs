@@ -1,0 +1,1006 @@
+//! The engine's one seam to the database: named operations, each taking a params struct.
+//!
+//! All task SQL of the engine lives here (and nowhere else outside `harmonydb`). Where the two
+//! dialects need different SQL the statement is written twice and picked with
+//! [`Dialect::pick`]; everything else is shared. Batched statements pass arrays: Postgres
+//! binds real arrays (`= ANY($1)`, `unnest`), SQLite binds JSON text read with `json_each`.
+//!
+//! Timestamps of task rows come from the engine's injected clock (bound parameters); machine
+//! liveness (`last_contact`, the reaper's cutoff) uses the database server's clock, so that
+//! nodes with skewed clocks cannot declare each other dead.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use harmonydb::{Db, Dialect, Executor, FromRow, Row, Timestamp, Tx};
+
+use crate::error::{Error, Result};
+use crate::task::{MachineId, TaskId};
+
+/// Handle over the database with the engine's operations.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+/// A waiting task as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Task id.
+    pub id: TaskId,
+    /// Creation time (FIFO order).
+    pub posted: Timestamp,
+    /// Last release or failure (retry waits count from it).
+    pub updated: Timestamp,
+    /// Failed attempts so far.
+    pub retries: u32,
+}
+
+impl FromRow for Candidate {
+    fn from_row(row: &Row) -> harmonydb::Result<Self> {
+        Ok(Candidate {
+            id: row.get("id")?,
+            posted: row.get("posted_time")?,
+            updated: row.get("update_time")?,
+            retries: row.get("retries")?,
+        })
+    }
+}
+
+/// Parameters of registering this process as a machine.
+#[derive(Debug, Clone)]
+pub struct MachineRegister<'a> {
+    /// Advertised address, also the node's identity across restarts.
+    pub host_and_port: &'a str,
+    /// Budget.
+    pub cpu: i64,
+    /// Budget, bytes.
+    pub ram: i64,
+    /// Budget.
+    pub gpu: f64,
+    /// Comma-joined task types this node runs.
+    pub tasks: &'a str,
+    /// Comma-joined config layers.
+    pub layers: &'a str,
+    /// Display name.
+    pub name: &'a str,
+    /// Build version.
+    pub version: &'a str,
+    /// Start time.
+    pub now: Timestamp,
+}
+
+/// Result of registration.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered {
+    /// The new machine id.
+    pub id: MachineId,
+    /// Tasks that earlier incarnations with the same address still owned, now released.
+    pub released_tasks: i64,
+}
+
+/// Operator flags read with each heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MachineFlags {
+    /// Cordoned: claim nothing new.
+    pub unschedulable: bool,
+    /// Restart requested at this time.
+    pub restart_requested: bool,
+}
+
+/// One machine row with its details.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MachineRow {
+    /// Id.
+    pub id: MachineId,
+    /// Address.
+    pub host_and_port: String,
+    /// Display name.
+    pub name: String,
+    /// Budget.
+    pub cpu: i64,
+    /// Budget, bytes.
+    pub ram: i64,
+    /// Budget.
+    pub gpu: f64,
+    /// Last heartbeat.
+    pub last_contact: Timestamp,
+    /// Cordoned.
+    pub unschedulable: bool,
+    /// Restart requested.
+    pub restart_request: Option<Timestamp>,
+    /// Task types it runs.
+    pub tasks: String,
+    /// Tasks it owns now.
+    pub running: i64,
+    /// Start time.
+    pub startup_time: Option<Timestamp>,
+    /// Build version.
+    pub version: String,
+}
+
+/// Parameters of a claim.
+#[derive(Debug, Clone)]
+pub struct TaskClaim<'a> {
+    /// The type.
+    pub name: &'a str,
+    /// Candidates in preference order.
+    pub ids: &'a [TaskId],
+    /// Claim at most this many.
+    pub limit: usize,
+    /// The claiming machine.
+    pub owner: MachineId,
+    /// Cluster-wide limit on owned tasks of this type (0 = none).
+    pub max_cluster: usize,
+}
+
+/// A claimed task.
+pub type Claimed = Candidate;
+
+/// What a claim got.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimOutcome {
+    /// The tasks now owned by the claimer.
+    pub claimed: Vec<Claimed>,
+    /// The cluster-wide limit left less room than asked for.
+    pub cluster_full: bool,
+}
+
+/// How one attempt ended, for the completion batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Done: delete the row; history `result = true`.
+    Done,
+    /// Failed, will be retried: release with `retries + 1`.
+    Retry,
+    /// Failed for good: delete the row.
+    Fail,
+    /// Preempted or shut down: release, retries unchanged.
+    Release,
+}
+
+/// One attempt's outcome to record.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The task.
+    pub id: TaskId,
+    /// Its type.
+    pub name: String,
+    /// Its creation time (history `posted`).
+    pub posted: Timestamp,
+    /// Attempt start.
+    pub work_start: Timestamp,
+    /// Attempt end.
+    pub work_end: Timestamp,
+    /// What to do with the row.
+    pub fate: Fate,
+    /// History `err` ("" for a clean success).
+    pub err: String,
+}
+
+/// A batch of outcomes of one machine, recorded in one transaction.
+#[derive(Debug, Clone)]
+pub struct RecordBatch<'a> {
+    /// The recording machine: every row change is fenced by `owner_id = owner`.
+    pub owner: MachineId,
+    /// Its address, for history.
+    pub host_and_port: &'a str,
+    /// `update_time` for released rows.
+    pub now: Timestamp,
+    /// The outcomes.
+    pub outcomes: &'a [Outcome],
+}
+
+/// What recording found.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    /// Outcomes whose fence held, with their history row ids.
+    pub applied: Vec<(TaskId, i64)>,
+    /// Outcomes discarded because the row was no longer owned by this machine.
+    pub fenced_out: Vec<TaskId>,
+}
+
+/// A task row (pending or running).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskRow {
+    /// Id.
+    pub id: TaskId,
+    /// Type.
+    pub name: String,
+    /// Owner, if running.
+    pub owner_id: Option<MachineId>,
+    /// Owner's address.
+    pub owner_host: Option<String>,
+    /// Created.
+    pub posted_time: Timestamp,
+    /// Last release/failure.
+    pub update_time: Timestamp,
+    /// Failed attempts so far.
+    pub retries: i64,
+    /// Added by machine.
+    pub added_by: i64,
+    /// Predecessor (followers).
+    pub previous_task: Option<i64>,
+}
+
+impl FromRow for TaskRow {
+    fn from_row(row: &Row) -> harmonydb::Result<Self> {
+        Ok(TaskRow {
+            id: row.get("id")?,
+            name: row.get("name")?,
+            owner_id: row.get::<Option<i64>>("owner_id")?.map(MachineId),
+            owner_host: row.get("owner_host")?,
+            posted_time: row.get("posted_time")?,
+            update_time: row.get("update_time")?,
+            retries: row.get("retries")?,
+            added_by: row.get("added_by")?,
+            previous_task: row.get("previous_task")?,
+        })
+    }
+}
+
+/// One history row (one attempt).
+#[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
+pub struct HistoryRow {
+    /// History id.
+    pub id: i64,
+    /// Task id.
+    pub task_id: i64,
+    /// Type.
+    pub name: String,
+    /// Task creation.
+    pub posted: Timestamp,
+    /// Attempt start.
+    pub work_start: Timestamp,
+    /// Attempt end.
+    pub work_end: Timestamp,
+    /// Success.
+    pub result: bool,
+    /// Error text.
+    pub err: String,
+    /// Who ran it.
+    pub completed_by_host_and_port: String,
+}
+
+/// Filter of [`Store::history`].
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Only this type.
+    pub name: Option<String>,
+    /// Only this task.
+    pub task: Option<TaskId>,
+    /// Only failed attempts.
+    pub failed_only: bool,
+    /// At most this many rows, newest first.
+    pub limit: usize,
+}
+
+/// Per-type counts of history and queue (for summaries).
+#[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
+pub struct TypeSummary {
+    /// Type.
+    pub name: String,
+    /// Attempts recorded.
+    pub attempts: i64,
+    /// Successful attempts.
+    pub succeeded: i64,
+    /// Failed attempts.
+    pub failed: i64,
+    /// Mean milliseconds from post to start of the successful attempt.
+    pub mean_wait_ms: f64,
+    /// Mean milliseconds of attempts.
+    pub mean_run_ms: f64,
+}
+
+impl Store {
+    /// Wraps a database handle.
+    pub fn new(db: Db) -> Self {
+        Store { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn dialect(&self) -> Dialect {
+        self.db.dialect()
+    }
+
+    // ---- machines -------------------------------------------------------------------------
+
+    /// Registers this process: removes earlier incarnations with the same address (their
+    /// tasks are released by `ON DELETE SET NULL`), inserts the machine and its details.
+    pub async fn machine_register(&self, p: &MachineRegister<'_>) -> Result<Registered> {
+        let insert = self.dialect().pick(
+            "INSERT INTO harmony_machines (host_and_port, cpu, ram, gpu, last_contact) VALUES ($1, $2, $3, $4, strftime('%Y-%m-%d %H:%M:%f', 'now')) RETURNING id",
+            "INSERT INTO harmony_machines (host_and_port, cpu, ram, gpu, last_contact) VALUES ($1, $2, $3, $4, now()) RETURNING id",
+        );
+        let registered = self
+            .db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
+                let released: i64 = tx
+                    .scalar(
+                        "SELECT count(*) FROM harmony_task t JOIN harmony_machines m ON t.owner_id = m.id WHERE m.host_and_port = $1",
+                        &[&p.host_and_port],
+                    )
+                    .await?;
+                tx.exec(
+                    "DELETE FROM harmony_machines WHERE host_and_port = $1",
+                    &[&p.host_and_port],
+                )
+                .await?;
+                let id: i64 = tx
+                    .scalar(insert, &[&p.host_and_port, &p.cpu, &p.ram, &p.gpu])
+                    .await?;
+                tx.exec(
+                    "INSERT INTO harmony_machine_details (machine_id, tasks, layers, startup_time, machine_name, version) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&id, &p.tasks, &p.layers, &p.now, &p.name, &p.version],
+                )
+                .await?;
+                Ok(Some(Registered {
+                    id: MachineId(id),
+                    released_tasks: released,
+                }))
+            })
+            .await?;
+        registered.ok_or_else(|| Error::Task("machine registration rolled back".into()))
+    }
+
+    /// Bumps `last_contact`; returns the operator flags, or `None` when the row is gone
+    /// (this node was declared dead).
+    pub async fn machine_heartbeat(&self, id: MachineId) -> Result<Option<MachineFlags>> {
+        let sql = self.dialect().pick(
+            "UPDATE harmony_machines SET last_contact = strftime('%Y-%m-%d %H:%M:%f', 'now') WHERE id = $1 RETURNING unschedulable, restart_request",
+            "UPDATE harmony_machines SET last_contact = now() WHERE id = $1 RETURNING unschedulable, restart_request",
+        );
+        let row: Option<(bool, Option<Timestamp>)> = self.db.query_opt(sql, &[&id]).await?;
+        Ok(row.map(|(unschedulable, restart)| MachineFlags {
+            unschedulable,
+            restart_requested: restart.is_some(),
+        }))
+    }
+
+    /// Deletes machines whose last heartbeat is older than `dead_after` (server clock);
+    /// their tasks become unowned. Returns the reaped machines.
+    pub async fn machine_reap(&self, dead_after: Duration) -> Result<Vec<(MachineId, String)>> {
+        let rows: Vec<(i64, String)> = match self.dialect() {
+            Dialect::Sqlite => {
+                let modifier = format!("-{:.3} seconds", dead_after.as_secs_f64());
+                self.db
+                    .select(
+                        "DELETE FROM harmony_machines WHERE last_contact < strftime('%Y-%m-%d %H:%M:%f', 'now', $1) RETURNING id, host_and_port",
+                        &[&modifier],
+                    )
+                    .await?
+            }
+            Dialect::Postgres => {
+                let ms = i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX);
+                self.db
+                    .select(
+                        "DELETE FROM harmony_machines WHERE last_contact < now() - ($1::bigint * interval '1 millisecond') RETURNING id, host_and_port",
+                        &[&ms],
+                    )
+                    .await?
+            }
+        };
+        Ok(rows.into_iter().map(|(id, h)| (MachineId(id), h)).collect())
+    }
+
+    /// Clears a served restart request (and the cordon that usually precedes it).
+    pub async fn machine_clear_restart(&self, id: MachineId) -> Result<()> {
+        self.db
+            .exec(
+                "UPDATE harmony_machines SET restart_request = NULL, unschedulable = $2 WHERE id = $1",
+                &[&id, &false],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes this machine's row (graceful exit).
+    pub async fn machine_unregister(&self, id: MachineId) -> Result<()> {
+        self.db
+            .exec("DELETE FROM harmony_machines WHERE id = $1", &[&id])
+            .await?;
+        Ok(())
+    }
+
+    /// Every registered machine with its details and owned-task count.
+    pub async fn machine_list(&self) -> Result<Vec<MachineRow>> {
+        let rows: Vec<Row> = self
+            .db
+            .select(
+                "SELECT m.id, m.host_and_port, m.cpu, m.ram, m.gpu, m.last_contact, m.unschedulable, m.restart_request,
+                        COALESCE(d.machine_name, '') AS machine_name, COALESCE(d.tasks, '') AS tasks,
+                        d.startup_time, COALESCE(d.version, '') AS version,
+                        (SELECT count(*) FROM harmony_task t WHERE t.owner_id = m.id) AS running
+                 FROM harmony_machines m LEFT JOIN harmony_machine_details d ON d.machine_id = m.id
+                 ORDER BY m.id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MachineRow {
+                    id: MachineId(r.get("id")?),
+                    host_and_port: r.get("host_and_port")?,
+                    name: r.get("machine_name")?,
+                    cpu: r.get("cpu")?,
+                    ram: r.get("ram")?,
+                    gpu: r.get("gpu")?,
+                    last_contact: r.get("last_contact")?,
+                    unschedulable: r.get("unschedulable")?,
+                    restart_request: r.get("restart_request")?,
+                    tasks: r.get("tasks")?,
+                    running: r.get("running")?,
+                    startup_time: r.get("startup_time")?,
+                    version: r.get("version")?,
+                })
+            })
+            .collect::<harmonydb::Result<Vec<_>>>()
+            .map_err(Error::from)
+    }
+
+    /// Task type names that registered machines run (from their details rows).
+    pub async fn types_in_cluster(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = self
+            .db
+            .select("SELECT tasks FROM harmony_machine_details", &[])
+            .await?;
+        let mut names: Vec<String> = rows
+            .iter()
+            .flat_map(|(t,)| t.split(',').filter(|s| !s.is_empty()).map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    // ---- adding ---------------------------------------------------------------------------
+
+    /// Inserts one task row inside `tx`; returns its id.
+    pub async fn task_insert(
+        tx: &Tx,
+        name: &str,
+        posted: Timestamp,
+        added_by: MachineId,
+        previous: Option<TaskId>,
+    ) -> harmonydb::Result<TaskId> {
+        tx.scalar(
+            "INSERT INTO harmony_task (name, posted_time, update_time, added_by, previous_task) VALUES ($1, $2, $2, $3, $4) RETURNING id",
+            &[&name, &posted, &added_by, &previous],
+        )
+        .await
+    }
+
+    /// Inserts `count` task rows of one type inside `tx` with one statement; returns their ids
+    /// in ascending order.
+    pub async fn task_insert_many(
+        tx: &Tx,
+        name: &str,
+        count: usize,
+        posted: Timestamp,
+        added_by: MachineId,
+    ) -> harmonydb::Result<Vec<TaskId>> {
+        let sql = tx.dialect().pick(
+            "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < $4)
+             INSERT INTO harmony_task (name, posted_time, update_time, added_by) SELECT $1, $2, $2, $3 FROM s RETURNING id",
+            "INSERT INTO harmony_task (name, posted_time, update_time, added_by)
+             SELECT $1, $2, $2, $3 FROM generate_series(1, $4::bigint) RETURNING id",
+        );
+        let rows: Vec<(TaskId,)> = tx.select(sql, &[&name, &posted, &added_by, &count]).await?;
+        let mut ids: Vec<TaskId> = rows.into_iter().map(|r| r.0).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Writes task arguments inside `tx`.
+    pub async fn task_args_insert(
+        tx: &Tx,
+        id: TaskId,
+        args: &[(String, String)],
+    ) -> harmonydb::Result<()> {
+        for (k, v) in args {
+            tx.exec(
+                "INSERT INTO harmony_task_args (task_id, key, value) VALUES ($1, $2, $3)",
+                &[&id, k, v],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A task's arguments.
+    pub async fn task_args(&self, id: TaskId) -> Result<HashMap<String, String>> {
+        let rows: Vec<(String, String)> = self
+            .db
+            .select(
+                "SELECT key, value FROM harmony_task_args WHERE task_id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    // ---- scheduling -----------------------------------------------------------------------
+
+    /// The oldest `limit` unowned tasks of a type, through the partial index: the cost does
+    /// not depend on how many tasks wait.
+    pub async fn task_poll(&self, name: &str, limit: usize) -> Result<Vec<Candidate>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT id, posted_time, update_time, retries FROM harmony_task
+                 WHERE name = $1 AND owner_id IS NULL ORDER BY posted_time, id LIMIT $2",
+                &[&name, &limit],
+            )
+            .await?)
+    }
+
+    /// Claims up to `limit` of the candidate ids that are still unowned, in the given order,
+    /// with one statement (plus, for types with a cluster-wide limit, a per-type lock row and
+    /// a count in the same transaction). Returns what was actually claimed; a lost race just
+    /// claims fewer.
+    pub async fn task_claim(&self, p: &TaskClaim<'_>) -> Result<ClaimOutcome> {
+        if p.ids.is_empty() || p.limit == 0 {
+            return Ok(ClaimOutcome::default());
+        }
+        let ids: Vec<i64> = p.ids.iter().map(|t| t.0).collect();
+        let claim = self.dialect().pick(
+            "UPDATE harmony_task SET owner_id = $1
+             WHERE id IN (SELECT t.id FROM json_each($2) j JOIN harmony_task t ON t.id = j.value
+                          WHERE t.owner_id IS NULL ORDER BY j.key LIMIT $3)
+             RETURNING id, posted_time, update_time, retries",
+            "UPDATE harmony_task SET owner_id = $1
+             WHERE owner_id IS NULL AND id IN (
+                 SELECT id FROM harmony_task WHERE id = ANY($2::bigint[]) AND owner_id IS NULL
+                 ORDER BY array_position($2::bigint[], id) LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING id, posted_time, update_time, retries",
+        );
+        if p.max_cluster == 0 {
+            return Ok(ClaimOutcome {
+                claimed: self.db.select(claim, &[&p.owner, &ids, &p.limit]).await?,
+                cluster_full: false,
+            });
+        }
+        let lock = self.dialect().pick(
+            "INSERT INTO harmony_task_type_lock (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET name = excluded.name",
+            "INSERT INTO harmony_task_type_lock (name) VALUES ($1) ON CONFLICT (name) DO UPDATE SET name = excluded.name",
+        );
+        let claimed = self
+            .db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| {
+                let ids = ids.clone();
+                async move {
+                    // Touching the lock row serialises claims of this type cluster-wide (the
+                    // row lock is held until commit), so the count below cannot be raced.
+                    tx.exec(lock, &[&p.name]).await?;
+                    let owned: i64 = tx
+                        .scalar(
+                            "SELECT count(*) FROM harmony_task WHERE name = $1 AND owner_id IS NOT NULL",
+                            &[&p.name],
+                        )
+                        .await?;
+                    let room = (p.max_cluster as i64 - owned).max(0) as usize;
+                    let limit = room.min(p.limit);
+                    let cluster_full = room < p.limit;
+                    if limit == 0 {
+                        return Ok(Some(ClaimOutcome { claimed: Vec::new(), cluster_full }));
+                    }
+                    let claimed: Vec<Claimed> = tx.select(claim, &[&p.owner, &ids, &limit]).await?;
+                    Ok(Some(ClaimOutcome { claimed, cluster_full }))
+                }
+            })
+            .await?;
+        Ok(claimed.unwrap_or_default())
+    }
+
+    /// Records a batch of attempt outcomes in one transaction. Every row change is fenced by
+    /// `owner_id = owner`: an outcome whose task is no longer owned by this machine (another
+    /// node took it over after this one was declared dead) is discarded and reported, and
+    /// writes no history.
+    pub async fn task_record(&self, b: &RecordBatch<'_>) -> Result<Recorded> {
+        let dialect = self.dialect();
+        let ids_of = |fates: &[Fate]| -> Vec<i64> {
+            b.outcomes
+                .iter()
+                .filter(|o| fates.contains(&o.fate))
+                .map(|o| o.id.0)
+                .collect()
+        };
+        let delete_ids = ids_of(&[Fate::Done, Fate::Fail]);
+        let retry_ids = ids_of(&[Fate::Retry]);
+        let release_ids = ids_of(&[Fate::Release]);
+        let delete = dialect.pick(
+            "DELETE FROM harmony_task WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id",
+            "DELETE FROM harmony_task WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id",
+        );
+        let retry = dialect.pick(
+            "UPDATE harmony_task SET owner_id = NULL, retries = retries + 1, update_time = $3
+             WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id",
+            "UPDATE harmony_task SET owner_id = NULL, retries = retries + 1, update_time = $3
+             WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id",
+        );
+        let release = dialect.pick(
+            "UPDATE harmony_task SET owner_id = NULL, update_time = $3
+             WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id",
+            "UPDATE harmony_task SET owner_id = NULL, update_time = $3
+             WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id",
+        );
+        let recorded = self
+            .db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| {
+                let (delete_ids, retry_ids, release_ids) =
+                    (delete_ids.clone(), retry_ids.clone(), release_ids.clone());
+                async move {
+                    let mut kept: Vec<i64> = Vec::with_capacity(b.outcomes.len());
+                    if !delete_ids.is_empty() {
+                        let rows: Vec<(i64,)> = tx.select(delete, &[&b.owner, &delete_ids]).await?;
+                        kept.extend(rows.into_iter().map(|r| r.0));
+                    }
+                    if !retry_ids.is_empty() {
+                        let rows: Vec<(i64,)> =
+                            tx.select(retry, &[&b.owner, &retry_ids, &b.now]).await?;
+                        kept.extend(rows.into_iter().map(|r| r.0));
+                    }
+                    if !release_ids.is_empty() {
+                        let rows: Vec<(i64,)> = tx
+                            .select(release, &[&b.owner, &release_ids, &b.now])
+                            .await?;
+                        kept.extend(rows.into_iter().map(|r| r.0));
+                    }
+                    kept.sort_unstable();
+                    let applied: Vec<&Outcome> = b
+                        .outcomes
+                        .iter()
+                        .filter(|o| kept.binary_search(&o.id.0).is_ok())
+                        .collect();
+                    let history_ids = insert_history(&tx, b.host_and_port, &applied).await?;
+                    let mut out = Recorded::default();
+                    for (o, h) in applied.iter().zip(history_ids) {
+                        out.applied.push((o.id, h));
+                    }
+                    out.fenced_out = b
+                        .outcomes
+                        .iter()
+                        .filter(|o| kept.binary_search(&o.id.0).is_err())
+                        .map(|o| o.id)
+                        .collect();
+                    Ok(Some(out))
+                }
+            })
+            .await?;
+        Ok(recorded.unwrap_or_default())
+    }
+
+    /// The owner of a task: `None` when the row is gone, `Some(None)` when unowned.
+    pub async fn task_owner(&self, id: TaskId) -> Result<Option<Option<MachineId>>> {
+        let row: Option<(Option<i64>,)> = self
+            .db
+            .query_opt("SELECT owner_id FROM harmony_task WHERE id = $1", &[&id])
+            .await?;
+        Ok(row.map(|(o,)| o.map(MachineId)))
+    }
+
+    /// Releases every task still owned by `owner` (shutdown), retries unchanged.
+    pub async fn task_release_owned(&self, owner: MachineId, now: Timestamp) -> Result<u64> {
+        Ok(self
+            .db
+            .exec(
+                "UPDATE harmony_task SET owner_id = NULL, update_time = $2 WHERE owner_id = $1",
+                &[&owner, &now],
+            )
+            .await?)
+    }
+
+    /// Re-queues a permanently failed task with its original id and posted time. Fails when the
+    /// task is still pending or running, or when its last attempt succeeded.
+    pub async fn task_restart(
+        &self,
+        id: TaskId,
+        added_by: MachineId,
+        now: Timestamp,
+    ) -> Result<String> {
+        let restarted = self
+            .db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
+                let pending: Option<(String,)> = tx
+                    .query_opt("SELECT name FROM harmony_task WHERE id = $1", &[&id])
+                    .await?;
+                if let Some((name,)) = pending {
+                    return Ok(Some(Err(format!("task {id} ({name}) is still queued or running; only failed tasks can be restarted"))));
+                }
+                let last: Option<(String, Timestamp, bool)> = tx
+                    .query_opt(
+                        "SELECT name, posted, result FROM harmony_task_history WHERE task_id = $1 ORDER BY id DESC LIMIT 1",
+                        &[&id],
+                    )
+                    .await?;
+                let Some((name, posted, result)) = last else {
+                    return Ok(Some(Err(format!("task {id} does not exist"))));
+                };
+                if result {
+                    return Ok(Some(Err(format!("task {id} ({name}) completed successfully; there is nothing to restart"))));
+                }
+                tx.exec(
+                    "INSERT INTO harmony_task (id, name, posted_time, update_time, added_by, retries) VALUES ($1, $2, $3, $4, $5, 0)",
+                    &[&id, &name, &posted, &now, &added_by],
+                )
+                .await?;
+                Ok(Some(Ok(name)))
+            })
+            .await?;
+        restarted
+            .unwrap_or_else(|| Err("restart rolled back".into()))
+            .map_err(Error::Task)
+    }
+
+    // ---- reading (CLI, status) ------------------------------------------------------------
+
+    /// Pending and running tasks, oldest first, at most `limit`.
+    pub async fn task_list(&self, name: Option<&str>, limit: usize) -> Result<Vec<TaskRow>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                        t.retries, t.added_by, t.previous_task
+                 FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
+                 WHERE ($1 = '' OR t.name = $1)
+                 ORDER BY t.posted_time, t.id LIMIT $2",
+                &[&name.unwrap_or(""), &limit],
+            )
+            .await?)
+    }
+
+    /// One task row, if it is pending or running.
+    pub async fn task_get(&self, id: TaskId) -> Result<Option<TaskRow>> {
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                        t.retries, t.added_by, t.previous_task
+                 FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
+                 WHERE t.id = $1",
+                &[&id],
+            )
+            .await?)
+    }
+
+    /// Counts of pending (unowned) and running (owned) tasks per type.
+    pub async fn task_counts(&self) -> Result<Vec<(String, i64, i64)>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT name,
+                        sum(CASE WHEN owner_id IS NULL THEN 1 ELSE 0 END) AS pending,
+                        sum(CASE WHEN owner_id IS NULL THEN 0 ELSE 1 END) AS running
+                 FROM harmony_task GROUP BY name ORDER BY name",
+                &[],
+            )
+            .await?)
+    }
+
+    /// History rows, newest first.
+    pub async fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>> {
+        let limit = if q.limit == 0 { 100 } else { q.limit };
+        let task = q.task.map_or(-1, |t| t.0);
+        Ok(self
+            .db
+            .select(
+                "SELECT id, task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port
+                 FROM harmony_task_history
+                 WHERE ($1 = '' OR name = $1) AND ($2 < 0 OR task_id = $2) AND ($3 = 0 OR result = $4)
+                 ORDER BY work_end DESC, id DESC LIMIT $5",
+                &[
+                    &q.name.as_deref().unwrap_or(""),
+                    &task,
+                    &i64::from(q.failed_only),
+                    &false,
+                    &limit,
+                ],
+            )
+            .await?)
+    }
+
+    /// Per-type attempt statistics over all history.
+    pub async fn type_summaries(&self) -> Result<Vec<TypeSummary>> {
+        let sql = self.dialect().pick(
+            "SELECT name, count(*) AS attempts,
+                    sum(result) AS succeeded,
+                    sum(1 - result) AS failed,
+                    COALESCE(avg(CASE WHEN result THEN (julianday(work_start) - julianday(posted)) * 86400000.0 END), 0.0) AS mean_wait_ms,
+                    COALESCE(avg((julianday(work_end) - julianday(work_start)) * 86400000.0), 0.0) AS mean_run_ms
+             FROM harmony_task_history GROUP BY name ORDER BY name",
+            "SELECT name, count(*) AS attempts,
+                    count(*) FILTER (WHERE result) AS succeeded,
+                    count(*) FILTER (WHERE NOT result) AS failed,
+                    COALESCE(avg(EXTRACT(EPOCH FROM (work_start - posted)) * 1000.0) FILTER (WHERE result), 0)::float8 AS mean_wait_ms,
+                    COALESCE(avg(EXTRACT(EPOCH FROM (work_end - work_start)) * 1000.0), 0)::float8 AS mean_run_ms
+             FROM harmony_task_history GROUP BY name ORDER BY name",
+        );
+        Ok(self.db.select(sql, &[]).await?)
+    }
+}
+
+/// One physical attempt of a built-in task, as written by the task itself.
+#[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
+pub struct AttemptRow {
+    /// Attempt id.
+    pub id: i64,
+    /// Task.
+    pub task_id: i64,
+    /// Machine that ran it.
+    pub machine_id: i64,
+    /// Start.
+    pub started: Timestamp,
+    /// End (NULL if the process died or was stopped mid-attempt).
+    pub ended: Option<Timestamp>,
+    /// Start, microseconds since the epoch.
+    pub started_us: i64,
+}
+
+/// A start of a built-in attempt to log.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptStart {
+    /// Task.
+    pub task: TaskId,
+    /// Machine.
+    pub machine: MachineId,
+    /// Start.
+    pub started: Timestamp,
+    /// Start, microseconds since the epoch.
+    pub started_us: i64,
+}
+
+impl Store {
+    /// Logs attempt starts and ends of built-in tasks in one transaction; returns the new
+    /// attempt ids in the order of `starts`.
+    pub async fn attempts_log(
+        &self,
+        starts: &[AttemptStart],
+        ends: &[(i64, Timestamp)],
+    ) -> Result<Vec<i64>> {
+        let ids = self
+            .db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
+                let mut ids = Vec::new();
+                match tx.dialect() {
+                    Dialect::Sqlite => {
+                        if !starts.is_empty() {
+                            let json = serde_json::Value::Array(
+                                starts
+                                    .iter()
+                                    .map(|a| serde_json::json!([a.task.0, a.machine.0, a.started.to_sqlite_text(), a.started_us]))
+                                    .collect(),
+                            )
+                            .to_string();
+                            let rows: Vec<(i64,)> = tx
+                                .select(
+                                    "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us)
+                                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) ORDER BY key
+                                     RETURNING id",
+                                    &[&json],
+                                )
+                                .await?;
+                            ids = rows.into_iter().map(|r| r.0).collect();
+                        }
+                        if !ends.is_empty() {
+                            let json = serde_json::Value::Array(
+                                ends.iter().map(|(id, t)| serde_json::json!([id, t.to_sqlite_text()])).collect(),
+                            )
+                            .to_string();
+                            tx.exec(
+                                "UPDATE harmony_test_attempt SET ended = j.value ->> 1
+                                 FROM json_each($1) AS j WHERE harmony_test_attempt.id = j.value ->> 0",
+                                &[&json],
+                            )
+                            .await?;
+                        }
+                    }
+                    Dialect::Postgres => {
+                        if !starts.is_empty() {
+                            let tasks: Vec<i64> = starts.iter().map(|a| a.task.0).collect();
+                            let machines: Vec<i64> = starts.iter().map(|a| a.machine.0).collect();
+                            let started: Vec<Timestamp> = starts.iter().map(|a| a.started).collect();
+                            let us: Vec<i64> = starts.iter().map(|a| a.started_us).collect();
+                            let rows: Vec<(i64,)> = tx
+                                .select(
+                                    "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us)
+                                     SELECT u.t, u.m, u.s, u.us
+                                     FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[]) WITH ORDINALITY AS u(t, m, s, us, ord)
+                                     ORDER BY u.ord RETURNING id",
+                                    &[&tasks, &machines, &started, &us],
+                                )
+                                .await?;
+                            ids = rows.into_iter().map(|r| r.0).collect();
+                        }
+                        if !ends.is_empty() {
+                            let attempt: Vec<i64> = ends.iter().map(|e| e.0).collect();
+                            let ended: Vec<Timestamp> = ends.iter().map(|e| e.1).collect();
+                            tx.exec(
+                                "UPDATE harmony_test_attempt a SET ended = u.e
+                                 FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, e) WHERE a.id = u.id",
+                                &[&attempt, &ended],
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                ids.sort_unstable();
+                Ok(Some(ids))
+            })
+            .await?;
+        Ok(ids.unwrap_or_default())
+    }
+
+    /// Every logged attempt, by task then start.
+    pub async fn attempts(&self) -> Result<Vec<AttemptRow>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT id, task_id, machine_id, started, ended, started_us FROM harmony_test_attempt ORDER BY task_id, started_us, id",
+                &[],
+            )
+            .await?)
+    }
+}
+
+/// Inserts history rows for `outcomes` (one statement); returns their ids in the same order.
+async fn insert_history(tx: &Tx, host: &str, outcomes: &[&Outcome]) -> harmonydb::Result<Vec<i64>> {
+    if outcomes.is_empty() {
+        return Ok(Vec::new());
+    }
+    match tx.dialect() {
+        Dialect::Sqlite => {
+            let rows: Vec<serde_json::Value> = outcomes
+                .iter()
+                .map(|o| {
+                    serde_json::json!([
+                        o.id.0,
+                        o.name,
+                        o.posted.to_sqlite_text(),
+                        o.work_start.to_sqlite_text(),
+                        o.work_end.to_sqlite_text(),
+                        i64::from(o.fate == Fate::Done),
+                        o.err,
+                    ])
+                })
+                .collect();
+            let json = serde_json::Value::Array(rows).to_string();
+            let ids: Vec<(i64,)> = tx
+                .select(
+                    "INSERT INTO harmony_task_history (task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port)
+                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, $2
+                     FROM json_each($1) ORDER BY key RETURNING id",
+                    &[&json, &host],
+                )
+                .await?;
+            let mut ids: Vec<i64> = ids.into_iter().map(|r| r.0).collect();
+            ids.sort_unstable();
+            Ok(ids)
+        }
+        Dialect::Postgres => {
+            let task_ids: Vec<i64> = outcomes.iter().map(|o| o.id.0).collect();
+            let names: Vec<String> = outcomes.iter().map(|o| o.name.clone()).collect();
+            let posted: Vec<Timestamp> = outcomes.iter().map(|o| o.posted).collect();
+            let starts: Vec<Timestamp> = outcomes.iter().map(|o| o.work_start).collect();
+            let ends: Vec<Timestamp> = outcomes.iter().map(|o| o.work_end).collect();
+            let results: Vec<bool> = outcomes.iter().map(|o| o.fate == Fate::Done).collect();
+            let errs: Vec<String> = outcomes.iter().map(|o| o.err.clone()).collect();
+            let ids: Vec<(i64,)> = tx
+                .select(
+                    "INSERT INTO harmony_task_history (task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port)
+                     SELECT u.task_id, u.name, u.posted, u.work_start, u.work_end, u.result, u.err, $8
+                     FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[], $6::boolean[], $7::text[])
+                          WITH ORDINALITY AS u(task_id, name, posted, work_start, work_end, result, err, ord)
+                     ORDER BY u.ord RETURNING id",
+                    &[&task_ids, &names, &posted, &starts, &ends, &results, &errs, &host],
+                )
+                .await?;
+            let mut ids: Vec<i64> = ids.into_iter().map(|r| r.0).collect();
+            ids.sort_unstable();
+            Ok(ids)
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! The programming model: what a task type implements and declares.
+//!
+//! A task type is a [`Task`] implementation plus the [`TypeDetails`] it returns once, at
+//! registration. The engine calls [`Task::run`] for each claimed task on its own tokio task and
+//! records the outcome; [`Task::can_accept`] lets a type refuse candidates it cannot take now.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use harmonydb::{Db, FromValue, ToValue, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::resources::Resources;
+
+/// The id of a task (`harmony_task.id`), stable across retries and restarts.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct TaskId(pub i64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ToValue for TaskId {
+    fn to_value(&self) -> Value {
+        Value::Int(self.0)
+    }
+}
+
+impl FromValue for TaskId {
+    fn from_value(value: &Value, column: &str) -> harmonydb::Result<Self> {
+        i64::from_value(value, column).map(TaskId)
+    }
+}
+
+/// The id of a machine (`harmony_machines.id`): new for every process start.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct MachineId(pub i64);
+
+impl fmt::Display for MachineId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ToValue for MachineId {
+    fn to_value(&self) -> Value {
+        Value::Int(self.0)
+    }
+}
+
+impl FromValue for MachineId {
+    fn from_value(value: &Value, column: &str) -> harmonydb::Result<Self> {
+        i64::from_value(value, column).map(MachineId)
+    }
+}
+
+/// What a finished attempt says: `Done(true)` ends the task; `Done(false)` is a failed
+/// attempt (retried per the type's `max_failures` and `retry_wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done(pub bool);
+
+/// A failed attempt's reason. Build one from any error with `?` or from text with
+/// [`TaskError::new`]; the message is stored (bounded) in `harmony_task_history.err`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskError {
+    message: String,
+}
+
+impl TaskError {
+    /// A failure with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        TaskError {
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error> From<E> for TaskError {
+    fn from(e: E) -> Self {
+        // Keep the whole chain: "reading input: file not found".
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        TaskError { message }
+    }
+}
+
+/// How long to wait before retrying after `retries` failed attempts.
+#[derive(Clone, Default)]
+pub enum RetryWait {
+    /// Retry at once.
+    #[default]
+    Immediate,
+    /// The same wait every time.
+    Constant(Duration),
+    /// `initial + retries × step`.
+    Linear {
+        /// Wait after the first failure.
+        initial: Duration,
+        /// Added per further failure.
+        step: Duration,
+    },
+    /// `initial × factor^retries`, capped at `max`.
+    Exponential {
+        /// Wait after the first failure.
+        initial: Duration,
+        /// Growth per failure (≥ 1).
+        factor: f64,
+        /// Largest wait.
+        max: Duration,
+    },
+    /// Any function of the number of failures so far.
+    Custom(Arc<dyn Fn(u32) -> Duration + Send + Sync>),
+}
+
+impl fmt::Debug for RetryWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetryWait::Immediate => f.write_str("Immediate"),
+            RetryWait::Constant(d) => write!(f, "Constant({d:?})"),
+            RetryWait::Linear { initial, step } => write!(f, "Linear({initial:?} + n×{step:?})"),
+            RetryWait::Exponential {
+                initial,
+                factor,
+                max,
+            } => {
+                write!(f, "Exponential({initial:?} × {factor}^n ≤ {max:?})")
+            }
+            RetryWait::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+impl RetryWait {
+    /// A constant wait.
+    pub fn constant(d: Duration) -> Self {
+        RetryWait::Constant(d)
+    }
+
+    /// A linear wait.
+    pub fn linear(initial: Duration, step: Duration) -> Self {
+        RetryWait::Linear { initial, step }
+    }
+
+    /// A capped exponential wait.
+    pub fn exponential(initial: Duration, factor: f64, max: Duration) -> Self {
+        RetryWait::Exponential {
+            initial,
+            factor,
+            max,
+        }
+    }
+
+    /// The wait after `retries` failed attempts (the first retry gets `retries == 1`).
+    pub fn wait(&self, retries: u32) -> Duration {
+        let n = retries.saturating_sub(1);
+        match self {
+            RetryWait::Immediate => Duration::ZERO,
+            RetryWait::Constant(d) => *d,
+            RetryWait::Linear { initial, step } => initial.saturating_add(step.saturating_mul(n)),
+            RetryWait::Exponential {
+                initial,
+                factor,
+                max,
+            } => {
+                let scaled = initial.as_secs_f64()
+                    * factor.max(1.0).powi(i32::try_from(n).unwrap_or(i32::MAX));
+                if !scaled.is_finite() || scaled >= max.as_secs_f64() {
+                    *max
+                } else {
+                    Duration::from_secs_f64(scaled).min(*max)
+                }
+            }
+            RetryWait::Custom(f) => f(retries),
+        }
+    }
+}
+
+/// A per-node concurrency limit that several task types may share: each type holding a clone
+/// counts against the same `n`.
+#[derive(Clone)]
+pub struct Limiter {
+    id: Arc<()>,
+    max: usize,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Limiter(max {})", self.max)
+    }
+}
+
+impl Limiter {
+    /// A limit of `max` running tasks (0 = unlimited).
+    pub fn new(max: usize) -> Self {
+        Limiter {
+            id: Arc::new(()),
+            max,
+        }
+    }
+
+    /// The limit (0 = unlimited).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Identity shared by clones.
+    pub(crate) fn key(&self) -> usize {
+        Arc::as_ptr(&self.id) as usize
+    }
+}
+
+/// A task type's declaration, read once at registration.
+#[derive(Clone, Debug)]
+pub struct TypeDetails {
+    /// 1–16 characters of `[A-Za-z0-9_:]`.
+    pub name: String,
+    /// Per-node concurrency limit, possibly shared with other types (`None` = unlimited).
+    pub max: Option<Limiter>,
+    /// Cluster-wide limit on running tasks of this type, enforced in the claim (0 = none).
+    pub max_cluster: usize,
+    /// What one running task takes from the node's budget.
+    pub cost: Resources,
+    /// Total attempts before the task fails for good (0 = retry forever).
+    pub max_failures: u32,
+    /// Wait before a retry.
+    pub retry_wait: RetryWait,
+    /// Per-attempt deadline; an attempt that runs longer fails with a timeout.
+    pub timeout: Option<Duration>,
+    /// Types whose tasks this type's tasks usually follow (ordering hint: finish pipelines
+    /// before starting new ones).
+    pub may_follow: Vec<String>,
+    /// Runs before other types and may preempt ordinary work.
+    pub time_sensitive: bool,
+    /// Never preempted; awaited at shutdown.
+    pub uninterruptible: bool,
+    /// Gives way (sees `still_owned() == false`) while the node is cordoned.
+    pub can_yield: bool,
+    /// Types whose waiting work lets this type be claimed even on a cordoned node.
+    pub scheduling_overrides: Vec<String>,
+}
+
+impl TypeDetails {
+    /// Details with defaults: unlimited, free, retry forever at once.
+    pub fn new(name: impl Into<String>) -> Self {
+        TypeDetails {
+            name: name.into(),
+            max: None,
+            max_cluster: 0,
+            cost: Resources::default(),
+            max_failures: 0,
+            retry_wait: RetryWait::Immediate,
+            timeout: None,
+            may_follow: Vec::new(),
+            time_sensitive: false,
+            uninterruptible: false,
+            can_yield: false,
+            scheduling_overrides: Vec::new(),
+        }
+    }
+
+    /// Checks the declaration; the error names the field and what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        validate_name(&self.name)?;
+        self.cost
+            .validate()
+            .map_err(|e| Error::InvalidType(format!("task type {}: cost: {e}", self.name)))?;
+        if let RetryWait::Exponential { factor, .. } = self.retry_wait
+            && !(factor.is_finite() && factor >= 1.0)
+        {
+            return Err(Error::InvalidType(format!(
+                "task type {}: retry_wait factor must be a finite number ≥ 1, got {factor}",
+                self.name
+            )));
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(Error::InvalidType(format!(
+                "task type {}: timeout must be positive (leave it unset for none)",
+                self.name
+            )));
+        }
+        for other in self.may_follow.iter().chain(&self.scheduling_overrides) {
+            validate_name(other)
+                .map_err(|e| Error::InvalidType(format!("task type {}: {e}", self.name)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Longest task type name (a `VARCHAR(16)` column upstream).
+pub const TASK_NAME_MAX: usize = 16;
+
+/// Checks a task type name: 1–16 characters of `[A-Za-z0-9_:]`.
+pub fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidName("task type name is empty".into()));
+    }
+    if name.chars().count() > TASK_NAME_MAX {
+        return Err(Error::InvalidName(format!(
+            "task type name {name:?} is {} characters long; the limit is {TASK_NAME_MAX}",
+            name.chars().count()
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == ':'))
+    {
+        return Err(Error::InvalidName(format!(
+            "task type name {name:?} contains {bad:?}; use only A-Z, a-z, 0-9, _ and :"
+        )));
+    }
+    Ok(())
+}
+
+/// What a running task can ask of the engine.
+#[derive(Clone)]
+pub struct RunContext {
+    pub(crate) task: TaskId,
+    pub(crate) name: Arc<str>,
+    pub(crate) retries: u32,
+    pub(crate) db: Db,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) ownership: Arc<crate::machine::Ownership>,
+    pub(crate) meta: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    pub(crate) machine: MachineId,
+}
+
+impl RunContext {
+    /// This task's id.
+    pub fn task_id(&self) -> TaskId {
+        self.task
+    }
+
+    /// This task's type name.
+    pub fn task_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Failed attempts before this one.
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// The machine running this attempt.
+    pub fn machine_id(&self) -> MachineId {
+        self.machine
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Fired when the attempt must stop: preemption, shutdown, timeout, or loss of ownership
+    /// found by the engine.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Whether this node still owns the task. Call it before any step that only one owner may
+    /// take: it is false once the attempt was cancelled, while the node is cordoned for a
+    /// `can_yield` type, while the node drains for an `uninterruptible` one, and when the
+    /// database says another node (or nobody) owns the task.
+    pub async fn still_owned(&self) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        self.ownership.still_owned(self.task).await
+    }
+
+    /// Attaches a key/value for `on_task_complete` callbacks of this attempt.
+    pub fn set_meta(&self, key: impl Into<String>, value: impl Into<String>) {
+        if let Ok(mut m) = self.meta.lock() {
+            m.insert(key.into(), value.into());
+        }
+    }
+
+    /// The task's arguments (`harmony_task_args`), written when it was added.
+    pub async fn args(&self) -> Result<HashMap<String, String>> {
+        crate::store::Store::new(self.db.clone())
+            .task_args(self.task)
+            .await
+    }
+}
+
+/// Read-only information about the node, for `can_accept`.
+#[derive(Clone)]
+pub struct EngineView {
+    pub(crate) machine: MachineId,
+    pub(crate) db: Db,
+    pub(crate) free: Resources,
+}
+
+impl EngineView {
+    /// This node's machine id.
+    pub fn machine_id(&self) -> MachineId {
+        self.machine
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Resources not reserved by running tasks when the candidates were offered.
+    pub fn free(&self) -> Resources {
+        self.free
+    }
+}
+
+/// A task type.
+#[async_trait]
+pub trait Task: Send + Sync + 'static {
+    /// The type's declaration; read once at registration.
+    fn type_details(&self) -> TypeDetails;
+
+    /// Does the work of one attempt. Return `Ok(Done(true))` when the task is finished,
+    /// `Ok(Done(false))` or an error for a failed attempt. A panic is caught and recorded as a
+    /// failed attempt.
+    async fn run(&self, task: TaskId, ctx: RunContext) -> Result<Done, TaskError>;
+
+    /// Gets candidates oldest first; returns the ones this node will take now, in preference
+    /// order. Called from several places at once, so it must be safe to call concurrently.
+    /// An error or a panic counts as refusing all of them. Default: accept all.
+    async fn can_accept(
+        &self,
+        candidates: &[TaskId],
+        _engine: &EngineView,
+    ) -> Result<Vec<TaskId>, TaskError> {
+        Ok(candidates.to_vec())
+    }
+
+    /// Gets an adder for this type once the engine runs; keep it to add tasks later (from
+    /// pollers, API handlers, …).
+    fn adder(&self, _add: crate::engine::TaskAdder) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("SDR").is_ok());
+        assert!(validate_name("PDPv0_Prove").is_ok());
+        assert!(validate_name("bg:Cleanup").is_ok());
+        assert!(validate_name("abcdefghijklmnop").is_ok());
+        let e = validate_name("abcdefghijklmnopq").unwrap_err().to_string();
+        assert!(e.contains("17 characters") && e.contains("16"), "{e}");
+        let e = validate_name("x'); DROP").unwrap_err().to_string();
+        assert!(e.contains("'\\''"), "{e}");
+        assert!(validate_name("").is_err());
+        assert!(validate_name("naïve").is_err());
+    }
+
+    #[test]
+    fn retry_waits() {
+        let s = Duration::from_secs;
+        assert_eq!(RetryWait::Immediate.wait(3), Duration::ZERO);
+        assert_eq!(RetryWait::constant(s(2)).wait(7), s(2));
+        let lin = RetryWait::linear(s(1), s(2));
+        assert_eq!(lin.wait(1), s(1));
+        assert_eq!(lin.wait(3), s(5));
+        let exp = RetryWait::exponential(s(1), 2.0, s(10));
+        assert_eq!(exp.wait(1), s(1));
+        assert_eq!(exp.wait(2), s(2));
+        assert_eq!(exp.wait(4), s(8));
+        assert_eq!(exp.wait(5), s(10));
+        assert_eq!(exp.wait(u32::MAX), s(10));
+    }
+
+    #[test]
+    fn details_validation() {
+        let mut d = TypeDetails::new("ok");
+        assert!(d.validate().is_ok());
+        d.cost.cpu = -1.0;
+        assert!(d.validate().unwrap_err().to_string().contains("cpu"));
+        let mut d = TypeDetails::new("ok");
+        d.retry_wait = RetryWait::exponential(Duration::from_secs(1), 0.5, Duration::from_secs(2));
+        assert!(d.validate().is_err());
+        let mut d = TypeDetails::new("ok");
+        d.may_follow = vec!["bad name".into()];
+        assert!(d.validate().is_err());
+    }
+}
