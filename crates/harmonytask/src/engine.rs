@@ -97,6 +97,7 @@ pub(crate) enum StopCause {
 /// State shared by the engine's handle and its loops.
 pub(crate) struct Shared {
     pub db: Db,
+    pub client: Client,
     pub store: Store,
     pub machine: MachineId,
     pub config: EngineConfig,
@@ -277,6 +278,159 @@ impl Shared {
     }
 }
 
+/// Adds and restarts tasks without running a node: for CLIs, web handlers and other programs
+/// that post work. Rows it adds have `added_by = 0` unless it belongs to an engine.
+#[derive(Clone)]
+pub struct Client {
+    db: Db,
+    clock: Arc<dyn Clock>,
+    added_by: MachineId,
+}
+
+impl Client {
+    /// A client on `db` using the system clock.
+    pub fn new(db: Db) -> Self {
+        Client {
+            db,
+            clock: Arc::new(SystemClock),
+            added_by: MachineId(0),
+        }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Adds one task; see [`Engine::add_task`]. Returns the new task as a scheduler candidate.
+    pub(crate) async fn add<F, Fut>(
+        &self,
+        name: &str,
+        previous: Option<TaskId>,
+        extra: F,
+    ) -> Result<Option<Candidate>>
+    where
+        F: Fn(TaskId, Tx) -> Fut + Send + Sync,
+        Fut: Future<Output = harmonydb::Result<bool>> + Send,
+    {
+        validate_name(name)?;
+        let posted = self.clock.now();
+        let added_by = self.added_by;
+        let extra = &extra;
+        let result = self
+            .db
+            .transaction_with(TxOptions::retry(), |tx| async move {
+                let id = Store::task_insert(&tx, name, posted, added_by, previous).await?;
+                Ok(extra(id, tx).await?.then_some(id))
+            })
+            .await;
+        match result {
+            Ok(Some(id)) => Ok(Some(Candidate {
+                id,
+                posted,
+                updated: posted,
+                retries: 0,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::UniqueViolation => {
+                tracing::debug!(task_type = name, "task already queued");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) async fn add_many<F, Fut>(
+        &self,
+        name: &str,
+        count: usize,
+        extra: F,
+    ) -> Result<Vec<Candidate>>
+    where
+        F: Fn(Vec<TaskId>, Tx) -> Fut + Send + Sync,
+        Fut: Future<Output = harmonydb::Result<bool>> + Send,
+    {
+        validate_name(name)?;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let posted = self.clock.now();
+        let added_by = self.added_by;
+        let extra = &extra;
+        let ids = self
+            .db
+            .transaction_with(TxOptions::retry(), |tx| async move {
+                let ids = Store::task_insert_many(&tx, name, count, posted, added_by).await?;
+                Ok(extra(ids.clone(), tx).await?.then_some(ids))
+            })
+            .await?
+            .unwrap_or_default();
+        Ok(ids
+            .into_iter()
+            .map(|id| Candidate {
+                id,
+                posted,
+                updated: posted,
+                retries: 0,
+            })
+            .collect())
+    }
+
+    pub(crate) async fn restart(&self, id: TaskId) -> Result<(String, Candidate)> {
+        let store = Store::new(self.db.clone());
+        let now = self.clock.now();
+        let name = store.task_restart(id, self.added_by, now).await?;
+        let posted = store.task_get(id).await?.map_or(now, |t| t.posted_time);
+        Ok((
+            name,
+            Candidate {
+                id,
+                posted,
+                updated: now,
+                retries: 0,
+            },
+        ))
+    }
+
+    /// Adds one task with arguments; returns its id (`None` if it was already queued).
+    pub async fn add_task_with_args(
+        &self,
+        name: &str,
+        args: &[(String, String)],
+    ) -> Result<Option<TaskId>> {
+        let c = self
+            .add(name, None, |id, tx| async move {
+                Store::task_args_insert(&tx, id, args).await?;
+                Ok(true)
+            })
+            .await?;
+        Ok(c.map(|c| c.id))
+    }
+
+    /// Adds `count` tasks of one type, each with the same arguments, in one transaction.
+    pub async fn add_tasks_with_args(
+        &self,
+        name: &str,
+        count: usize,
+        args: &[(String, String)],
+    ) -> Result<Vec<TaskId>> {
+        let added = self
+            .add_many(name, count, |ids, tx| async move {
+                for id in ids {
+                    Store::task_args_insert(&tx, id, args).await?;
+                }
+                Ok(true)
+            })
+            .await?;
+        Ok(added.into_iter().map(|c| c.id).collect())
+    }
+
+    /// Re-queues a permanently failed task with its original id and posted time.
+    pub async fn restart_task(&self, id: TaskId) -> Result<()> {
+        self.restart(id).await.map(|_| ())
+    }
+}
+
 /// Adds tasks of one type; handed to [`Task::adder`].
 #[derive(Clone)]
 pub struct TaskAdder {
@@ -437,7 +591,13 @@ impl EngineBuilder {
         let (events_tx, events_rx) = mpsc::channel(EVENTS_MAX);
         let (record_tx, record_rx) = mpsc::channel(RECORD_QUEUE_MAX);
         let (counts_tx, counts_rx) = watch::channel(RunningCounts::default());
+        let client = Client {
+            db: self.db.clone(),
+            clock: Arc::clone(&self.clock),
+            added_by: machine,
+        };
         let shared = Arc::new(Shared {
+            client,
             db: self.db,
             store,
             machine,
@@ -567,36 +727,11 @@ impl Engine {
         F: Fn(TaskId, Tx) -> Fut + Send + Sync,
         Fut: Future<Output = harmonydb::Result<bool>> + Send,
     {
-        validate_name(name)?;
-        let s = &self.shared;
-        let posted = s.clock.now();
-        let machine = s.machine;
-        let extra = &extra;
-        let result =
-            s.db.transaction_with(TxOptions::retry(), |tx| async move {
-                let id = Store::task_insert(&tx, name, posted, machine, previous).await?;
-                Ok(extra(id, tx).await?.then_some(id))
-            })
-            .await;
-        let id = match result {
-            Ok(Some(id)) => id,
-            Ok(None) => return Ok(None),
-            Err(e) if e.kind() == ErrorKind::UniqueViolation => {
-                tracing::debug!(task_type = name, "task already queued");
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        s.notify_added(
-            name,
-            vec![Candidate {
-                id,
-                posted,
-                updated: posted,
-                retries: 0,
-            }],
-        );
-        Ok(Some(id))
+        let added = self.shared.client.add(name, previous, extra).await?;
+        Ok(added.map(|c| {
+            self.shared.notify_added(name, vec![c.clone()]);
+            c.id
+        }))
     }
 
     /// Adds a task with arguments (stored in `harmony_task_args`).
@@ -619,53 +754,18 @@ impl Engine {
         F: Fn(Vec<TaskId>, Tx) -> Fut + Send + Sync,
         Fut: Future<Output = harmonydb::Result<bool>> + Send,
     {
-        validate_name(name)?;
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let s = &self.shared;
-        let posted = s.clock.now();
-        let machine = s.machine;
-        let extra = &extra;
-        let ids =
-            s.db.transaction_with(TxOptions::retry(), |tx| async move {
-                let ids = Store::task_insert_many(&tx, name, count, posted, machine).await?;
-                Ok(extra(ids.clone(), tx).await?.then_some(ids))
-            })
-            .await?
-            .unwrap_or_default();
-        if !ids.is_empty() {
-            s.notify_added(
-                name,
-                ids.iter()
-                    .map(|id| Candidate {
-                        id: *id,
-                        posted,
-                        updated: posted,
-                        retries: 0,
-                    })
-                    .collect(),
-            );
+        let added = self.shared.client.add_many(name, count, extra).await?;
+        let ids = added.iter().map(|c| c.id).collect();
+        if !added.is_empty() {
+            self.shared.notify_added(name, added);
         }
         Ok(ids)
     }
 
     /// Re-queues a permanently failed task with its original id and posted time.
     pub async fn restart_task(&self, id: TaskId) -> Result<()> {
-        let s = &self.shared;
-        let now = s.clock.now();
-        let name = s.store.task_restart(id, s.machine, now).await?;
-        if let Some(posted) = s.store.task_get(id).await?.map(|t| t.posted_time) {
-            s.notify_added(
-                &name,
-                vec![Candidate {
-                    id,
-                    posted,
-                    updated: now,
-                    retries: 0,
-                }],
-            );
-        }
+        let (name, c) = self.shared.client.restart(id).await?;
+        self.shared.notify_added(&name, vec![c]);
         Ok(())
     }
 

@@ -44,7 +44,7 @@ pub mod task;
 pub use async_trait::async_trait;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
-pub use engine::{CompleteCallback, Engine, EngineBuilder, TaskAdder};
+pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
 pub use error::{Error, Result};
 pub use resources::{ByteSize, Resource, Resources};
 pub use scheduler::admission::Blocked;
