@@ -1,6 +1,10 @@
 //! Command-line definitions (clap derive). Only this module and `main` know about flags.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
+use harmonytask::ByteSize;
 
 /// Harmony: a distributed, resource-aware task engine on SQL.
 #[derive(Debug, Parser)]
@@ -28,6 +32,157 @@ pub enum Command {
     /// Database schema: apply migrations, show status.
     #[command(subcommand)]
     Db(DbCommand),
+    /// Run a node: claim and run tasks until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Tasks: add, list, show, history, restart.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Machines (nodes) of the cluster.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+    /// A self-contained tour: a fresh ./harmony-demo.db, one node, a small pipeline.
+    Demo(DemoArgs),
+}
+
+impl Command {
+    /// Whether the command runs until stopped, so SIGINT/SIGTERM should shut it down
+    /// gracefully instead of killing it.
+    pub fn is_long_running(&self) -> bool {
+        matches!(self, Command::Run(_) | Command::Demo(_))
+    }
+}
+
+/// `harmony run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// CPUs this node offers (default: detected logical CPUs).
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    pub cpu: Option<f64>,
+    /// RAM this node offers, e.g. 64GiB (default: detected total RAM).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub ram: Option<ByteSize>,
+    /// GPUs this node offers, fractional allowed (default: detected through NVML, else 0).
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    pub gpu: Option<f64>,
+    /// This node's address and identity (HOST:PORT); two live nodes must not share it.
+    #[arg(long, default_value = "127.0.0.1:4701", value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Display name (default: the host part of --listen).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TOML file of command task types.
+    #[arg(long, value_name = "FILE")]
+    pub tasks: Option<PathBuf>,
+    /// Run only these types (comma-separated; default: all built-in and tasks-file types).
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    pub types: Option<Vec<String>>,
+    /// Safety-net database poll interval, e.g. 30s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub poll_interval: Option<Duration>,
+    /// Heartbeat interval, e.g. 5s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub heartbeat_interval: Option<Duration>,
+    /// A node silent this long is declared dead, e.g. 30s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub dead_after: Option<Duration>,
+    /// How often this node looks for dead nodes, e.g. 5s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub reaper_interval: Option<Duration>,
+    /// How long running tasks get to finish at shutdown before they are cancelled, e.g. 30s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// `harmony task …`
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Add tasks of a type (all in one transaction).
+    Add(TaskAddArgs),
+    /// Pending and running tasks, oldest first.
+    Ls {
+        /// Only this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        type_name: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One task: state, arguments and every attempt.
+    Show {
+        /// Task id.
+        id: i64,
+    },
+    /// Finished attempts, newest first.
+    History {
+        /// Only this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        type_name: Option<String>,
+        /// Only failed attempts.
+        #[arg(long)]
+        failed: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Re-queue a task that failed for good, keeping its id.
+    Restart {
+        /// Task id.
+        id: i64,
+    },
+}
+
+/// `harmony task add`
+#[derive(Debug, Args)]
+pub struct TaskAddArgs {
+    /// The task type.
+    #[arg(value_name = "TYPE")]
+    pub type_name: String,
+    /// How many tasks to add.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// An argument of every added task, KEY=VALUE (repeatable).
+    #[arg(long = "arg", value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    pub args: Vec<(String, String)>,
+    /// A tasks file whose types count as known.
+    #[arg(long, value_name = "FILE")]
+    pub tasks: Option<PathBuf>,
+    /// Add even if no node runs the type (yet).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `harmony machine …`
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// Registered machines: budget, last contact, running tasks.
+    Ls,
+}
+
+/// `harmony demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Multiplies every simulated duration (0.01 runs a hundred times faster).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// How many items go through the pipeline.
+    #[arg(long, default_value_t = crate::demo::ITEMS_DEFAULT)]
+    pub items: usize,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; write a duration such as 500ms, 30s or 5m"))
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// `harmony db …`

@@ -1,18 +1,34 @@
 //! The `harmony` binary: parses flags, builds typed configs, installs logging and signal
 //! handling, and calls the libraries. No engine logic lives here.
 
+mod catalog;
 mod cli;
+mod command_task;
 mod commands;
+mod demo;
 mod output;
+mod taskfile;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version print to stdout and succeed.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return ExitCode::from(commands::EXIT_USAGE);
+        }
+    };
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -24,7 +40,15 @@ fn main() -> ExitCode {
             return ExitCode::from(commands::EXIT_ERROR);
         }
     };
-    match runtime.block_on(commands::dispatch(cli)) {
+    let shutdown = CancellationToken::new();
+    let long_running = cli.command.is_long_running();
+    let result = runtime.block_on(async {
+        if long_running {
+            install_signal_handlers(shutdown.clone());
+        }
+        commands::dispatch(cli, shutdown).await
+    });
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line, redacted: anyhow's `{:#}` joins the context chain with ": ".
@@ -32,6 +56,52 @@ fn main() -> ExitCode {
             ExitCode::from(commands::exit_code_for(&e))
         }
     }
+}
+
+/// Squeezes clap's multi-line usage error into one line: the message and any listed items,
+/// without the usage block and the `--help` tip.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// First SIGINT or SIGTERM: cancel `shutdown` (the command shuts down gracefully). A second
+/// one: exit at once; tasks this node still owns are released when the cluster reaps it.
+fn install_signal_handlers(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot install signal handlers; SIGINT/SIGTERM will not shut down gracefully");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        for n in 0.. {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if n == 0 {
+                tracing::info!(
+                    signal = name,
+                    "shutting down gracefully (send it again to exit at once)"
+                );
+                shutdown.cancel();
+            } else {
+                eprintln!("error: second {name}; exiting without a graceful shutdown");
+                std::process::exit(i32::from(commands::EXIT_ERROR));
+            }
+        }
+    });
 }
 
 fn init_tracing(cli: &Cli) {
@@ -44,4 +114,24 @@ fn init_tracing(cli: &Cli) {
         .with_target(false)
         .compact()
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_fit_on_one_line() {
+        let e = Cli::try_parse_from(["harmony", "run", "--ram", "12XB"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(!line.contains('\n'));
+        assert!(
+            line.starts_with("error: invalid value '12XB' for '--ram"),
+            "{line}"
+        );
+        assert!(line.contains("unknown unit \"XB\""), "{line}");
+        let e = Cli::try_parse_from(["harmony", "task", "add"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(line.contains("<TYPE>") && !line.contains("Usage"), "{line}");
+    }
 }

@@ -2,10 +2,15 @@
 //! prints as one line.
 
 mod db;
+mod machine;
+mod run;
+mod task;
 
 use harmonydb::{BackendConfig, Db, DbConfig, ErrorKind};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command};
+use crate::taskfile::TaskFileError;
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -15,27 +20,64 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// The database could not be reached or refused us.
 pub const EXIT_DATABASE: u8 = 3;
+/// This node was declared dead by the cluster (its machine row was deleted) and stopped.
+pub const EXIT_FENCED: u8 = 4;
+/// An operator asked this node to restart; it drained and stopped (a supervisor restarts it).
+pub const EXIT_RESTART: u8 = 100;
 
-/// Runs the parsed command.
-pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+/// Runs the parsed command. `shutdown` fires on SIGINT/SIGTERM for long-running commands.
+pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
     match cli.command {
         Command::Db(cmd) => db::run(&cli.db, cli.json, cmd).await,
+        Command::Run(args) => run::run(&cli.db, args, shutdown).await,
+        Command::Task(cmd) => task::run(&cli.db, cli.json, cmd).await,
+        Command::Machine(cmd) => machine::run(&cli.db, cli.json, cmd).await,
+        Command::Demo(args) => crate::demo::run(args, cli.json, shutdown).await,
     }
 }
 
 /// Maps an error to an exit code by what went wrong.
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     if let Some(db) = e.chain().find_map(|c| c.downcast_ref::<harmonydb::Error>()) {
-        return match db.kind() {
-            ErrorKind::Config | ErrorKind::Misuse => EXIT_USAGE,
-            ErrorKind::Connection | ErrorKind::Authentication | ErrorKind::Timeout => EXIT_DATABASE,
+        return db_exit_code(db.kind());
+    }
+    if let Some(t) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<harmonytask::Error>())
+    {
+        return match t {
+            harmonytask::Error::Db(db) => db_exit_code(db.kind()),
+            harmonytask::Error::Fenced(_) => EXIT_FENCED,
+            harmonytask::Error::RestartRequested => EXIT_RESTART,
+            harmonytask::Error::InvalidName(_)
+            | harmonytask::Error::InvalidType(_)
+            | harmonytask::Error::DuplicateType(_)
+            | harmonytask::Error::FollowCycle(_)
+            | harmonytask::Error::UnknownType(_)
+            | harmonytask::Error::Task(_)
+            | harmonytask::Error::Config(_) => EXIT_USAGE,
             _ => EXIT_ERROR,
         };
     }
-    if e.chain().any(|c| c.downcast_ref::<UsageError>().is_some()) {
+    if e.chain().any(|c| {
+        c.downcast_ref::<UsageError>().is_some() || c.downcast_ref::<TaskFileError>().is_some()
+    }) {
         return EXIT_USAGE;
     }
     EXIT_ERROR
+}
+
+fn db_exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Config | ErrorKind::Misuse => EXIT_USAGE,
+        ErrorKind::Connection | ErrorKind::Authentication | ErrorKind::Timeout => EXIT_DATABASE,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// Checks a task type name given on the command line (`what` names the flag or argument).
+pub fn check_type_name(what: &str, name: &str) -> anyhow::Result<()> {
+    harmonytask::validate_name(name).map_err(|e| UsageError(format!("{what}: {e}")).into())
 }
 
 /// An error in what the user asked for (exit code 2).

@@ -1,0 +1,219 @@
+//! `harmony run`: one node. Every flag and the tasks file are checked before the database is
+//! opened, so bad input never leaves a machine row behind.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use harmonytask::resources::UNITS_MAX;
+use harmonytask::{Engine, EngineConfig, Error as EngineError, Resources, Task};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog;
+use crate::cli::RunArgs;
+use crate::commands::{
+    EXIT_FENCED, EXIT_OK, EXIT_RESTART, UsageError, check_type_name, open_migrated,
+};
+use crate::taskfile;
+
+/// Starts a node and runs it until a signal (exit 0), fencing (exit 4) or a restart request
+/// (exit 100).
+pub async fn run(db_url: &str, args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    let specs = match &args.tasks {
+        Some(path) => taskfile::load(path)?,
+        None => Vec::new(),
+    };
+    let known = catalog::known_names(&specs);
+    let selected = selected_types(args.types.as_deref(), &known)?;
+    let config = engine_config(&args)?;
+    let host = config.host_and_port.clone();
+
+    let db = open_migrated(db_url).await?;
+    let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs)
+        .into_iter()
+        .filter(|t| {
+            selected
+                .as_ref()
+                .is_none_or(|s| s.contains(&t.type_details().name))
+        })
+        .collect();
+    let mut builder = Engine::builder(db).config(config);
+    for t in tasks {
+        builder = builder.register_arc(t);
+    }
+    let engine = builder
+        .start()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("starting node {host}")))?;
+    tracing::info!(
+        machine = %engine.machine_id(),
+        host = %host,
+        budget = %engine.budget(),
+        types = %engine.task_types().join(","),
+        "node running; SIGINT or SIGTERM stops it gracefully"
+    );
+
+    let stopped = tokio::select! {
+        r = engine.wait() => r,
+        () = shutdown.cancelled() => engine.shutdown().await,
+    };
+    match stopped {
+        Ok(()) => {
+            tracing::info!("node stopped");
+            Ok(EXIT_OK)
+        }
+        Err(EngineError::Fenced(id)) => {
+            eprintln!(
+                "error: node {host} (machine {id}) was declared dead by the cluster — it missed heartbeats for longer than dead-after — and stopped; its tasks run elsewhere, results it finished late were discarded"
+            );
+            Ok(EXIT_FENCED)
+        }
+        Err(EngineError::RestartRequested) => {
+            tracing::info!("restart requested by an operator; drained, exiting with code 100");
+            Ok(EXIT_RESTART)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("running node {host}"))),
+    }
+}
+
+/// The `--types` selection: every name must be one this node can run.
+fn selected_types(
+    types: Option<&[String]>,
+    known: &[String],
+) -> anyhow::Result<Option<BTreeSet<String>>> {
+    let Some(types) = types else { return Ok(None) };
+    let mut set = BTreeSet::new();
+    for t in types.iter().map(|t| t.trim()) {
+        check_type_name("--types", t)?;
+        if !known.iter().any(|k| k == t) {
+            return Err(UsageError(format!(
+                "--types: unknown task type {t:?}; this node can run: {} (add types with --tasks FILE)",
+                known.join(", ")
+            ))
+            .into());
+        }
+        set.insert(t.to_owned());
+    }
+    Ok(Some(set))
+}
+
+/// The engine settings from the flags; detection only fills the budget components not given.
+fn engine_config(args: &RunArgs) -> anyhow::Result<EngineConfig> {
+    check_listen(&args.listen)?;
+    for (flag, v) in [("--cpu", args.cpu), ("--gpu", args.gpu)] {
+        if let Some(v) = v {
+            if !v.is_finite() || v < 0.0 {
+                return Err(
+                    UsageError(format!("{flag}: must be a non-negative number, got {v}")).into(),
+                );
+            }
+            if v > UNITS_MAX {
+                return Err(UsageError(format!(
+                    "{flag}: {v} is absurdly large (the limit is {UNITS_MAX})"
+                ))
+                .into());
+            }
+        }
+    }
+    let budget = match (args.cpu, args.ram, args.gpu) {
+        (Some(cpu), Some(ram), Some(gpu)) => Resources::new(cpu, ram.0, gpu),
+        (cpu, ram, gpu) => {
+            let detected = harmonytask::resources::detect();
+            Resources::new(
+                cpu.unwrap_or(detected.cpu),
+                ram.map_or(detected.ram, |r| r.0),
+                gpu.unwrap_or(detected.gpu),
+            )
+        }
+    };
+    budget
+        .validate()
+        .map_err(|e| UsageError(format!("budget (--cpu/--ram/--gpu): {e}")))?;
+    let mut config = EngineConfig {
+        host_and_port: args.listen.clone(),
+        machine_name: args.name.clone().unwrap_or_default(),
+        budget: Some(budget),
+        ..EngineConfig::default()
+    };
+    if let Some(d) = args.poll_interval {
+        config.poll_interval = d;
+    }
+    if let Some(d) = args.heartbeat_interval {
+        config.heartbeat_interval = d;
+    }
+    if let Some(d) = args.dead_after {
+        config.dead_after = d;
+    }
+    if let Some(d) = args.reaper_interval {
+        config.reaper_interval = d;
+    }
+    if let Some(d) = args.shutdown_grace {
+        config.shutdown_grace = d;
+    }
+    config.validate().map_err(|e| {
+        UsageError(format!(
+            "{} (set with --{})",
+            e,
+            flag_of(&e).unwrap_or("the run flags")
+        ))
+    })?;
+    Ok(config)
+}
+
+/// The flag behind an `EngineConfig::validate` message, which names fields.
+fn flag_of(message: &str) -> Option<&'static str> {
+    [
+        ("dead_after", "dead-after"),
+        ("heartbeat_interval", "heartbeat-interval"),
+        ("poll_interval", "poll-interval"),
+        ("reaper_interval", "reaper-interval"),
+        ("host_and_port", "listen"),
+    ]
+    .into_iter()
+    .find(|(field, _)| message.starts_with(field))
+    .map(|(_, flag)| flag)
+}
+
+fn check_listen(listen: &str) -> anyhow::Result<()> {
+    let ok = listen.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.chars().any(char::is_whitespace)
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if ok && listen.len() <= 300 {
+        Ok(())
+    } else {
+        Err(UsageError(format!(
+            "--listen: {listen:?} is not HOST:PORT (for example 127.0.0.1:4701)"
+        ))
+        .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert!(check_listen("127.0.0.1:4701").is_ok());
+        assert!(check_listen("[::1]:4701").is_ok());
+        assert!(check_listen("node-a.example:80").is_ok());
+        assert!(check_listen("4701").is_err());
+        assert!(check_listen("host:0").is_err());
+        assert!(check_listen(":4701").is_err());
+        assert!(check_listen("a b:1").is_err());
+    }
+
+    #[test]
+    fn types_must_be_known() {
+        let known = vec!["bench_noop".to_owned(), "mine".to_owned()];
+        let s = selected_types(Some(&["mine".to_owned()]), &known)
+            .unwrap()
+            .unwrap();
+        assert!(s.contains("mine"));
+        let e = selected_types(Some(&["other".to_owned()]), &known).unwrap_err();
+        assert!(e.to_string().contains("bench_noop, mine"), "{e}");
+        assert!(selected_types(Some(&["x;y".to_owned()]), &known).is_err());
+        assert!(selected_types(None, &known).unwrap().is_none());
+    }
+}

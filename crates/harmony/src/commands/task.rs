@@ -1,0 +1,419 @@
+//! `harmony task add|ls|show|history|restart`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use harmonydb::Timestamp;
+use harmonytask::store::{HistoryQuery, HistoryRow, Store, TaskRow};
+use harmonytask::{Client, TaskId};
+use serde::Serialize;
+
+use crate::catalog;
+use crate::cli::{TaskAddArgs, TaskCommand};
+use crate::command_task::valid_arg_name;
+use crate::commands::{EXIT_OK, UsageError, check_type_name, open_existing, open_migrated};
+use crate::output::{self, Table};
+use crate::taskfile;
+
+/// Most tasks one `task add` creates.
+const ADD_COUNT_MAX: usize = 1_000_000;
+/// Largest argument value, bytes.
+const ARG_VALUE_BYTES_MAX: usize = 64 * 1024;
+/// Most arguments per task.
+const ARGS_MAX: usize = 100;
+/// Largest `--limit`.
+const LIMIT_MAX: usize = 100_000;
+/// Most attempts `task show` lists.
+const SHOW_ATTEMPTS_MAX: usize = 10_000;
+/// Longest error text in a human table cell.
+const ERR_CELL_CHARS_MAX: usize = 80;
+
+/// Runs one `task` subcommand.
+pub async fn run(db_url: &str, json: bool, cmd: TaskCommand) -> anyhow::Result<u8> {
+    match cmd {
+        TaskCommand::Add(args) => add(db_url, json, args).await,
+        TaskCommand::Ls { type_name, limit } => ls(db_url, json, type_name, limit).await,
+        TaskCommand::Show { id } => show(db_url, json, id).await,
+        TaskCommand::History {
+            type_name,
+            failed,
+            limit,
+        } => history(db_url, json, type_name, failed, limit).await,
+        TaskCommand::Restart { id } => restart(db_url, json, id).await,
+    }
+}
+
+#[derive(Serialize)]
+struct Added<'a> {
+    #[serde(rename = "type")]
+    type_name: &'a str,
+    ids: Vec<TaskId>,
+}
+
+async fn add(db_url: &str, json: bool, a: TaskAddArgs) -> anyhow::Result<u8> {
+    check_type_name("task type", &a.type_name)?;
+    if a.count == 0 || a.count > ADD_COUNT_MAX {
+        return Err(UsageError(format!(
+            "--count: must be between 1 and {ADD_COUNT_MAX}, got {}",
+            a.count
+        ))
+        .into());
+    }
+    check_args(&a.args)?;
+    let specs = match &a.tasks {
+        Some(path) => taskfile::load(path)?,
+        None => Vec::new(),
+    };
+    let db = open_migrated(db_url).await?;
+    if !a.force {
+        let mut known: BTreeSet<String> = catalog::known_names(&specs).into_iter().collect();
+        known.extend(Store::new(db.clone()).types_in_cluster().await?);
+        if !known.contains(&a.type_name) {
+            return Err(UsageError(format!(
+                "unknown task type {:?}: no running node runs it and it is neither built in nor in --tasks; known types: {}. Start a node that runs it, or add it anyway with --force",
+                a.type_name,
+                known.into_iter().collect::<Vec<_>>().join(", ")
+            ))
+            .into());
+        }
+    }
+    let client = Client::new(db);
+    let ids = if a.count == 1 {
+        client
+            .add_task_with_args(&a.type_name, &a.args)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        client
+            .add_tasks_with_args(&a.type_name, a.count, &a.args)
+            .await?
+    };
+    if json {
+        output::json(&Added {
+            type_name: &a.type_name,
+            ids,
+        })?;
+    } else {
+        match ids.as_slice() {
+            [] => println!("nothing added: the task was already queued"),
+            [one] => println!("added task {one} ({})", a.type_name),
+            [first, .., last] => println!(
+                "added {} tasks ({}): ids {first}…{last}",
+                ids.len(),
+                a.type_name
+            ),
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn check_args(args: &[(String, String)]) -> anyhow::Result<()> {
+    if args.len() > ARGS_MAX {
+        return Err(UsageError(format!(
+            "--arg: at most {ARGS_MAX} arguments per task, got {}",
+            args.len()
+        ))
+        .into());
+    }
+    let mut seen = BTreeSet::new();
+    for (k, v) in args {
+        if !valid_arg_name(k) {
+            return Err(UsageError(format!(
+                "--arg: {k:?} is not a valid argument name; use 1-64 characters of A-Z, a-z, 0-9, _, - and ."
+            ))
+            .into());
+        }
+        if !seen.insert(k) {
+            return Err(UsageError(format!("--arg: {k} is given twice")).into());
+        }
+        if v.len() > ARG_VALUE_BYTES_MAX {
+            return Err(UsageError(format!(
+                "--arg {k}: the value is {} bytes; the limit is {ARG_VALUE_BYTES_MAX}",
+                v.len()
+            ))
+            .into());
+        }
+        if v.contains('\0') {
+            return Err(
+                UsageError(format!("--arg {k}: the value contains a NUL character")).into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_limit(limit: usize) -> anyhow::Result<()> {
+    if limit == 0 || limit > LIMIT_MAX {
+        return Err(UsageError(format!(
+            "--limit: must be between 1 and {LIMIT_MAX}, got {limit}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A timestamp for humans (UTC, milliseconds).
+fn when(t: Timestamp) -> String {
+    t.to_sqlite_text()
+}
+
+/// A duration for humans, rounded to milliseconds.
+fn took(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+fn state_of(row: &TaskRow) -> &'static str {
+    if row.owner_id.is_some() {
+        "running"
+    } else {
+        "pending"
+    }
+}
+
+fn short(s: &str) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() > ERR_CELL_CHARS_MAX {
+        let cut: String = one_line.chars().take(ERR_CELL_CHARS_MAX - 1).collect();
+        format!("{cut}…")
+    } else {
+        one_line
+    }
+}
+
+async fn ls(
+    db_url: &str,
+    json: bool,
+    type_name: Option<String>,
+    limit: usize,
+) -> anyhow::Result<u8> {
+    if let Some(t) = &type_name {
+        check_type_name("--type", t)?;
+    }
+    check_limit(limit)?;
+    let db = open_existing(db_url).await?;
+    let rows = Store::new(db)
+        .task_list(type_name.as_deref(), limit)
+        .await?;
+    if json {
+        #[derive(Serialize)]
+        struct Listed<'a> {
+            #[serde(flatten)]
+            row: &'a TaskRow,
+            state: &'static str,
+        }
+        let listed: Vec<Listed<'_>> = rows
+            .iter()
+            .map(|row| Listed {
+                row,
+                state: state_of(row),
+            })
+            .collect();
+        output::json(&listed)?;
+        return Ok(EXIT_OK);
+    }
+    if rows.is_empty() {
+        println!("no pending or running tasks");
+        return Ok(EXIT_OK);
+    }
+    let mut t = Table::new(&["ID", "TYPE", "STATE", "OWNER", "POSTED", "RETRIES"]);
+    for r in &rows {
+        t.row(vec![
+            r.id.to_string(),
+            r.name.clone(),
+            state_of(r).to_owned(),
+            match (&r.owner_host, r.owner_id) {
+                (Some(h), Some(id)) => format!("{h} (machine {id})"),
+                (None, Some(id)) => format!("machine {id}"),
+                _ => "-".to_owned(),
+            },
+            when(r.posted_time),
+            r.retries.to_string(),
+        ]);
+    }
+    t.print();
+    if rows.len() == limit {
+        println!("(first {limit}; raise --limit for more)");
+    }
+    Ok(EXIT_OK)
+}
+
+#[derive(Serialize)]
+struct Shown {
+    id: TaskId,
+    #[serde(rename = "type")]
+    type_name: String,
+    state: &'static str,
+    owner_id: Option<i64>,
+    owner_host: Option<String>,
+    posted: Option<Timestamp>,
+    retries: Option<i64>,
+    args: BTreeMap<String, String>,
+    attempts: Vec<HistoryRow>,
+}
+
+async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
+    let db = open_existing(db_url).await?;
+    let store = Store::new(db);
+    let id = TaskId(id);
+    let row = store.task_get(id).await?;
+    let mut attempts = store
+        .history(&HistoryQuery {
+            task: Some(id),
+            limit: SHOW_ATTEMPTS_MAX,
+            ..HistoryQuery::default()
+        })
+        .await?;
+    attempts.reverse(); // oldest first
+    let args: BTreeMap<String, String> = store.task_args(id).await?.into_iter().collect();
+    let shown = match (&row, attempts.last()) {
+        (Some(r), _) => Shown {
+            id,
+            type_name: r.name.clone(),
+            state: state_of(r),
+            owner_id: r.owner_id.map(|m| m.0),
+            owner_host: r.owner_host.clone(),
+            posted: Some(r.posted_time),
+            retries: Some(r.retries),
+            args,
+            attempts,
+        },
+        (None, Some(last)) => Shown {
+            id,
+            type_name: last.name.clone(),
+            state: if last.result { "done" } else { "failed" },
+            owner_id: None,
+            owner_host: None,
+            posted: Some(last.posted),
+            retries: None,
+            args,
+            attempts,
+        },
+        (None, None) => {
+            return Err(UsageError(format!(
+                "task {id} does not exist (no queued task and no history with that id)"
+            ))
+            .into());
+        }
+    };
+    if json {
+        output::json(&shown)?;
+        return Ok(EXIT_OK);
+    }
+    println!("task:     {} ({})", shown.id, shown.type_name);
+    match (&shown.owner_host, shown.owner_id) {
+        (Some(h), Some(m)) => println!("state:    {} on {h} (machine {m})", shown.state),
+        _ => println!("state:    {}", shown.state),
+    }
+    if let Some(p) = shown.posted {
+        println!("posted:   {}", when(p));
+    }
+    if let Some(r) = shown.retries {
+        println!("retries:  {r}");
+    }
+    if shown.args.is_empty() {
+        println!("args:     none");
+    } else {
+        let kv: Vec<String> = shown.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("args:     {}", kv.join(" "));
+    }
+    if shown.attempts.is_empty() {
+        println!("attempts: none finished yet");
+        return Ok(EXIT_OK);
+    }
+    println!("attempts:");
+    let mut t = Table::new(&["#", "START", "TOOK", "RESULT", "BY", "ERROR"]);
+    for (i, a) in shown.attempts.iter().enumerate() {
+        t.row(vec![
+            (i + 1).to_string(),
+            when(a.work_start),
+            took(a.work_end.since(a.work_start)),
+            if a.result { "ok" } else { "failed" }.to_owned(),
+            a.completed_by_host_and_port.clone(),
+            a.err.clone(),
+        ]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
+async fn history(
+    db_url: &str,
+    json: bool,
+    type_name: Option<String>,
+    failed: bool,
+    limit: usize,
+) -> anyhow::Result<u8> {
+    if let Some(t) = &type_name {
+        check_type_name("--type", t)?;
+    }
+    check_limit(limit)?;
+    let db = open_existing(db_url).await?;
+    let rows = Store::new(db)
+        .history(&HistoryQuery {
+            name: type_name,
+            task: None,
+            failed_only: failed,
+            limit,
+        })
+        .await?;
+    if json {
+        output::json(&rows)?;
+        return Ok(EXIT_OK);
+    }
+    if rows.is_empty() {
+        println!("no history");
+        return Ok(EXIT_OK);
+    }
+    let mut t = Table::new(&["TASK", "TYPE", "RESULT", "ENDED", "TOOK", "BY", "ERROR"]);
+    for r in &rows {
+        t.row(vec![
+            r.task_id.to_string(),
+            r.name.clone(),
+            if r.result { "ok" } else { "failed" }.to_owned(),
+            when(r.work_end),
+            took(r.work_end.since(r.work_start)),
+            r.completed_by_host_and_port.clone(),
+            short(&r.err),
+        ]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
+async fn restart(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
+    let db = open_existing(db_url).await?;
+    let id = TaskId(id);
+    Client::new(db).restart_task(id).await?;
+    if json {
+        output::json(&serde_json::json!({ "restarted": id }))?;
+    } else {
+        println!("task {id} re-queued");
+    }
+    Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(k: &str, v: &str) -> (String, String) {
+        (k.to_owned(), v.to_owned())
+    }
+
+    #[test]
+    fn args_are_checked() {
+        assert!(check_args(&[kv("ms", "10"), kv("input", "x'); DROP TABLE t;--")]).is_ok());
+        assert!(check_args(&[kv("", "1")]).is_err());
+        assert!(check_args(&[kv("a b", "1")]).is_err());
+        assert!(check_args(&[kv("a", "1"), kv("a", "2")]).is_err());
+        assert!(check_args(&[kv("a", &"x".repeat(ARG_VALUE_BYTES_MAX + 1))]).is_err());
+        assert!(check_args(&[kv("a", "nul\0")]).is_err());
+    }
+
+    #[test]
+    fn long_errors_are_cut() {
+        assert_eq!(short("a\nb"), "a b");
+        assert_eq!(short(&"x".repeat(200)).chars().count(), ERR_CELL_CHARS_MAX);
+    }
+}

@@ -1,0 +1,658 @@
+//! The tasks file (`harmony run --tasks FILE`): task types declared in TOML, either running a
+//! command or running a built-in's behaviour under another name.
+//!
+//! ```toml
+//! [[task]]
+//! name = "transcode"
+//! command = ["ffmpeg", "-i", "{arg.input}", "out-{task_id}.mp4"]
+//! cost = { cpu = 2, ram = "4GiB", gpu = 0.5 }
+//! max = 2
+//! max_failures = 3
+//! retry_wait = "10s"        # or { initial = "1s", factor = 2.0, max = "1m" }
+//! timeout = "5m"
+//! env = { KEY = "value" }
+//! ```
+//!
+//! Parsing is strict (`deny_unknown_fields`) and every error names the file, the line, the task
+//! and the field, and says what would be accepted. This module only turns text into
+//! [`TaskSpec`]s; `catalog` turns those into registered task types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use harmonytask::builtin::BUILTIN_TYPES;
+use harmonytask::resources::UNITS_MAX;
+use harmonytask::{ByteSize, Limiter, Resources, RetryWait, TypeDetails, validate_name};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::command_task::Template;
+
+/// Largest per-node or cluster-wide concurrency limit accepted (anything above is a typo).
+const LIMIT_MAX: i64 = 1_000_000;
+/// Largest RAM cost accepted, the same bound as `Resources::validate` (1 EiB).
+const RAM_MAX: u64 = 1 << 60;
+/// Most task types one file may declare.
+const TASKS_MAX: usize = 1000;
+/// Largest tasks file read.
+const FILE_BYTES_MAX: u64 = 4 << 20;
+
+/// A tasks file that cannot be used; the message names file, line, task and field.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TaskFileError(pub String);
+
+/// What a declared type runs.
+#[derive(Debug, Clone)]
+pub enum TaskKind {
+    /// A command line: program and arguments, each a template.
+    Command(Vec<Template>),
+    /// A built-in type's behaviour (one of `harmonytask::builtin::BUILTIN_TYPES`).
+    Builtin(&'static str),
+}
+
+/// One declared task type.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// What it runs.
+    pub kind: TaskKind,
+    /// Name, cost and limits, as the engine will see them.
+    pub details: TypeDetails,
+    /// Extra environment for commands.
+    pub env: BTreeMap<String, String>,
+    /// Line of the `[[task]]` entry, for messages.
+    pub line: usize,
+}
+
+impl TaskSpec {
+    /// The type name.
+    pub fn name(&self) -> &str {
+        &self.details.name
+    }
+}
+
+/// Reads and checks a tasks file.
+pub fn load(path: &Path) -> Result<Vec<TaskSpec>, TaskFileError> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| TaskFileError(format!("cannot read tasks file {shown}: {e}")))?;
+    if meta.len() > FILE_BYTES_MAX {
+        return Err(TaskFileError(format!(
+            "tasks file {shown} is {} bytes; the limit is {FILE_BYTES_MAX}",
+            meta.len()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TaskFileError(format!("cannot read tasks file {shown}: {e}")))?;
+    parse(&shown, &text)
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    task: Vec<Spanned<RawTask>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    name: Spanned<String>,
+    command: Option<Spanned<Vec<Spanned<String>>>>,
+    builtin: Option<Spanned<String>>,
+    cost: Option<Spanned<RawCost>>,
+    max: Option<Spanned<i64>>,
+    max_cluster: Option<Spanned<i64>>,
+    max_failures: Option<Spanned<i64>>,
+    retry_wait: Option<Spanned<RawRetryWait>>,
+    timeout: Option<Spanned<String>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCost {
+    cpu: Option<Spanned<f64>>,
+    ram: Option<Spanned<RawSize>>,
+    gpu: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a size such as \"4GiB\" or \"512MiB\", or a number of bytes"
+)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a duration such as \"10s\", or a table { initial = \"1s\", factor = 2.0, max = \"1m\" }"
+)]
+enum RawRetryWait {
+    Constant(String),
+    Exponential(RawExponential),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExponential {
+    initial: String,
+    factor: f64,
+    max: String,
+}
+
+/// Only the names and extents of the entries, read leniently to say which task a syntax or
+/// type error belongs to.
+#[derive(Deserialize)]
+struct Outline {
+    #[serde(default)]
+    task: Vec<Spanned<OutlineTask>>,
+}
+
+#[derive(Deserialize)]
+struct OutlineTask {
+    name: Option<toml::Value>,
+}
+
+// ---- parsing ---------------------------------------------------------------------------------
+
+/// Where in the file, for messages.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text
+            .get(..end)
+            .map_or(1, |s| s.bytes().filter(|b| *b == b'\n').count() + 1)
+    }
+
+    /// `FILE line N: task "x": field: message`.
+    fn error(
+        &self,
+        span: Range<usize>,
+        task: Option<&str>,
+        field: &str,
+        msg: impl fmt::Display,
+    ) -> TaskFileError {
+        let mut s = format!("{} line {}: ", self.file, self.line(span.start));
+        if let Some(t) = task {
+            s.push_str(&format!("task {t:?}: "));
+        }
+        if !field.is_empty() {
+            s.push_str(field);
+            s.push_str(": ");
+        }
+        s.push_str(&msg.to_string());
+        TaskFileError(s)
+    }
+
+    /// A message for a serde/TOML error, with the task and the key it points at.
+    fn toml_error(&self, e: &toml::de::Error) -> TaskFileError {
+        // serde speaks Rust; say what to write instead.
+        let message = e
+            .message()
+            .trim()
+            .replace("expected i64", "expected a whole number")
+            .replace("expected f64", "expected a number")
+            .replace("expected a sequence", "expected an array");
+        let Some(span) = e.span() else {
+            return TaskFileError(format!("{}: {message}", self.file));
+        };
+        let task = self.task_at(span.start);
+        let key = self.key_before(span.start);
+        let hint = if message.starts_with("unknown field") {
+            " (remove it or fix its spelling)"
+        } else if message.starts_with("missing field") {
+            " (add it)"
+        } else {
+            ""
+        };
+        self.error(
+            span,
+            task.as_deref(),
+            key.as_deref().unwrap_or(""),
+            format!("{message}{hint}"),
+        )
+    }
+
+    /// The name of the `[[task]]` entry containing `offset`, if the file reads that far.
+    fn task_at(&self, offset: usize) -> Option<String> {
+        let outline: Outline = toml::from_str(self.text).ok()?;
+        let entry = outline
+            .task
+            .iter()
+            .filter(|t| t.span().start <= offset)
+            .max_by_key(|t| t.span().start)?;
+        match &entry.get_ref().name {
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// The key assigned on the line of `offset`, just before it (`cpu` in `cost = { cpu = -1 }`
+    /// when the offset points at `-1`).
+    fn key_before(&self, offset: usize) -> Option<String> {
+        let before = self.text.get(..offset.min(self.text.len()))?;
+        let line = before.rsplit('\n').next()?;
+        let lhs = line.trim_end().strip_suffix('=')?.trim_end();
+        let key: String = lhs
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || *c == '.')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        (!key.is_empty()).then_some(key)
+    }
+}
+
+/// Parses and checks the text of a tasks file; `file` is how messages name it.
+pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
+    let src = Source { file, text };
+    let raw: RawFile = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    if raw.task.len() > TASKS_MAX {
+        return Err(TaskFileError(format!(
+            "{file}: {} task types declared; the limit is {TASKS_MAX}",
+            raw.task.len()
+        )));
+    }
+    let mut specs: Vec<TaskSpec> = Vec::with_capacity(raw.task.len());
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for entry in raw.task {
+        let entry_span = entry.span();
+        let spec = task_spec(&src, entry_span.clone(), entry.into_inner())?;
+        let name = spec.name().to_owned();
+        if BUILTIN_TYPES.contains(&name.as_str()) {
+            return Err(src.error(
+                entry_span,
+                Some(&name),
+                "name",
+                format!("{name:?} is a built-in type; pick another name (use builtin = {name:?} to run its behaviour under a new name)"),
+            ));
+        }
+        if let Some(first) = seen.insert(name.clone(), spec.line) {
+            return Err(src.error(
+                entry_span,
+                Some(&name),
+                "name",
+                format!("already declared on line {first}; task type names must be unique"),
+            ));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+fn task_spec(src: &Source<'_>, span: Range<usize>, t: RawTask) -> Result<TaskSpec, TaskFileError> {
+    let name_span = t.name.span();
+    let name = t.name.into_inner();
+    validate_name(&name).map_err(|e| src.error(name_span.clone(), Some(&name), "name", e))?;
+    let task = Some(name.as_str());
+    let err = |span: Range<usize>, field: &str, msg: String| src.error(span, task, field, msg);
+
+    let kind = match (t.command, t.builtin) {
+        (Some(_), Some(b)) => {
+            return Err(err(
+                b.span(),
+                "builtin",
+                "give either command or builtin, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(err(
+                span.clone(),
+                "command",
+                "missing: give command = [\"program\", \"arg\", …] or builtin = \"bench_sleep\""
+                    .into(),
+            ));
+        }
+        (Some(cmd), None) => {
+            let cmd_span = cmd.span();
+            let parts = cmd.into_inner();
+            if parts.is_empty() || parts[0].get_ref().trim().is_empty() {
+                return Err(err(
+                    cmd_span,
+                    "command",
+                    "must start with the program to run, e.g. [\"ffmpeg\", \"-i\", \"{arg.input}\"]"
+                        .into(),
+                ));
+            }
+            let mut templates = Vec::with_capacity(parts.len());
+            for p in parts {
+                let s = p.span();
+                templates.push(Template::parse(p.get_ref()).map_err(|e| err(s, "command", e))?);
+            }
+            TaskKind::Command(templates)
+        }
+        (None, Some(b)) => {
+            let s = b.span();
+            let wanted = b.into_inner();
+            let Some(found) = BUILTIN_TYPES.iter().find(|n| **n == wanted) else {
+                return Err(err(
+                    s,
+                    "builtin",
+                    format!(
+                        "unknown built-in {wanted:?}; use one of {}",
+                        BUILTIN_TYPES.join(", ")
+                    ),
+                ));
+            };
+            TaskKind::Builtin(found)
+        }
+    };
+
+    let mut details = TypeDetails::new(name.clone());
+    if let Some(cost) = t.cost {
+        details.cost = cost_of(src, task, cost.into_inner())?;
+    }
+    if let Some(max) = t.max {
+        let n = limit(src, task, "max", &max, LIMIT_MAX)?;
+        if n > 0 {
+            details.max = Some(Limiter::new(n as usize));
+        }
+    }
+    if let Some(mc) = t.max_cluster {
+        details.max_cluster = limit(src, task, "max_cluster", &mc, LIMIT_MAX)? as usize;
+    }
+    if let Some(mf) = t.max_failures {
+        details.max_failures = limit(src, task, "max_failures", &mf, i64::from(u32::MAX))? as u32;
+    }
+    if let Some(rw) = t.retry_wait {
+        let s = rw.span();
+        details.retry_wait = match rw.into_inner() {
+            RawRetryWait::Constant(d) => {
+                RetryWait::constant(duration(&d).map_err(|e| err(s, "retry_wait", e))?)
+            }
+            RawRetryWait::Exponential(x) => {
+                let initial =
+                    duration(&x.initial).map_err(|e| err(s.clone(), "retry_wait.initial", e))?;
+                let max = duration(&x.max).map_err(|e| err(s.clone(), "retry_wait.max", e))?;
+                if !(x.factor.is_finite() && x.factor >= 1.0) {
+                    return Err(err(
+                        s,
+                        "retry_wait.factor",
+                        format!("must be a number ≥ 1, got {}", x.factor),
+                    ));
+                }
+                if max < initial {
+                    return Err(err(
+                        s,
+                        "retry_wait.max",
+                        "must not be shorter than retry_wait.initial".into(),
+                    ));
+                }
+                RetryWait::exponential(initial, x.factor, max)
+            }
+        };
+    }
+    if let Some(to) = t.timeout {
+        let s = to.span();
+        let d = duration(to.get_ref()).map_err(|e| err(s.clone(), "timeout", e))?;
+        if d.is_zero() {
+            return Err(err(
+                s,
+                "timeout",
+                "must be positive; leave it out for no timeout".into(),
+            ));
+        }
+        details.timeout = Some(d);
+    }
+    let mut env = BTreeMap::new();
+    if let Some(e) = t.env {
+        let s = e.span();
+        for (k, v) in e.into_inner() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(err(
+                    s,
+                    "env",
+                    format!("{k:?} is not a valid environment variable name"),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(err(
+                    s,
+                    "env",
+                    format!("the value of {k} contains a NUL character"),
+                ));
+            }
+            env.insert(k, v);
+        }
+    }
+    // The engine checks again at registration; a failure here would be a gap in the checks
+    // above, still reported against this entry.
+    details
+        .validate()
+        .map_err(|e| err(span.clone(), "", e.to_string()))?;
+    Ok(TaskSpec {
+        kind,
+        details,
+        env,
+        line: src.line(span.start),
+    })
+}
+
+fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources, TaskFileError> {
+    let units = |field: &str, v: &Spanned<f64>| -> Result<f64, TaskFileError> {
+        let x = *v.get_ref();
+        if !x.is_finite() || x < 0.0 {
+            return Err(src.error(
+                v.span(),
+                task,
+                field,
+                format!("must be a non-negative number, got {x}"),
+            ));
+        }
+        if x > UNITS_MAX {
+            return Err(src.error(
+                v.span(),
+                task,
+                field,
+                format!("{x} is absurdly large (the limit is {UNITS_MAX})"),
+            ));
+        }
+        Ok(x)
+    };
+    let mut r = Resources::default();
+    if let Some(cpu) = &c.cpu {
+        r.cpu = units("cost.cpu", cpu)?;
+    }
+    if let Some(gpu) = &c.gpu {
+        r.gpu = units("cost.gpu", gpu)?;
+    }
+    if let Some(ram) = c.ram {
+        let s = ram.span();
+        let bytes = match ram.into_inner() {
+            RawSize::Bytes(n) => u64::try_from(n).map_err(|_| {
+                src.error(
+                    s.clone(),
+                    task,
+                    "cost.ram",
+                    format!("must be a non-negative size, got {n}"),
+                )
+            })?,
+            RawSize::Text(t) => {
+                t.parse::<ByteSize>()
+                    .map_err(|e| src.error(s.clone(), task, "cost.ram", e))?
+                    .0
+            }
+        };
+        if bytes > RAM_MAX {
+            return Err(src.error(
+                s,
+                task,
+                "cost.ram",
+                "is absurdly large (the limit is 1 EiB)",
+            ));
+        }
+        r.ram = bytes;
+    }
+    Ok(r)
+}
+
+fn limit(
+    src: &Source<'_>,
+    task: Option<&str>,
+    field: &str,
+    v: &Spanned<i64>,
+    max: i64,
+) -> Result<i64, TaskFileError> {
+    let n = *v.get_ref();
+    if n < 0 {
+        return Err(src.error(
+            v.span(),
+            task,
+            field,
+            format!("must be 0 or a positive whole number, got {n}"),
+        ));
+    }
+    if n > max {
+        return Err(src.error(
+            v.span(),
+            task,
+            field,
+            format!("{n} is absurdly large (the limit is {max})"),
+        ));
+    }
+    Ok(n)
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\" or \"5m\"")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse("tasks.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn full_entry() {
+        let specs = parse(
+            "tasks.toml",
+            r#"
+[[task]]
+name = "transcode"
+command = ["ffmpeg", "-i", "{arg.input}", "out-{task_id}.mp4"]
+cost = { cpu = 2, ram = "4GiB", gpu = 0.5 }
+max = 2
+max_cluster = 0
+max_failures = 3
+retry_wait = { initial = "1s", factor = 2.0, max = "1m" }
+timeout = "5m"
+env = { KEY = "value" }
+
+[[task]]
+name = "sleepy"
+builtin = "bench_sleep"
+max_cluster = 2
+retry_wait = "10s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(specs.len(), 2);
+        let t = &specs[0];
+        assert_eq!(t.name(), "transcode");
+        assert_eq!(t.line, 2);
+        assert_eq!(t.details.cost, Resources::new(2.0, 4 << 30, 0.5));
+        assert_eq!(t.details.max.as_ref().map(Limiter::max), Some(2));
+        assert_eq!(t.details.max_failures, 3);
+        assert_eq!(t.details.timeout, Some(Duration::from_secs(300)));
+        assert_eq!(t.details.retry_wait.wait(3), Duration::from_secs(4));
+        assert_eq!(t.env.get("KEY").map(String::as_str), Some("value"));
+        assert!(matches!(&t.kind, TaskKind::Command(c) if c.len() == 4));
+        let s = &specs[1];
+        assert!(matches!(s.kind, TaskKind::Builtin("bench_sleep")));
+        assert_eq!(s.details.max_cluster, 2);
+        assert_eq!(s.details.retry_wait.wait(1), Duration::from_secs(10));
+        assert!(parse("empty.toml", "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_line_task_and_field() {
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\n\ncost = { cpu = -1 }\n");
+        assert_eq!(
+            e,
+            "tasks.toml line 5: task \"x\": cost.cpu: must be a non-negative number, got -1"
+        );
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\ncost = { gpu = 1e12 }\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"x\": cost.gpu: "),
+            "{e}"
+        );
+        assert!(e.contains("absurdly large"), "{e}");
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\ncost = { ram = \"12XB\" }\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"x\": cost.ram: "),
+            "{e}"
+        );
+        assert!(e.contains("\"XB\""), "{e}");
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\nmax = -3\n");
+        assert!(e.starts_with("tasks.toml line 4: task \"x\": max: "), "{e}");
+    }
+
+    #[test]
+    fn serde_errors_name_the_field_and_task() {
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\ncolour = \"red\"\n");
+        assert!(e.starts_with("tasks.toml line 4: task \"x\": "), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\nmax = \"two\"\n");
+        assert!(e.starts_with("tasks.toml line 4: task \"x\": max: "), "{e}");
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"]\nretry_wait = 5\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"x\": retry_wait: "),
+            "{e}"
+        );
+        assert!(e.contains("a duration such as"), "{e}");
+        let e = err("[[task]]\ncommand = [\"true\"]\n");
+        assert!(e.starts_with("tasks.toml line 1: "), "{e}");
+        assert!(e.contains("missing field `name`"), "{e}");
+        let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"\n");
+        assert!(e.starts_with("tasks.toml line 3: "), "{e}");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let e = err("[[task]]\nname = \"much_too_long_a_name\"\ncommand = [\"true\"]\n");
+        assert!(e.starts_with("tasks.toml line 2: "), "{e}");
+        assert!(e.contains("name: ") && e.contains("the limit is 16"), "{e}");
+        let e = err("[[task]]\nname = \"x');DROP--\"\ncommand = [\"true\"]\n");
+        assert!(e.contains("name: ") && e.contains("use only"), "{e}");
+        let e = err(
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\n[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\n",
+        );
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": name: already declared on line 1"),
+            "{e}"
+        );
+        let e = err("[[task]]\nname = \"bench_noop\"\nbuiltin = \"bench_noop\"\n");
+        assert!(e.contains("is a built-in type"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_nope\"\n");
+        assert!(e.contains("builtin: unknown built-in"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\n");
+        assert!(e.contains("command: missing"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"echo\", \"{args.x}\"]\n");
+        assert!(
+            e.starts_with("tasks.toml line 3: task \"a\": command: "),
+            "{e}"
+        );
+    }
+}
