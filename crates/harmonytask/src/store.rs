@@ -549,7 +549,7 @@ impl Store {
         let ids: Vec<i64> = p.ids.iter().map(|t| t.0).collect();
         let claim = self.dialect().pick(
             "UPDATE harmony_task SET owner_id = $1
-             WHERE id IN (SELECT t.id FROM json_each($2) j JOIN harmony_task t ON t.id = j.value
+             WHERE id IN (SELECT t.id FROM json_each($2) AS j CROSS JOIN harmony_task AS t ON t.id = j.value
                           WHERE t.owner_id IS NULL ORDER BY j.key LIMIT $3)
              RETURNING id, posted_time, update_time, retries",
             "UPDATE harmony_task SET owner_id = $1

@@ -52,6 +52,7 @@ pub(crate) struct ClaimResult {
 
 /// Result of a poll job.
 pub(crate) struct PollResult {
+    epoch: u64,
     polled: Vec<(usize, Result<Vec<Candidate>, Error>)>,
 }
 
@@ -76,7 +77,10 @@ pub(crate) struct Scheduler {
     reserved: Amounts,
     limiter_used: HashMap<usize, usize>,
     running: HashMap<TaskId, RunHandle>,
-    claiming: HashSet<TaskId>,
+    /// Claimed since the poll in flight started: a poll result may still list them.
+    claimed_during_poll: HashSet<TaskId>,
+    /// Incremented when a poll starts; view entries remember the epoch they were learned in.
+    epoch: u64,
     poll_in_flight: bool,
     poll_wanted: BTreeSet<usize>,
     next_poll_at: Instant,
@@ -115,7 +119,8 @@ impl Scheduler {
             reserved: Amounts::default(),
             limiter_used: HashMap::new(),
             running: HashMap::new(),
-            claiming: HashSet::new(),
+            claimed_during_poll: HashSet::new(),
+            epoch: 0,
             poll_in_flight: false,
             draining: false,
             downstream,
@@ -125,6 +130,8 @@ impl Scheduler {
     pub(crate) async fn run(mut self) {
         let shared = Arc::clone(&self.shared);
         loop {
+            self.pass();
+            self.start_poll();
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -147,8 +154,6 @@ impl Scheduler {
                 self.poll_wanted.extend(0..self.types.len());
                 self.next_poll_at = Instant::now() + shared.config.poll_interval;
             }
-            self.pass();
-            self.start_poll();
         }
         // Stopped: on a fatal error every attempt must end now, its outcome is discarded.
         if shared.fatal.is_cancelled() {
@@ -179,15 +184,16 @@ impl Scheduler {
                 let t = &mut self.types[ty];
                 t.hold_until = None;
                 for c in tasks {
-                    if !self.running.contains_key(&c.id) && !self.claiming.contains(&c.id) {
-                        t.view.insert(c);
+                    if !self.running.contains_key(&c.id) {
+                        t.view.insert(c, self.epoch);
                     }
                 }
             }
             Event::Released { ty, task } => {
                 let t = &mut self.types[ty];
                 t.hold_until = None;
-                t.view.insert(task);
+                self.claimed_during_poll.remove(&task.id);
+                t.view.insert(task, self.epoch);
             }
             Event::Finished { ty, id } => self.finished(ty, id),
             Event::Claimed(r) => self.claimed(r),
@@ -268,9 +274,6 @@ impl Scheduler {
 
     fn claimed(&mut self, r: ClaimResult) {
         let ty = r.ty;
-        for id in &r.offered {
-            self.claiming.remove(id);
-        }
         self.types[ty].claim_in_flight = false;
         let outcome = match r.outcome {
             Ok(o) => o,
@@ -289,6 +292,18 @@ impl Scheduler {
             }
         };
         let claimed_n = outcome.claimed.len();
+        if self.poll_in_flight {
+            self.claimed_during_poll
+                .extend(outcome.claimed.iter().map(|c| c.id));
+        }
+        tracing::debug!(
+            ty,
+            reserved = r.reserved,
+            offered = r.offered.len(),
+            accepted = r.accepted.len(),
+            claimed = claimed_n,
+            "claim result"
+        );
         self.unreserve(ty, r.reserved.saturating_sub(claimed_n));
         let hold = Instant::now() + self.shared.config.refused_retry_interval;
         {
@@ -339,17 +354,20 @@ impl Scheduler {
     }
 
     fn polled(&mut self, p: PollResult) {
+        tracing::debug!(types = p.polled.len(), "poll result");
         self.poll_in_flight = false;
         let limit = self.shared.config.view_max_per_type;
+        let claimed = std::mem::take(&mut self.claimed_during_poll);
         for (ty, result) in p.polled {
             match result {
                 Ok(rows) => {
                     let complete = rows.len() < limit;
                     let running = &self.running;
-                    let claiming = &self.claiming;
-                    self.types[ty].view.replace(rows, complete, |id| {
-                        running.contains_key(&id) || claiming.contains(&id)
-                    });
+                    self.types[ty]
+                        .view
+                        .merge_poll(p.epoch, rows, complete, |id| {
+                            running.contains_key(&id) || claimed.contains(&id)
+                        });
                 }
                 Err(e) => {
                     tracing::warn!(task_type = %self.shared.types[ty].name, error = %e, "poll failed");
@@ -363,6 +381,9 @@ impl Scheduler {
             return;
         }
         self.poll_in_flight = true;
+        self.epoch += 1;
+        self.claimed_during_poll.clear();
+        let epoch = self.epoch;
         let types: Vec<usize> = std::mem::take(&mut self.poll_wanted).into_iter().collect();
         let shared = Arc::clone(&self.shared);
         self.shared.tracker.spawn(async move {
@@ -378,7 +399,9 @@ impl Scheduler {
                 }
             });
             let polled = futures_util::future::join_all(polls).await;
-            shared.send(Event::Polled(PollResult { polled })).await;
+            shared
+                .send(Event::Polled(PollResult { epoch, polled }))
+                .await;
         });
     }
 
@@ -471,11 +494,9 @@ impl Scheduler {
                 Ok(n) => {
                     t.blocked = None;
                     t.claim_in_flight = true;
-                    for id in &eligible {
-                        self.claiming.insert(*id);
-                    }
                     let free = self.budget.minus(&self.reserved).to_resources();
                     self.reserve(ty, n);
+                    tracing::debug!(ty, n, offered = eligible.len(), "claiming");
                     self.spawn_claim(ty, eligible, n, free);
                 }
             }

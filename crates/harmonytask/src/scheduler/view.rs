@@ -15,9 +15,14 @@ use crate::store::Candidate;
 use crate::task::{RetryWait, TaskId};
 
 /// The waiting tasks of one type known to this node.
+///
+/// Each entry carries the poll epoch current when it was learned, so that a poll's result can
+/// be merged without losing what arrived while the poll ran: entries learned before the poll
+/// started and missing from its result are gone (claimed elsewhere or finished); entries
+/// learned after it started are kept.
 #[derive(Debug)]
 pub(crate) struct TypeView {
-    by_order: BTreeMap<(Timestamp, TaskId), Candidate>,
+    by_order: BTreeMap<(Timestamp, TaskId), (Candidate, u64)>,
     posted_of: HashMap<TaskId, Timestamp>,
     capacity: usize,
     /// The database may hold waiting tasks of this type that are not in the view.
@@ -52,9 +57,9 @@ impl TypeView {
         self.by_order.keys().next().map(|(t, _)| *t)
     }
 
-    /// Adds (or updates) a candidate. When the view is full, the newest entry is dropped and
-    /// `maybe_more` set: the database still has it.
-    pub(crate) fn insert(&mut self, c: Candidate) {
+    /// Adds (or updates) a candidate learned at poll epoch `epoch`. When the view is full, the
+    /// newest entry is dropped and `maybe_more` set: the database still has it.
+    pub(crate) fn insert(&mut self, c: Candidate, epoch: u64) {
         self.remove(c.id);
         let key = (c.posted, c.id);
         if self.by_order.len() >= self.capacity {
@@ -70,31 +75,43 @@ impl TypeView {
             self.remove(newest.1);
         }
         self.posted_of.insert(c.id, c.posted);
-        self.by_order.insert(key, c);
+        self.by_order.insert(key, (c, epoch));
     }
 
     pub(crate) fn remove(&mut self, id: TaskId) -> Option<Candidate> {
         let posted = self.posted_of.remove(&id)?;
-        self.by_order.remove(&(posted, id))
+        self.by_order.remove(&(posted, id)).map(|(c, _)| c)
     }
 
-    /// Replaces the view with a poll's result. `complete` means the poll returned fewer rows
-    /// than it asked for, so nothing waits beyond them. `skip` filters out tasks this node is
-    /// claiming or running (a poll that raced a claim still lists them).
-    pub(crate) fn replace(
+    /// Merges the result of a poll started at `epoch`. `complete` means the poll returned
+    /// fewer rows than it asked for, so nothing waits beyond them. `skip` filters out tasks
+    /// this node claimed or runs (a poll that raced a claim still lists them).
+    pub(crate) fn merge_poll(
         &mut self,
+        epoch: u64,
         polled: Vec<Candidate>,
         complete: bool,
         skip: impl Fn(TaskId) -> bool,
     ) {
-        self.by_order.clear();
-        self.posted_of.clear();
+        let seen: std::collections::HashSet<TaskId> = polled.iter().map(|c| c.id).collect();
+        let stale: Vec<TaskId> = self
+            .by_order
+            .values()
+            .filter(|(c, e)| *e < epoch && !seen.contains(&c.id))
+            .map(|(c, _)| c.id)
+            .collect();
+        for id in stale {
+            self.remove(id);
+        }
+        self.maybe_more = false;
         for c in polled {
             if !skip(c.id) {
-                self.insert(c);
+                self.insert(c, epoch);
             }
         }
-        self.maybe_more = !complete;
+        if !complete {
+            self.maybe_more = true;
+        }
     }
 
     /// Whether a task is past its retry wait at `now`.
@@ -115,7 +132,7 @@ impl TypeView {
     ) -> (Vec<TaskId>, Option<Timestamp>) {
         let mut ids = Vec::with_capacity(limit.min(self.by_order.len()));
         let mut next: Option<Timestamp> = None;
-        for c in self.by_order.values() {
+        for (c, _) in self.by_order.values() {
             let at = Self::eligible_at(c, retry);
             if at <= now {
                 if ids.len() < limit {
@@ -153,9 +170,9 @@ mod tests {
     #[test]
     fn fifo_by_posted_then_id() {
         let mut v = TypeView::new(10);
-        v.insert(cand(3, 100));
-        v.insert(cand(1, 200));
-        v.insert(cand(2, 100));
+        v.insert(cand(3, 100), 0);
+        v.insert(cand(1, 200), 0);
+        v.insert(cand(2, 100), 0);
         let (ids, next) = v.eligible(Timestamp::from_millis(1000), &RetryWait::Immediate, 10);
         assert_eq!(ids, vec![TaskId(2), TaskId(3), TaskId(1)]);
         assert_eq!(next, None);
@@ -165,13 +182,13 @@ mod tests {
     #[test]
     fn bounded_keeps_oldest_and_remembers_more() {
         let mut v = TypeView::new(2);
-        v.insert(cand(1, 10));
-        v.insert(cand(2, 20));
+        v.insert(cand(1, 10), 0);
+        v.insert(cand(2, 20), 0);
         assert!(!v.maybe_more);
-        v.insert(cand(3, 30));
+        v.insert(cand(3, 30), 0);
         assert!(v.maybe_more);
         assert!(!v.contains(TaskId(3)));
-        v.insert(cand(4, 5));
+        v.insert(cand(4, 5), 0);
         assert!(v.contains(TaskId(4)) && v.contains(TaskId(1)) && !v.contains(TaskId(2)));
         assert_eq!(v.len(), 2);
     }
@@ -182,8 +199,8 @@ mod tests {
         let mut c = cand(1, 0);
         c.retries = 2;
         c.updated = Timestamp::from_millis(1_000);
-        v.insert(c);
-        v.insert(cand(2, 500));
+        v.insert(c, 0);
+        v.insert(cand(2, 500), 0);
         let wait = RetryWait::constant(Duration::from_secs(5));
         let (ids, next) = v.eligible(Timestamp::from_millis(2_000), &wait, 10);
         assert_eq!(ids, vec![TaskId(2)]);
@@ -194,13 +211,21 @@ mod tests {
     }
 
     #[test]
-    fn replace_skips_local_work() {
+    fn poll_merge_keeps_what_arrived_during_the_poll() {
         let mut v = TypeView::new(10);
-        v.insert(cand(9, 1));
-        v.replace(vec![cand(1, 1), cand(2, 2)], true, |id| id == TaskId(2));
-        assert!(v.contains(TaskId(1)) && !v.contains(TaskId(2)) && !v.contains(TaskId(9)));
+        v.insert(cand(9, 1), 0); // known before the poll, gone from the database
+        v.insert(cand(5, 1), 0); // known before, still there
+        // Poll starts at epoch 1; meanwhile a local add arrives.
+        v.insert(cand(7, 3), 1);
+        v.merge_poll(1, vec![cand(5, 1), cand(2, 2), cand(3, 2)], true, |id| {
+            id == TaskId(3)
+        });
+        assert!(!v.contains(TaskId(9)), "stale entry dropped");
+        assert!(v.contains(TaskId(5)) && v.contains(TaskId(2)));
+        assert!(!v.contains(TaskId(3)), "claimed locally, skipped");
+        assert!(v.contains(TaskId(7)), "added during the poll, kept");
         assert!(!v.maybe_more);
-        v.replace(vec![cand(1, 1)], false, |_| false);
+        v.merge_poll(2, vec![cand(1, 1)], false, |_| false);
         assert!(v.maybe_more);
     }
 }
