@@ -18,9 +18,10 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Log filter (also HARMONY_LOG), e.g. `info` or `harmonytask=debug`.
-    #[arg(long = "log", global = true, default_value = "warn")]
-    pub log_level: String,
+    /// Log filter (also HARMONY_LOG), e.g. `info` or `harmonytask=debug` (default: `info` for
+    /// `run`, `warn` otherwise).
+    #[arg(long = "log", global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,

@@ -106,8 +106,16 @@ fn install_signal_handlers(shutdown: CancellationToken) {
 
 fn init_tracing(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("HARMONY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(cli.log_level.as_str()));
+    // A node's log is its record of what happened; other commands stay quiet unless asked.
+    let default = match cli.command {
+        cli::Command::Run(_) => "info",
+        _ => "warn",
+    };
+    // --log wins over HARMONY_LOG, which wins over the default.
+    let filter = match &cli.log_level {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_env("HARMONY_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

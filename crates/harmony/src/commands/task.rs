@@ -51,7 +51,7 @@ struct Added<'a> {
 }
 
 async fn add(db_url: &str, json: bool, a: TaskAddArgs) -> anyhow::Result<u8> {
-    check_type_name("task type", &a.type_name)?;
+    harmonytask::validate_name(&a.type_name).map_err(|e| UsageError(e.to_string()))?;
     if a.count == 0 || a.count > ADD_COUNT_MAX {
         return Err(UsageError(format!(
             "--count: must be between 1 and {ADD_COUNT_MAX}, got {}",

@@ -1,0 +1,416 @@
+//! The `harmony` binary's commands, run as child processes: bad input is refused with one clear
+//! line and writes nothing; the task and machine commands show what nodes did; the demo runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use harmony_testkit::TestDb;
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_task_add_input_is_refused_and_writes_nothing() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+
+    let out = harmony(&["--db", db, "task", "add", "no_such_type"]).await;
+    out.assert_usage_error(&[
+        "unknown task type \"no_such_type\"",
+        "bench_noop",
+        "--force",
+    ]);
+
+    let out = harmony(&["--db", db, "task", "add", "a_name_of_twenty_ch"]).await;
+    out.assert_usage_error(&["19 characters", "limit is 16"]);
+
+    let sql = "x'); DROP TABLE harmony_task;--";
+    let out = harmony(&["--db", db, "task", "add", sql]).await;
+    out.assert_usage_error(&["31 characters", "limit is 16"]);
+    // Even with --force (which skips only the known-type check).
+    let out = harmony(&["--db", db, "task", "add", "--force", "x');DROP--"]).await;
+    out.assert_usage_error(&["contains '\\''"]);
+    let out = harmony(&["--db", db, "task", "add", "bad name"]).await;
+    out.assert_usage_error(&["contains ' '"]);
+
+    let out = harmony(&["--db", db, "task", "add", "bench_noop", "--count", "0"]).await;
+    out.assert_usage_error(&["--count"]);
+    let out = harmony(&["--db", db, "task", "add", "bench_noop", "--arg", "noequals"]).await;
+    out.assert_usage_error(&["KEY=VALUE"]);
+    let out = harmony(&["--db", db, "task", "add", "bench_noop", "--arg", "a;b=1"]).await;
+    out.assert_usage_error(&["not a valid argument name"]);
+    let big = format!("v={}", "x".repeat(100_000));
+    let out = harmony(&["--db", db, "task", "add", "bench_noop", "--arg", &big]).await;
+    out.assert_usage_error(&["the limit is 65536"]);
+    let out = harmony(&["--db", db, "task", "ls", "--type", "x;y"]).await;
+    out.assert_usage_error(&["--type"]);
+
+    assert_nothing_written(&t).await;
+    // The table the injection-shaped name aimed at is still there and usable.
+    let ok = harmony(&["--db", db, "--json", "task", "add", "bench_noop"]).await;
+    assert_eq!(added_ids(&ok).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_run_input_is_refused_and_writes_nothing() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = harmony(&["--db", db, "run", "--ram", "12XB"]).await;
+    out.assert_usage_error(&["--ram", "12XB", "unknown unit \"XB\""]);
+    let out = harmony(&["--db", db, "run", "--cpu", "-4"]).await;
+    out.assert_usage_error(&["--cpu", "non-negative", "-4"]);
+    let out = harmony(&["--db", db, "run", "--gpu", "1e12"]).await;
+    out.assert_usage_error(&["--gpu", "absurdly large"]);
+    let out = harmony(&["--db", db, "run", "--ram", "99999999TiB"]).await;
+    out.assert_usage_error(&["--ram", "out of range"]);
+    let out = harmony(&["--db", db, "run", "--types", "bench_noop,nope"]).await;
+    out.assert_usage_error(&["--types", "\"nope\"", "bench_sleep"]);
+    let out = harmony(&["--db", db, "run", "--listen", "nowhere"]).await;
+    out.assert_usage_error(&["--listen", "HOST:PORT"]);
+    let out = harmony(&["--db", db, "run", "--poll-interval", "soon"]).await;
+    out.assert_usage_error(&["--poll-interval"]);
+    let out = harmony(&[
+        "--db",
+        db,
+        "run",
+        "--dead-after",
+        "1s",
+        "--heartbeat-interval",
+        "2s",
+    ])
+    .await;
+    out.assert_usage_error(&["dead_after", "--dead-after"]);
+
+    // Invalid tasks files: the message names the file, the line, the task and the field.
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[[task]]\nname = \"enc\"\ncommand = [\"true\"]\ncost = { cpu = -1 }\n",
+            &["line 4", "task \"enc\"", "cost.cpu", "non-negative", "-1"],
+        ),
+        (
+            "[[task]]\nname = \"enc\"\ncommand = [\"true\"]\n\ncost = { gpu = 1e9 }\n",
+            &["line 5", "task \"enc\"", "cost.gpu", "absurdly large"],
+        ),
+        (
+            "[[task]]\nname = \"enc\"\ncommand = [\"true\"]\ncost = { ram = \"12XB\" }\n",
+            &["line 4", "cost.ram", "unknown unit \"XB\""],
+        ),
+        (
+            "[[task]]\nname = \"enc\"\ncommand = [\"true\"]\ncost = { ram = \"9000000TiB\" }\n",
+            &["line 4", "cost.ram"],
+        ),
+        (
+            "[[task]]\nname = \"enc\"\ncommand = [\"true\"]\nmax = \"two\"\n",
+            &["line 4", "task \"enc\"", "max:", "whole number"],
+        ),
+        (
+            "[[task]]\nname = \"enc\"\ncommand = [\"true\"]\ncolour = \"red\"\n",
+            &["line 4", "task \"enc\"", "unknown field `colour`"],
+        ),
+        (
+            "[[task]]\nname = \"this_name_is_too_long\"\ncommand = [\"true\"]\n",
+            &["line 2", "name:", "limit is 16"],
+        ),
+        (
+            "[[task]]\nname = \"x');DROP--\"\ncommand = [\"true\"]\n",
+            &["line 2", "name:", "use only"],
+        ),
+        (
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\n\n[[task]]\nname = \"a\"\nbuiltin = \"bench_sleep\"\n",
+            &["line 5", "task \"a\"", "already declared on line 1"],
+        ),
+        (
+            "[[task]]\nname = \"bench_sleep\"\nbuiltin = \"bench_sleep\"\n",
+            &["line 1", "is a built-in type"],
+        ),
+        (
+            "[[task]]\nname = \"a\"\ncommand = [\"echo\", \"{arg.}\"]\n",
+            &["line 3", "command:", "unknown placeholder"],
+        ),
+        (
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\nretry_wait = \"soon\"\n",
+            &["line 4", "retry_wait:", "not a duration"],
+        ),
+        ("[[task]]\nname = \"a\"\ncommand = [\"true\"\n", &["line 3"]),
+    ];
+    for (text, needles) in cases {
+        let file = tasks_file(dir.path(), text);
+        let file = file.to_str().unwrap();
+        let out = harmony(&["--db", db, "run", "--tasks", file]).await;
+        let mut all = vec![file];
+        all.extend_from_slice(needles);
+        out.assert_usage_error(&all);
+        // task add reads the same file the same way.
+        let out = harmony(&["--db", db, "task", "add", "a", "--tasks", file]).await;
+        out.assert_usage_error(&all);
+    }
+    let out = harmony(&["--db", db, "run", "--tasks", "/no/such/tasks.toml"]).await;
+    out.assert_usage_error(&["/no/such/tasks.toml"]);
+
+    assert_nothing_written(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_commands_do_not_create_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.db");
+    let url = format!("sqlite://{}", path.display());
+    for args in [
+        vec!["task", "ls"],
+        vec!["task", "show", "1"],
+        vec!["task", "history"],
+        vec!["machine", "ls"],
+    ] {
+        let mut all = vec!["--db", url.as_str()];
+        all.extend(args);
+        let out = harmony(&all).await;
+        assert_ne!(out.code, Some(0), "{all:?}");
+        assert_eq!(out.stderr_lines().len(), 1, "{}", out.stderr);
+        assert!(!path.exists(), "{all:?} created the database");
+    }
+}
+
+/// A node runs built-in and command types; the task commands show pending, running, done and
+/// failed tasks with their attempts; a failed task can be restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_commands_follow_a_node() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(
+        dir.path(),
+        r#"
+[[task]]
+name = "echo"
+command = ["sh", "-c", "test \"$0\" = \"{arg.word}\" && test \"$HARMONY_TASK_ID\" = \"{task_id}\" && test \"$GREETING\" = hi", "{arg.word}"]
+env = { GREETING = "hi" }
+
+[[task]]
+name = "grumpy"
+command = ["sh", "-c", "echo 'nothing to see' >&2; echo 'disk on fire' >&2; exit 3"]
+max_failures = 2
+
+[[task]]
+name = "needs_arg"
+command = ["echo", "{arg.input}"]
+max_failures = 1
+
+[[task]]
+name = "slow"
+command = ["sleep", "30"]
+timeout = "300ms"
+max_failures = 1
+"#,
+    );
+    let file = file.to_str().unwrap();
+
+    // Before any node runs, the tasks file makes its types known to `task add`.
+    let word = "x'); DROP TABLE harmony_task;--";
+    let arg = format!("word={word}");
+    let echo = added_ids(
+        &harmony(&[
+            "--db", db, "--json", "task", "add", "echo", "--tasks", file, "--arg", &arg,
+        ])
+        .await,
+    )[0];
+    let listed = harmony(&["--db", db, "--json", "task", "ls"]).await.json();
+    assert_eq!(listed[0]["id"], echo);
+    assert_eq!(listed[0]["state"], "pending");
+    let shown = harmony(&["--db", db, "--json", "task", "show", &echo.to_string()])
+        .await
+        .json();
+    assert_eq!(shown["state"], "pending");
+    assert_eq!(shown["args"]["word"], word);
+
+    let mut node = Node::start(
+        db,
+        dir.path(),
+        &["--tasks", file, "--poll-interval", "100ms"],
+    );
+    node.machine_id(&t).await;
+    // Now the node advertises its types, so they are known without --tasks.
+    let add = |name: &'static str, extra: &'static [&'static str]| {
+        let db = db.to_owned();
+        async move {
+            let mut args = vec!["--db", db.as_str(), "--json", "task", "add", name];
+            args.extend_from_slice(extra);
+            added_ids(&harmony(&args).await)[0]
+        }
+    };
+    let grumpy = add("grumpy", &[]).await;
+    let needs_arg = add("needs_arg", &["--arg", "other=1"]).await;
+    let slow = add("slow", &[]).await;
+    let fail = add("bench_fail", &["--arg", "fail_times=99"]).await;
+    let noop = added_ids(
+        &harmony(&[
+            "--db",
+            db,
+            "--json",
+            "task",
+            "add",
+            "bench_noop",
+            "--count",
+            "5",
+        ])
+        .await,
+    );
+    assert_eq!(noop.len(), 5);
+    all_done(&t, 6, Duration::from_secs(60)).await;
+
+    let show = |id: i64| {
+        let db = db.to_owned();
+        async move {
+            harmony(&["--db", &db, "--json", "task", "show", &id.to_string()])
+                .await
+                .json()
+        }
+    };
+    let s = show(echo).await;
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(s["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(s["attempts"][0]["completed_by_host_and_port"], node.listen);
+
+    let s = show(grumpy).await;
+    assert_eq!(s["state"], "failed", "{s}");
+    let attempts = s["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "max_failures = 2 means two attempts");
+    let err = attempts[0]["err"].as_str().unwrap();
+    assert!(err.starts_with("exit status 3: "), "{err}");
+    assert!(
+        err.contains("nothing to see") && err.ends_with("disk on fire"),
+        "{err}"
+    );
+
+    let s = show(needs_arg).await;
+    assert_eq!(s["state"], "failed", "{s}");
+    let err = s["attempts"][0]["err"].as_str().unwrap();
+    assert!(
+        err.contains("\"input\"") && err.contains("other") && err.contains("--arg input="),
+        "{err}"
+    );
+
+    let s = show(slow).await;
+    assert_eq!(s["state"], "failed", "{s}");
+    let err = s["attempts"][0]["err"].as_str().unwrap();
+    assert!(
+        err.contains("timed out") || err.contains("timeout"),
+        "{err}"
+    );
+
+    let s = show(fail).await;
+    assert_eq!(s["state"], "failed", "{s}");
+    assert_eq!(s["attempts"].as_array().unwrap().len(), 5);
+
+    // Human output too.
+    let out = harmony(&["--db", db, "task", "show", &grumpy.to_string()]).await;
+    assert_eq!(out.code, Some(0));
+    assert!(out.stdout.contains("state:    failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("disk on fire"), "{}", out.stdout);
+    let out = harmony(&[
+        "--db", db, "task", "history", "--failed", "--type", "grumpy",
+    ])
+    .await;
+    assert_eq!(out.code, Some(0));
+    assert_eq!(
+        out.stdout.lines().count(),
+        3,
+        "header + 2 rows:\n{}",
+        out.stdout
+    );
+    let hist = harmony(&["--db", db, "--json", "task", "history", "--failed"])
+        .await
+        .json();
+    assert!(
+        hist.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["result"] == false)
+    );
+    let hist = harmony(&["--db", db, "--json", "task", "history", "--limit", "3"])
+        .await
+        .json();
+    assert_eq!(hist.as_array().unwrap().len(), 3);
+
+    let machines = harmony(&["--db", db, "--json", "machine", "ls"])
+        .await
+        .json();
+    assert_eq!(machines.as_array().unwrap().len(), 1);
+    assert_eq!(machines[0]["host_and_port"], node.listen);
+    assert!(machines[0]["tasks"].as_str().unwrap().contains("grumpy"));
+    let out = harmony(&["--db", db, "machine", "ls"]).await;
+    assert!(out.stdout.contains(&node.listen), "{}", out.stdout);
+
+    // Restart: a done task cannot be, a failed one is re-queued with its id and runs again.
+    let out = harmony(&["--db", db, "task", "restart", &echo.to_string()]).await;
+    out.assert_usage_error(&["completed successfully"]);
+    let out = harmony(&["--db", db, "task", "restart", "999999"]).await;
+    out.assert_usage_error(&["does not exist"]);
+    let out = harmony(&["--db", db, "task", "restart", &grumpy.to_string()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let db2 = t.db.clone();
+    harmony_testkit::eventually(
+        "the restarted task to fail again",
+        Duration::from_secs(30),
+        || {
+            let db2 = db2.clone();
+            async move {
+                use harmonydb::Executor;
+                let n: i64 = db2
+                    .scalar(
+                        "SELECT count(*) FROM harmony_task_history WHERE task_id = $1",
+                        &[&grumpy],
+                    )
+                    .await
+                    .ok()?;
+                let queued: i64 = db2
+                    .scalar(
+                        "SELECT count(*) FROM harmony_task WHERE id = $1",
+                        &[&grumpy],
+                    )
+                    .await
+                    .ok()?;
+                (n == 4 && queued == 0).then_some(())
+            }
+        },
+    )
+    .await;
+
+    node.signal(Signal::SIGTERM);
+    assert_eq!(node.exit_code(Duration::from_secs(30)).await, Some(0));
+    let machines = harmony(&["--db", db, "--json", "machine", "ls"])
+        .await
+        .json();
+    assert!(machines.as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_prints_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stale file from an earlier run is replaced, not reused.
+    std::fs::write(dir.path().join("harmony-demo.db"), b"not a database").unwrap();
+    let out = harmony_in(
+        Some(dir.path()),
+        &["demo", "--scale", "0.01", "--items", "40"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    for stage in ["DemoFetch", "DemoEncode", "DemoProve", "DemoStore"] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(stage))
+            .unwrap_or_else(|| panic!("no summary row for {stage}:\n{}", out.stdout));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // TYPE, COST (6 words), TASKS, SUCCEEDED, FAILED, …
+        assert_eq!(cols[7], "40", "{line}");
+        assert_eq!(cols[8], "40", "{line}");
+        assert_eq!(cols[9], "0", "{line}");
+    }
+    assert!(out.stdout.contains("MEAN WAIT"), "{}", out.stdout);
+    assert!(dir.path().join("harmony-demo.db").exists());
+
+    let out = harmony_in(Some(dir.path()), &["demo", "--scale", "0"]).await;
+    out.assert_usage_error(&["--scale"]);
+}
