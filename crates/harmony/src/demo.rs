@@ -5,7 +5,7 @@
 //! | stage | cpu | ram | gpu | work | limited by |
 //! |---|---|---|---|---|---|
 //! | `DemoFetch` | 0.5 | 512 MiB | 0 | 40 ms | — |
-//! | `DemoEncode` | 1 | 6 GiB | 0 | 150 ms | RAM: two at a time |
+//! | `DemoEncode` | 1 | 6 GiB | 0 | 200 ms | RAM: two at a time |
 //! | `DemoProve` | 1 | 2 GiB | 1 | 80 ms | the GPU: one at a time |
 //! | `DemoStore` | 0.5 | 256 MiB | 0 | 30 ms | — |
 //!
@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use harmonydb::Db;
 use harmonytask::store::{HistoryQuery, Store};
 use harmonytask::{
-    ByteSize, Client, Done, Engine, EngineConfig, Resources, RetryWait, RunContext, Task,
-    TaskAdder, TaskError, TaskId, TypeDetails, async_trait,
+    ByteSize, Done, Engine, EngineConfig, Resources, RetryWait, RunContext, Task, TaskAdder,
+    TaskError, TaskId, TypeDetails, async_trait,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -43,8 +43,6 @@ const ITEMS_MAX: usize = 10_000;
 const DEMO_DB_FILE: &str = "harmony-demo.db";
 /// How often the progress bar reads the database.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
-/// The node's safety-net poll (see `run` for why it is short).
-const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Percentage of attempts that fail on purpose.
 const FAIL_PERCENT: u64 = 10;
 /// Attempts allowed per task.
@@ -74,7 +72,7 @@ const STAGES: [Stage; 4] = [
         cpu: 1.0,
         ram: "6GiB",
         gpu: 0.0,
-        work: Duration::from_millis(150),
+        work: Duration::from_millis(200),
     },
     Stage {
         name: "DemoProve",
@@ -215,19 +213,10 @@ pub async fn run(args: DemoArgs, json: bool, shutdown: CancellationToken) -> any
         adders: Mutex::new(HashMap::new()),
         scale: args.scale,
     });
-    // The first stage's tasks go in before the node starts, so its first poll finds them all.
-    // Adding them to a running engine would race that poll: the engine (as of this writing)
-    // replaces its in-memory view with a poll's result, dropping tasks added while the poll
-    // was in flight until the next poll. The short poll interval bounds the same effect for
-    // the follow-up tasks the stages add and for retries.
     let started = Instant::now();
-    Client::new(db.clone())
-        .add_tasks_with_args(STAGES[0].name, args.items, &[])
-        .await?;
     let mut builder = Engine::builder(db.clone()).config(EngineConfig {
         budget: Some(budget()),
         machine_name: "demo".into(),
-        poll_interval: POLL_INTERVAL,
         ..EngineConfig::default()
     });
     for index in 0..STAGES.len() {
@@ -237,6 +226,9 @@ pub async fn run(args: DemoArgs, json: bool, shutdown: CancellationToken) -> any
         });
     }
     let engine = builder.start().await?;
+    engine
+        .add_tasks(STAGES[0].name, args.items, |_, _| async { Ok(true) })
+        .await?;
 
     let total = (args.items * STAGES.len()) as u64;
     let bar = ProgressBar::new(total);
