@@ -199,9 +199,13 @@ max_failures = 1
 
 [[task]]
 name = "slow"
-command = ["sleep", "30"]
+command = ["sh", "-c", "echo $$ > \"$0\"; exec sleep 30", "{arg.pidfile}"]
 timeout = "300ms"
 max_failures = 1
+
+[[task]]
+name = "hang"
+command = ["sh", "-c", "echo $$ > \"$0\"; exec sleep 30", "{arg.pidfile}"]
 "#,
     );
     let file = file.to_str().unwrap();
@@ -227,7 +231,14 @@ max_failures = 1
     let mut node = Node::start(
         db,
         dir.path(),
-        &["--tasks", file, "--poll-interval", "100ms"],
+        &[
+            "--tasks",
+            file,
+            "--poll-interval",
+            "100ms",
+            "--shutdown-grace",
+            "0s",
+        ],
     );
     node.machine_id(&t).await;
     // Now the node advertises its types, so they are known without --tasks.
@@ -241,7 +252,14 @@ max_failures = 1
     };
     let grumpy = add("grumpy", &[]).await;
     let needs_arg = add("needs_arg", &["--arg", "other=1"]).await;
-    let slow = add("slow", &[]).await;
+    let slow_pid = dir.path().join("slow.pid");
+    let pid_arg = format!("pidfile={}", slow_pid.display());
+    let slow = added_ids(
+        &harmony(&[
+            "--db", db, "--json", "task", "add", "slow", "--arg", &pid_arg,
+        ])
+        .await,
+    )[0];
     let fail = add("bench_fail", &["--arg", "fail_times=99"]).await;
     let noop = added_ids(
         &harmony(&[
@@ -298,6 +316,8 @@ max_failures = 1
         err.contains("timed out") || err.contains("timeout"),
         "{err}"
     );
+    // The timed-out command was killed, not left running.
+    wait_process_gone(&slow_pid).await;
 
     let s = show(fail).await;
     assert_eq!(s["state"], "failed", "{s}");
@@ -377,12 +397,62 @@ max_failures = 1
     )
     .await;
 
+    // A command running at shutdown is killed, and its task released for another node.
+    let hang_pid = dir.path().join("hang.pid");
+    let pid_arg = format!("pidfile={}", hang_pid.display());
+    let hang = added_ids(
+        &harmony(&[
+            "--db", db, "--json", "task", "add", "hang", "--arg", &pid_arg,
+        ])
+        .await,
+    )[0];
+    let pid_file = hang_pid.clone();
+    harmony_testkit::eventually("the hang command to start", Duration::from_secs(30), || {
+        let pid_file = pid_file.clone();
+        async move {
+            std::fs::read_to_string(&pid_file)
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        }
+    })
+    .await;
     node.signal(Signal::SIGTERM);
     assert_eq!(node.exit_code(Duration::from_secs(30)).await, Some(0));
+    wait_process_gone(&hang_pid).await;
+    let s = show(hang).await;
+    assert_eq!(s["state"], "pending", "{s}");
+    assert_eq!(s["attempts"][0]["err"], "shutdown", "{s}");
     let machines = harmony(&["--db", db, "--json", "machine", "ls"])
         .await
         .json();
     assert!(machines.as_array().unwrap().is_empty());
+}
+
+/// Waits until the process whose pid is in `pid_file` has exited (gone, or a zombie awaiting
+/// its parent's reaping).
+async fn wait_process_gone(pid_file: &std::path::Path) {
+    let pid = std::fs::read_to_string(pid_file)
+        .expect("pid file")
+        .trim()
+        .to_owned();
+    harmony_testkit::eventually(
+        &format!("process {pid} to exit"),
+        Duration::from_secs(30),
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+            async move {
+                match stat {
+                    Err(_) => Some(()),
+                    // The state follows the parenthesised command name.
+                    Ok(s) => s
+                        .rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+                        .then_some(()),
+                }
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
