@@ -323,10 +323,12 @@ async fn sigterm_hands_running_tasks_over_at_once(t: &TestDb) {
     let leaving_id = leaving.machine_id(t).await;
     let ids = added_ids(
         &harmony(&[
-            "--db", db, "--json", "task", "add", "t_sleep", "--count", "2", "--arg", "ms=1500",
+            "--db", db, "--json", "task", "add", "t_sleep", "--count", "2", "--arg", "ms=4000",
         ])
         .await,
     );
+    // The tasks are long enough to be still running after the second node has started, even
+    // on a loaded machine.
     running_on(t, leaving_id, 2).await;
     let staying = Node::start(db, dir.path(), &args);
     staying.machine_id(t).await;
