@@ -60,6 +60,7 @@ migrations! {
     1 => "0001_init",
     2 => "0002_task_args",
     3 => "0003_type_lock",
+    4 => "0004_follow_preempt",
 }
 
 /// Serialises migrations across processes on Postgres (`pg_advisory_xact_lock` key).

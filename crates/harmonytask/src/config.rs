@@ -21,6 +21,19 @@ pub struct EngineConfig {
     pub budget: Option<Resources>,
     /// Safety-net database poll while notifications are healthy.
     pub poll_interval: Duration,
+    /// Database poll while notifications are down or off.
+    pub poll_interval_unhealthy: Duration,
+    /// Send and receive wake-up notifications (Postgres `LISTEN/NOTIFY`, SQLite change
+    /// checks). Turn off for backends without `NOTIFY` (YugabyteDB, CockroachDB, PgBouncer in
+    /// transaction mode): correctness never depends on them.
+    pub notify: bool,
+    /// SQLite: how often to check whether another process committed.
+    pub change_check_interval: Duration,
+    /// Shortest time between two IAmBored calls of one type (run-now requests excepted).
+    pub iambored_interval: Duration,
+    /// How long nodes collect bids before the cheapest one preempts work for a
+    /// time-sensitive task.
+    pub preempt_bid_window: Duration,
     /// Heartbeat period.
     pub heartbeat_interval: Duration,
     /// A machine whose heartbeat is older than this is dead.
@@ -52,6 +65,11 @@ impl Default for EngineConfig {
             layers: Vec::new(),
             budget: None,
             poll_interval: Duration::from_secs(30),
+            poll_interval_unhealthy: Duration::from_secs(3),
+            notify: true,
+            change_check_interval: Duration::from_millis(2),
+            iambored_interval: Duration::from_secs(1),
+            preempt_bid_window: Duration::from_millis(100),
             heartbeat_interval: Duration::from_secs(5),
             dead_after: Duration::from_secs(30),
             reaper_interval: Duration::from_secs(5),
@@ -70,6 +88,9 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("poll_interval", self.poll_interval),
+            ("poll_interval_unhealthy", self.poll_interval_unhealthy),
+            ("change_check_interval", self.change_check_interval),
+            ("iambored_interval", self.iambored_interval),
             ("heartbeat_interval", self.heartbeat_interval),
             ("dead_after", self.dead_after),
             ("reaper_interval", self.reaper_interval),

@@ -19,8 +19,10 @@ use tokio_util::task::TaskTracker;
 use crate::clock::{Clock, SystemClock};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
+use crate::follow::Followers;
 use crate::machine::{Heartbeat, NodeFlags, Ownership, Reaper};
 use crate::metrics::{EngineMetrics, TypeMetrics};
+use crate::notify::{Hint, Listener};
 use crate::recorder::{self, Recorder};
 use crate::resources::{Amounts, Resources};
 use crate::runner::StopReason;
@@ -51,6 +53,14 @@ pub(crate) enum Event {
         reason: StopReason,
         include_protected: bool,
     },
+    /// Another node hinted at new or released work of a type: poll it.
+    Wake { ty: usize },
+    /// Call the type's IAmBored now (run-now request).
+    RunNow { ty: usize },
+    /// An IAmBored call returned.
+    BoredDone { ty: usize },
+    /// A preemption bid ended.
+    Preempted(crate::scheduler::PreemptResult),
 }
 
 /// Scheduler event channel size; adds beyond it fall back to a poll.
@@ -105,9 +115,17 @@ pub(crate) struct Shared {
     pub budget: Resources,
     pub types: Vec<TypeEntry>,
     pub type_index: HashMap<String, usize>,
+    /// Names of registered types with a cluster-wide limit.
+    pub cluster_limited: Vec<String>,
     pub events: mpsc::Sender<Event>,
     pub nudged: Notify,
     poll_requested: AtomicBool,
+    /// Notifications are flowing (the poll can be slow).
+    pub notify_healthy: AtomicBool,
+    /// Wakes the heartbeat early (operator flags may have changed).
+    pub wake_heartbeat: Notify,
+    /// Wakes the follower loop.
+    pub follow_wake: Notify,
     pub flags: Arc<NodeFlags>,
     pub recorder: mpsc::Sender<recorder::Request>,
     pub metrics: EngineMetrics,
@@ -125,6 +143,9 @@ pub(crate) struct Shared {
     done: CancellationToken,
     cause: Mutex<Option<StopCause>>,
     shutting_down: AtomicBool,
+    /// Set just before this node deletes its own machine row at shutdown: a claim still in
+    /// flight then fails on the owner foreign key, which is not a fence.
+    unregistered: AtomicBool,
     callbacks: RwLock<HashMap<usize, Vec<CompleteCallback>>>,
     counts: watch::Receiver<RunningCounts>,
 }
@@ -150,8 +171,49 @@ impl Shared {
         self.poll_requested.swap(false, Ordering::AcqRel)
     }
 
+    /// A hint about new or released work of `name`: poll it if it runs here.
+    pub(crate) fn wake_type(&self, name: &str) {
+        if let Some(&ty) = self.type_index.get(name)
+            && self.events.try_send(Event::Wake { ty }).is_err()
+        {
+            self.request_poll();
+        }
+    }
+
+    /// Wakes the follower loop when a local pair follows `from` (any pair for `None`).
+    pub(crate) fn wake_followers(&self, from: Option<&str>) {
+        let relevant = self.types.iter().any(|t| {
+            t.details
+                .follows
+                .iter()
+                .any(|f| from.is_none_or(|n| f.from == n))
+        });
+        if relevant {
+            self.follow_wake.notify_one();
+        }
+    }
+
+    /// An adder for a registered type.
+    pub(crate) fn adder(self: &Arc<Self>, ty: usize) -> TaskAdder {
+        TaskAdder {
+            engine: Engine {
+                shared: Arc::clone(self),
+            },
+            name: self.types[ty].name.to_string(),
+        }
+    }
+
+    /// A run-now request for `name`: call its IAmBored at once if it runs here.
+    pub(crate) fn run_now(&self, name: &str) {
+        if let Some(&ty) = self.type_index.get(name)
+            && self.types[ty].details.iambored.is_some()
+        {
+            let _ = self.events.try_send(Event::RunNow { ty });
+        }
+    }
+
     /// Tells the local scheduler about tasks this process just added.
-    fn notify_added(&self, name: &str, tasks: Vec<Candidate>) {
+    pub(crate) fn notify_added(&self, name: &str, tasks: Vec<Candidate>) {
         match self.type_index.get(name) {
             Some(&ty) => {
                 self.types[ty].metrics.added.inc_by(tasks.len() as u64);
@@ -235,6 +297,7 @@ impl Shared {
                 tracing::warn!(error = %e, "could not release owned tasks; they are released when this machine is reaped")
             }
         }
+        s.unregistered.store(true, Ordering::Release);
         if let Err(e) = s.store.machine_unregister(s.machine).await {
             tracing::warn!(error = %e, "could not delete this machine's row; the reaper will");
         }
@@ -250,6 +313,10 @@ impl Shared {
 
     /// Stops the engine because it can no longer run safely (its machine row is gone).
     pub(crate) fn fail(&self, err: Error) {
+        if self.unregistered.load(Ordering::Acquire) {
+            tracing::debug!(error = %err, "ignored after unregistering");
+            return;
+        }
         let cause = match &err {
             Error::Fenced(id) => StopCause::Fenced(*id),
             _ => StopCause::Fenced(self.machine.0),
@@ -285,6 +352,7 @@ pub struct Client {
     db: Db,
     clock: Arc<dyn Clock>,
     added_by: MachineId,
+    notify: bool,
 }
 
 impl Client {
@@ -294,7 +362,23 @@ impl Client {
             db,
             clock: Arc::new(SystemClock),
             added_by: MachineId(0),
+            notify: true,
         }
+    }
+
+    /// Whether adds send wake-up notifications (Postgres); on by default. Turn off for
+    /// backends without `NOTIFY`.
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+
+    /// Asks a singleton type to run now.
+    pub async fn run_now(&self, name: &str) -> Result<()> {
+        validate_name(name)?;
+        Store::new(self.db.clone())
+            .singleton_run_now(name, self.notify)
+            .await
     }
 
     /// The database.
@@ -316,11 +400,19 @@ impl Client {
         validate_name(name)?;
         let posted = self.clock.now();
         let added_by = self.added_by;
+        let notify = self.notify;
         let extra = &extra;
         let result = self
             .db
             .transaction_with(TxOptions::retry(), |tx| async move {
                 let id = Store::task_insert(&tx, name, posted, added_by, previous).await?;
+                if notify {
+                    let hint = Hint::Added {
+                        name: name.to_owned(),
+                        task: Some((id, posted)),
+                    };
+                    Store::notify_in(&tx, &hint.payload(added_by)).await?;
+                }
                 Ok(extra(id, tx).await?.then_some(id))
             })
             .await;
@@ -356,11 +448,19 @@ impl Client {
         }
         let posted = self.clock.now();
         let added_by = self.added_by;
+        let notify = self.notify;
         let extra = &extra;
         let ids = self
             .db
             .transaction_with(TxOptions::retry(), |tx| async move {
                 let ids = Store::task_insert_many(&tx, name, count, posted, added_by).await?;
+                if notify {
+                    let hint = Hint::Added {
+                        name: name.to_owned(),
+                        task: None,
+                    };
+                    Store::notify_in(&tx, &hint.payload(added_by)).await?;
+                }
                 Ok(extra(ids.clone(), tx).await?.then_some(ids))
             })
             .await?
@@ -381,6 +481,13 @@ impl Client {
         let now = self.clock.now();
         let name = store.task_restart(id, self.added_by, now).await?;
         let posted = store.task_get(id).await?.map_or(now, |t| t.posted_time);
+        if self.notify {
+            let hint = Hint::Added {
+                name: name.clone(),
+                task: Some((id, posted)),
+            };
+            store.notify(&hint.payload(self.added_by)).await?;
+        }
         Ok((
             name,
             Candidate {
@@ -442,6 +549,11 @@ impl TaskAdder {
     /// The type this adder adds.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The engine's clock reading.
+    pub fn now(&self) -> Timestamp {
+        self.engine.now()
     }
 
     /// Adds one task of this type; see [`Engine::add_task`].
@@ -595,6 +707,7 @@ impl EngineBuilder {
             db: self.db.clone(),
             clock: Arc::clone(&self.clock),
             added_by: machine,
+            notify: self.config.notify,
         };
         let shared = Arc::new(Shared {
             client,
@@ -604,11 +717,19 @@ impl EngineBuilder {
             config: self.config,
             clock: self.clock,
             budget,
+            cluster_limited: types
+                .iter()
+                .filter(|t| t.details.max_cluster > 0)
+                .map(|t| t.name.to_string())
+                .collect(),
             types,
             type_index,
             events: events_tx,
             nudged: Notify::new(),
             poll_requested: AtomicBool::new(false),
+            notify_healthy: AtomicBool::new(false),
+            wake_heartbeat: Notify::new(),
+            follow_wake: Notify::new(),
             flags,
             recorder: record_tx,
             metrics,
@@ -620,6 +741,7 @@ impl EngineBuilder {
             done: CancellationToken::new(),
             cause: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
+            unregistered: AtomicBool::new(false),
             callbacks: RwLock::new(HashMap::new()),
             counts: counts_rx,
         });
@@ -640,6 +762,20 @@ impl EngineBuilder {
         );
         shared.tracker.spawn(
             Reaper {
+                shared: Arc::clone(&shared),
+            }
+            .run(shared.stop_liveness.clone()),
+        );
+        if shared.config.notify {
+            shared.tracker.spawn(
+                Listener {
+                    shared: Arc::clone(&shared),
+                }
+                .run(shared.stop_liveness.clone()),
+            );
+        }
+        shared.tracker.spawn(
+            Followers {
                 shared: Arc::clone(&shared),
             }
             .run(shared.stop_liveness.clone()),

@@ -31,12 +31,15 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod follow;
 mod machine;
 pub mod metrics;
+mod notify;
 mod recorder;
 pub mod resources;
 mod runner;
 mod scheduler;
+pub mod singleton;
 pub mod status;
 pub mod store;
 pub mod task;
@@ -46,8 +49,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
 pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
 pub use error::{Error, Result};
+pub use follow::{Follow, FollowAdd};
 pub use resources::{ByteSize, Resource, Resources};
 pub use scheduler::admission::Blocked;
+pub use singleton::{BoredContext, IAmBored, singleton};
 pub use status::{EngineStatus, RunningTask, TypeStatus};
 pub use task::{
     Done, EngineView, Limiter, MachineId, RetryWait, RunContext, TASK_NAME_MAX, Task, TaskError,

@@ -83,6 +83,8 @@ impl Heartbeat {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                // Operator flags may have changed (a notification said so): read them now.
+                () = s.wake_heartbeat.notified() => {}
             }
             match s.store.machine_heartbeat(s.machine).await {
                 Ok(Some(flags)) => {
@@ -94,8 +96,13 @@ impl Heartbeat {
                     if flags.restart_requested
                         && !s.flags.restart_requested.swap(true, Ordering::AcqRel)
                     {
-                        tracing::info!("restart requested: draining");
-                        s.nudge();
+                        tracing::info!("restart requested: draining, then exiting");
+                        let shared = Arc::clone(s);
+                        tokio::spawn(async move {
+                            shared
+                                .stop_with(crate::engine::StopCause::RestartRequested)
+                                .await;
+                        });
                     }
                 }
                 Ok(None) => {
@@ -130,6 +137,14 @@ impl Reaper {
                     }
                     s.metrics.reaped(reaped.len() as u64);
                     s.request_poll();
+                    if s.config.notify
+                        && let Err(e) = s
+                            .store
+                            .notify(&crate::notify::Hint::Machines.payload(s.machine))
+                            .await
+                    {
+                        tracing::debug!(error = %e, "could not notify other nodes of reaped machines");
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "reaper failed; will retry"),

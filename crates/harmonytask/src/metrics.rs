@@ -19,6 +19,7 @@ pub struct EngineMetrics {
     completed: Family<TypeLabel, Counter>,
     failed: Family<TypeLabel, Counter>,
     released: Family<TypeLabel, Counter>,
+    preempted: Family<TypeLabel, Counter>,
     fenced_out: Family<TypeLabel, Counter>,
     running: Family<TypeLabel, Gauge>,
     duration: Family<TypeLabel, Histogram, fn() -> Histogram>,
@@ -41,6 +42,7 @@ impl EngineMetrics {
             completed: Family::default(),
             failed: Family::default(),
             released: Family::default(),
+            preempted: Family::default(),
             fenced_out: Family::default(),
             running: Family::default(),
             duration: Family::new_with_constructor(seconds_histogram),
@@ -74,6 +76,11 @@ impl EngineMetrics {
             "tasks_released",
             "Attempts released without counting as a failure (preempted, shut down), by type",
             self.released.clone(),
+        );
+        r.register(
+            "tasks_preempted",
+            "Attempts cancelled to make room for time-sensitive work, by the victim's type",
+            self.preempted.clone(),
         );
         r.register(
             "tasks_fenced_out",
@@ -112,6 +119,7 @@ impl EngineMetrics {
             completed: self.completed.get_or_create(&l).clone(),
             failed: self.failed.get_or_create(&l).clone(),
             released: self.released.get_or_create(&l).clone(),
+            preempted: self.preempted.get_or_create(&l).clone(),
             fenced_out: self.fenced_out.get_or_create(&l).clone(),
             running: self.running.get_or_create(&l).clone(),
             duration: self.duration.get_or_create(&l).clone(),
@@ -147,6 +155,7 @@ pub(crate) struct TypeMetrics {
     pub completed: Counter,
     pub failed: Counter,
     pub released: Counter,
+    pub preempted: Counter,
     pub fenced_out: Counter,
     pub running: Gauge,
     pub duration: Histogram,

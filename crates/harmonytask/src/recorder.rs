@@ -74,6 +74,8 @@ impl Recorder {
                 return;
             }
             let b = RecordBatch {
+                notify: s.config.notify,
+                cluster_limited: &s.cluster_limited,
                 owner: s.machine,
                 host_and_port: &s.config.host_and_port,
                 now: s.clock.now(),
@@ -81,6 +83,9 @@ impl Recorder {
             };
             match s.store.task_record(&b).await {
                 Ok(recorded) => {
+                    if !recorded.followed.is_empty() {
+                        s.wake_followers(None);
+                    }
                     // A task appears at most once per batch: it is released only by recording.
                     let applied: std::collections::HashMap<_, _> =
                         recorded.applied.into_iter().collect();

@@ -181,6 +181,11 @@ pub struct Outcome {
 /// A batch of outcomes of one machine, recorded in one transaction.
 #[derive(Debug, Clone)]
 pub struct RecordBatch<'a> {
+    /// Send wake-up hints (released work, queued follow-ups) with the commit.
+    pub notify: bool,
+    /// Types with a cluster-wide limit: a completion of one frees a slot anywhere in the
+    /// cluster, so it is hinted like a release.
+    pub cluster_limited: &'a [String],
     /// The recording machine: every row change is fenced by `owner_id = owner`.
     pub owner: MachineId,
     /// Its address, for history.
@@ -198,6 +203,8 @@ pub struct Recorded {
     pub applied: Vec<(TaskId, i64)>,
     /// Outcomes discarded because the row was no longer owned by this machine.
     pub fenced_out: Vec<TaskId>,
+    /// Types whose completions in this batch queued follow-ups.
+    pub followed: Vec<String>,
 }
 
 /// A task row (pending or running).
@@ -661,6 +668,42 @@ impl Store {
                     for (o, h) in applied.iter().zip(history_ids) {
                         out.applied.push((o.id, h));
                     }
+                    let done: Vec<(&Outcome, i64)> = applied
+                        .iter()
+                        .zip(&out.applied)
+                        .filter(|(o, _)| o.fate == Fate::Done)
+                        .map(|(o, (_, h))| (*o, *h))
+                        .collect();
+                    if !done.is_empty() {
+                        out.followed = enqueue_follow_ups(&tx, &done).await?;
+                    }
+                    if b.notify {
+                        let mut hints: Vec<String> = Vec::new();
+                        for o in &applied {
+                            // Released work can run elsewhere; any end of a cluster-limited
+                            // task frees a slot anywhere in the cluster.
+                            if matches!(o.fate, Fate::Retry | Fate::Release)
+                                || b.cluster_limited.contains(&o.name)
+                            {
+                                hints.push(
+                                    crate::notify::Hint::Released {
+                                        name: o.name.clone(),
+                                    }
+                                    .payload(b.owner),
+                                );
+                            }
+                        }
+                        for from in &out.followed {
+                            hints.push(
+                                crate::notify::Hint::Follow { from: from.clone() }.payload(b.owner),
+                            );
+                        }
+                        hints.sort();
+                        hints.dedup();
+                        for h in hints {
+                            Store::notify_in(&tx, &h).await?;
+                        }
+                    }
                     out.fenced_out = b
                         .outcomes
                         .iter()
@@ -820,6 +863,292 @@ impl Store {
              FROM harmony_task_history GROUP BY name ORDER BY name",
         );
         Ok(self.db.select(sql, &[]).await?)
+    }
+}
+
+/// One queued follow-up.
+#[derive(Debug, Clone, harmonydb::FromRow)]
+pub struct QueuedFollow {
+    /// Queue row id.
+    pub id: i64,
+    /// The completed task.
+    pub task_id: i64,
+    /// Its history row.
+    pub history_id: i64,
+}
+
+impl Store {
+    /// Sends a wake-up hint inside `tx` (delivered on commit). Postgres only; a no-op on
+    /// SQLite, where other processes see the commit through `PRAGMA data_version`.
+    pub async fn notify_in(tx: &Tx, payload: &str) -> harmonydb::Result<()> {
+        if tx.dialect() == Dialect::Postgres {
+            tx.exec(
+                "SELECT pg_notify($1, $2)",
+                &[&crate::notify::CHANNEL, &payload],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a wake-up hint on its own (Postgres only).
+    pub async fn notify(&self, payload: &str) -> Result<()> {
+        if self.dialect() == Dialect::Postgres {
+            self.db
+                .exec(
+                    "SELECT pg_notify($1, $2)",
+                    &[&crate::notify::CHANNEL, &payload],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Registers a follower pair; completions of `from` are queued for `to` from now on.
+    pub async fn follow_register(&self, from: &str, to: &str) -> Result<()> {
+        self.db
+            .exec(
+                "INSERT INTO harmony_task_follow (from_type, to_type, last_history_id) VALUES ($1, $2, 0)
+                 ON CONFLICT (from_type, to_type) DO NOTHING",
+                &[&from, &to],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes (locks, on Postgres skipping rows other nodes hold) up to `limit` queued
+    /// follow-ups of a pair, oldest first.
+    pub async fn follow_take(
+        tx: &Tx,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> harmonydb::Result<Vec<QueuedFollow>> {
+        let sql = tx.dialect().pick(
+            "SELECT id, task_id, history_id FROM harmony_task_follow_queue
+             WHERE from_type = $1 AND to_type = $2 ORDER BY id LIMIT $3",
+            "SELECT id, task_id, history_id FROM harmony_task_follow_queue
+             WHERE from_type = $1 AND to_type = $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+        );
+        tx.select(sql, &[&from, &to, &limit]).await
+    }
+
+    /// Deletes consumed follow-ups and advances the pair's cursor (the last history id
+    /// followed, for operators).
+    pub async fn follow_done(
+        tx: &Tx,
+        from: &str,
+        to: &str,
+        ids: &[i64],
+        last_history: i64,
+    ) -> harmonydb::Result<()> {
+        let delete = tx.dialect().pick(
+            "DELETE FROM harmony_task_follow_queue WHERE id IN (SELECT value FROM json_each($1))",
+            "DELETE FROM harmony_task_follow_queue WHERE id = ANY($1::bigint[])",
+        );
+        let ids = ids.to_vec();
+        tx.exec(delete, &[&ids]).await?;
+        tx.exec(
+            "UPDATE harmony_task_follow SET last_history_id = $3
+             WHERE from_type = $1 AND to_type = $2 AND last_history_id < $3",
+            &[&from, &to, &last_history],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Follow-ups waiting, per pair (status and tests).
+    pub async fn follow_pending(&self) -> Result<Vec<(String, String, i64)>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT from_type, to_type, count(*) FROM harmony_task_follow_queue GROUP BY from_type, to_type ORDER BY from_type, to_type",
+                &[],
+            )
+            .await?)
+    }
+
+    /// Inside the insert transaction of singleton task `id`: whether it may run now. It may
+    /// when no live task of the type exists and the interval has passed or a run-now request is
+    /// pending; then the singleton row points at it, `last_run_time` is now, and the request is
+    /// cleared. Returns false (roll back) otherwise.
+    pub async fn singleton_take(
+        tx: &Tx,
+        name: &str,
+        id: TaskId,
+        min_interval: Duration,
+        now: Timestamp,
+    ) -> harmonydb::Result<bool> {
+        tx.exec(
+            "INSERT INTO harmony_task_singletons (task_name, run_now_request) VALUES ($1, $2)
+             ON CONFLICT (task_name) DO NOTHING",
+            &[&name, &false],
+        )
+        .await?;
+        let select = tx.dialect().pick(
+            "SELECT task_id, last_run_time, run_now_request FROM harmony_task_singletons WHERE task_name = $1",
+            "SELECT task_id, last_run_time, run_now_request FROM harmony_task_singletons WHERE task_name = $1 FOR UPDATE",
+        );
+        let (task_id, last_run, run_now): (Option<i64>, Option<Timestamp>, bool) =
+            tx.query_row(select, &[&name]).await?;
+        if task_id.is_some() {
+            // The previous one is still pending or running (the FK clears it when its row goes).
+            return Ok(false);
+        }
+        let due = run_now || last_run.is_none_or(|t| t + min_interval <= now);
+        if !due {
+            return Ok(false);
+        }
+        tx.exec(
+            "UPDATE harmony_task_singletons SET task_id = $2, last_run_time = $3, run_now_request = $4 WHERE task_name = $1",
+            &[&name, &id, &now, &false],
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Asks for a singleton to run now (and wakes the nodes on Postgres).
+    pub async fn singleton_run_now(&self, name: &str, notify: bool) -> Result<()> {
+        let hint = crate::notify::Hint::RunNow {
+            name: name.to_owned(),
+        }
+        .payload(MachineId(0));
+        self.db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| {
+                let hint = &hint;
+                async move {
+                    tx.exec(
+                        "INSERT INTO harmony_task_singletons (task_name, run_now_request) VALUES ($1, $2)
+                         ON CONFLICT (task_name) DO UPDATE SET run_now_request = $2",
+                        &[&name, &true],
+                    )
+                    .await?;
+                    if notify {
+                        Store::notify_in(&tx, hint).await?;
+                    }
+                    Ok(true)
+                }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Which of `names` have a pending run-now request.
+    pub async fn singleton_requests(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = self
+            .db
+            .select(
+                "SELECT task_name FROM harmony_task_singletons WHERE run_now_request = $1",
+                &[&true],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// A singleton's row: current task, last run, pending request.
+    pub async fn singleton_get(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Option<i64>, Option<Timestamp>, bool)>> {
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT task_id, last_run_time, run_now_request FROM harmony_task_singletons WHERE task_name = $1",
+                &[&name],
+            )
+            .await?)
+    }
+
+    /// Cordons (`true`) or uncordons a machine; false when it does not exist.
+    pub async fn machine_set_unschedulable(
+        &self,
+        id: MachineId,
+        cordoned: bool,
+        notify: bool,
+    ) -> Result<bool> {
+        let n = self
+            .db
+            .exec(
+                "UPDATE harmony_machines SET unschedulable = $2 WHERE id = $1",
+                &[&id, &cordoned],
+            )
+            .await?;
+        if n > 0 && notify {
+            self.notify(&crate::notify::Hint::Machines.payload(MachineId(0)))
+                .await?;
+        }
+        Ok(n > 0)
+    }
+
+    /// Asks a machine to drain and restart; false when it does not exist.
+    pub async fn machine_request_restart(
+        &self,
+        id: MachineId,
+        now: Timestamp,
+        notify: bool,
+    ) -> Result<bool> {
+        let n = self
+            .db
+            .exec(
+                "UPDATE harmony_machines SET restart_request = $2 WHERE id = $1",
+                &[&id, &now],
+            )
+            .await?;
+        if n > 0 && notify {
+            self.notify(&crate::notify::Hint::Machines.payload(MachineId(0)))
+                .await?;
+        }
+        Ok(n > 0)
+    }
+}
+
+impl Store {
+    /// Records (or updates) this machine's bid to preempt work for time-sensitive task `task`:
+    /// `cost_ms` is the total runtime of the victims it would cancel.
+    pub async fn preempt_bid(&self, task: TaskId, machine: MachineId, cost_ms: i64) -> Result<()> {
+        self.db
+            .exec(
+                "INSERT INTO harmony_task_preempt_bid (task_id, machine_id, cost_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (task_id, machine_id) DO UPDATE SET cost_ms = excluded.cost_ms",
+                &[&task, &machine, &cost_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The winning bid for `task`: the lowest cost, ties to the lower machine id.
+    pub async fn preempt_winner(&self, task: TaskId) -> Result<Option<MachineId>> {
+        let row: Option<(i64,)> = self
+            .db
+            .query_opt(
+                "SELECT machine_id FROM harmony_task_preempt_bid WHERE task_id = $1 ORDER BY cost_ms, machine_id LIMIT 1",
+                &[&task],
+            )
+            .await?;
+        Ok(row.map(|r| MachineId(r.0)))
+    }
+
+    /// Forgets the bids for `task`.
+    pub async fn preempt_clear(&self, task: TaskId) -> Result<()> {
+        self.db
+            .exec(
+                "DELETE FROM harmony_task_preempt_bid WHERE task_id = $1",
+                &[&task],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Releases one task this machine owns without recording an attempt (it never started).
+    pub async fn task_release(&self, id: TaskId, owner: MachineId, now: Timestamp) -> Result<bool> {
+        Ok(self
+            .db
+            .exec(
+                "UPDATE harmony_task SET owner_id = NULL, update_time = $3 WHERE id = $1 AND owner_id = $2",
+                &[&id, &owner, &now],
+            )
+            .await?
+            > 0)
     }
 }
 
@@ -1003,4 +1332,47 @@ async fn insert_history(tx: &Tx, host: &str, outcomes: &[&Outcome]) -> harmonydb
             Ok(ids)
         }
     }
+}
+
+/// Queues one follow-up per registered follower of each completed task's type; returns the
+/// types that had followers.
+async fn enqueue_follow_ups(tx: &Tx, done: &[(&Outcome, i64)]) -> harmonydb::Result<Vec<String>> {
+    let rows: Vec<(String,)> = match tx.dialect() {
+        Dialect::Sqlite => {
+            let json = serde_json::Value::Array(
+                done.iter()
+                    .map(|(o, h)| serde_json::json!([o.name, o.id.0, h]))
+                    .collect(),
+            )
+            .to_string();
+            // The follower table is tiny: scan it first, then the batch.
+            tx.select(
+                "INSERT INTO harmony_task_follow_queue (from_type, to_type, task_id, history_id)
+                 SELECT f.from_type, f.to_type, j.value ->> 1, j.value ->> 2
+                 FROM harmony_task_follow AS f CROSS JOIN json_each($1) AS j
+                 WHERE f.from_type = j.value ->> 0
+                 RETURNING from_type",
+                &[&json],
+            )
+            .await?
+        }
+        Dialect::Postgres => {
+            let names: Vec<String> = done.iter().map(|(o, _)| o.name.clone()).collect();
+            let tasks: Vec<i64> = done.iter().map(|(o, _)| o.id.0).collect();
+            let hist: Vec<i64> = done.iter().map(|(_, h)| *h).collect();
+            tx.select(
+                "INSERT INTO harmony_task_follow_queue (from_type, to_type, task_id, history_id)
+                 SELECT f.from_type, f.to_type, u.task_id, u.history_id
+                 FROM harmony_task_follow AS f
+                 JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(name, task_id, history_id) ON f.from_type = u.name
+                 RETURNING from_type",
+                &[&names, &tasks, &hist],
+            )
+            .await?
+        }
+    };
+    let mut types: Vec<String> = rows.into_iter().map(|r| r.0).collect();
+    types.sort();
+    types.dedup();
+    Ok(types)
 }

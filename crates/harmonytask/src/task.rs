@@ -265,6 +265,10 @@ pub struct TypeDetails {
     pub can_yield: bool,
     /// Types whose waiting work lets this type be claimed even on a cordoned node.
     pub scheduling_overrides: Vec<String>,
+    /// Completions of other types that create tasks (of this type, usually).
+    pub follows: Vec<crate::follow::Follow>,
+    /// Called when the node has spare capacity for the type (see [`crate::singleton`]).
+    pub iambored: Option<crate::singleton::IAmBored>,
 }
 
 impl TypeDetails {
@@ -283,7 +287,21 @@ impl TypeDetails {
             uninterruptible: false,
             can_yield: false,
             scheduling_overrides: Vec::new(),
+            follows: Vec::new(),
+            iambored: None,
         }
+    }
+
+    /// Makes the type a cluster-wide singleton run at most every `min_interval`.
+    pub fn singleton(mut self, min_interval: Duration) -> Self {
+        self.iambored = Some(crate::singleton::singleton(min_interval));
+        self
+    }
+
+    /// Adds one task of this type for every successful completion of `from`.
+    pub fn follows(mut self, from: impl Into<String>) -> Self {
+        self.follows.push(crate::follow::Follow::chain(from));
+        self
     }
 
     /// Checks the declaration; the error names the field and what is wrong.
@@ -306,7 +324,13 @@ impl TypeDetails {
                 self.name
             )));
         }
-        for other in self.may_follow.iter().chain(&self.scheduling_overrides) {
+        let follow_names: Vec<String> = self.follows.iter().map(|f| f.from.clone()).collect();
+        for other in self
+            .may_follow
+            .iter()
+            .chain(&self.scheduling_overrides)
+            .chain(&follow_names)
+        {
             validate_name(other)
                 .map_err(|e| Error::InvalidType(format!("task type {}: {e}", self.name)))?;
         }

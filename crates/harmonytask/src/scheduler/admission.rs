@@ -401,3 +401,118 @@ mod tests {
         assert_eq!(order, vec![3, 0, 1, 2]);
     }
 }
+
+/// A running attempt that could be preempted.
+#[derive(Debug, Clone)]
+pub(crate) struct Victim {
+    pub id: crate::task::TaskId,
+    pub cost: Amounts,
+    pub runtime: std::time::Duration,
+}
+
+/// The cheapest set of victims (shortest runtimes so far) whose costs, added to `free`, cover
+/// `need`; `None` when even all of them would not. Victims that turn out unnecessary once
+/// cheaper ones are chosen are left running.
+pub(crate) fn plan_preemption(
+    need: &Amounts,
+    free: &Amounts,
+    candidates: &[Victim],
+) -> Option<Vec<Victim>> {
+    if need.fits_in(free) {
+        return Some(Vec::new());
+    }
+    let mut sorted: Vec<&Victim> = candidates.iter().collect();
+    sorted.sort_by_key(|v| (v.runtime, v.id));
+    let mut chosen: Vec<&Victim> = Vec::new();
+    let mut freed = *free;
+    for v in sorted {
+        if need.fits_in(&freed) {
+            break;
+        }
+        // A victim that frees nothing we are short of is no help.
+        let short = need.minus(&freed);
+        let helps = (short.cpu > 0 && v.cost.cpu > 0)
+            || (short.ram > 0 && v.cost.ram > 0)
+            || (short.gpu > 0 && v.cost.gpu > 0)
+            || (short.storage > 0 && v.cost.storage > 0);
+        if !helps {
+            continue;
+        }
+        freed = freed.plus(&v.cost);
+        chosen.push(v);
+    }
+    if !need.fits_in(&freed) {
+        return None;
+    }
+    // Walk back from the most expensive choice: drop any the rest already cover.
+    let mut i = chosen.len();
+    while i > 0 {
+        i -= 1;
+        let without = freed.minus(&chosen[i].cost);
+        if need.fits_in(&without) {
+            freed = without;
+            chosen.remove(i);
+        }
+    }
+    Some(chosen.into_iter().cloned().collect())
+}
+
+#[cfg(test)]
+mod preemption_tests {
+    use super::*;
+    use crate::resources::Resources;
+    use crate::task::TaskId;
+    use std::time::Duration;
+
+    fn v(id: i64, cpu: f64, gpu: f64, secs: u64) -> Victim {
+        Victim {
+            id: TaskId(id),
+            cost: Resources::new(cpu, 0, gpu).amounts(),
+            runtime: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn picks_the_cheapest_sufficient_set() {
+        let need = Resources::new(1.0, 0, 0.0).amounts();
+        let free = Resources::new(0.0, 0, 0.0).amounts();
+        let plan = plan_preemption(
+            &need,
+            &free,
+            &[v(1, 1.0, 0.0, 50), v(2, 1.0, 0.0, 5), v(3, 1.0, 0.0, 20)],
+        )
+        .unwrap();
+        assert_eq!(plan.iter().map(|v| v.id.0).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn no_deficit_means_no_victims_and_impossible_means_none() {
+        let need = Resources::new(1.0, 0, 0.0).amounts();
+        assert_eq!(
+            plan_preemption(&need, &need, &[v(1, 1.0, 0.0, 1)])
+                .unwrap()
+                .len(),
+            0
+        );
+        let need = Resources::new(4.0, 0, 0.0).amounts();
+        let free = Resources::new(0.0, 0, 0.0).amounts();
+        assert!(plan_preemption(&need, &free, &[v(1, 1.0, 0.0, 1), v(2, 2.0, 0.0, 1)]).is_none());
+    }
+
+    #[test]
+    fn skips_victims_that_free_nothing_needed_and_prunes() {
+        // Needs a GPU; the cheapest task holds only CPU and is not touched.
+        let need = Resources::new(1.0, 0, 1.0).amounts();
+        let free = Resources::new(1.0, 0, 0.0).amounts();
+        let plan = plan_preemption(
+            &need,
+            &free,
+            &[v(1, 1.0, 0.0, 1), v(2, 0.0, 0.5, 2), v(3, 0.0, 1.0, 3)],
+        )
+        .unwrap();
+        let ids: Vec<i64> = plan.iter().map(|v| v.id.0).collect();
+        // 2 (0.5) then 3 (1.0) cover it; walking back, 3 alone suffices? No: 3 is kept and 2
+        // is dropped only if 3 alone covers the need, which it does.
+        assert_eq!(ids, vec![3]);
+    }
+}

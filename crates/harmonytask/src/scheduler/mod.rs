@@ -38,7 +38,7 @@ use crate::status::{EngineStatus, RunningTask, TypeStatus};
 use crate::store::{Candidate, ClaimOutcome, TaskClaim};
 use crate::task::{EngineView, TaskId};
 
-use self::admission::{AdmitInput, Blocked, admit, pass_order};
+use self::admission::{AdmitInput, Blocked, Victim, admit, pass_order, plan_preemption};
 use self::view::TypeView;
 
 /// Result of a claim job.
@@ -48,6 +48,12 @@ pub(crate) struct ClaimResult {
     offered: Vec<TaskId>,
     accepted: Vec<TaskId>,
     outcome: Result<ClaimOutcome, Error>,
+}
+
+/// Result of a preemption bid: the claimed time-sensitive task when this node won.
+pub(crate) struct PreemptResult {
+    ty: usize,
+    outcome: Result<Option<Candidate>, Error>,
 }
 
 /// Result of a poll job.
@@ -66,6 +72,11 @@ struct TypeSched {
     hold_until: Option<Instant>,
     next_eligible: Option<Timestamp>,
     never_fits_reported: bool,
+    /// Last IAmBored call, and whether one is running.
+    bored_at: Option<Instant>,
+    bored_in_flight: bool,
+    /// A preemption bid for this (time-sensitive) type is in flight.
+    preempt_in_flight: bool,
 }
 
 pub(crate) struct Scheduler {
@@ -77,6 +88,8 @@ pub(crate) struct Scheduler {
     reserved: Amounts,
     limiter_used: HashMap<usize, usize>,
     running: HashMap<TaskId, RunHandle>,
+    /// Victims cancelled for time-sensitive work: their reservation already moved to it.
+    preempted: HashSet<TaskId>,
     /// Claimed since the poll in flight started: a poll result may still list them.
     claimed_during_poll: HashSet<TaskId>,
     /// Incremented when a poll starts; view entries remember the epoch they were learned in.
@@ -105,6 +118,9 @@ impl Scheduler {
                 hold_until: None,
                 next_eligible: None,
                 never_fits_reported: false,
+                bored_at: None,
+                bored_in_flight: false,
+                preempt_in_flight: false,
             })
             .collect();
         let budget = shared.budget.amounts();
@@ -119,6 +135,7 @@ impl Scheduler {
             reserved: Amounts::default(),
             limiter_used: HashMap::new(),
             running: HashMap::new(),
+            preempted: HashSet::new(),
             claimed_during_poll: HashSet::new(),
             epoch: 0,
             poll_in_flight: false,
@@ -131,6 +148,7 @@ impl Scheduler {
         let shared = Arc::clone(&self.shared);
         loop {
             self.pass();
+            self.bored();
             self.start_poll();
             let wake = self.next_wake();
             tokio::select! {
@@ -150,9 +168,13 @@ impl Scheduler {
                 }
                 () = tokio::time::sleep_until(wake) => {}
             }
-            if Instant::now() >= self.next_poll_at {
+            let now = Instant::now();
+            if now >= self.next_poll_at {
                 self.poll_wanted.extend(0..self.types.len());
-                self.next_poll_at = Instant::now() + shared.config.poll_interval;
+                self.next_poll_at = now + shared.poll_interval();
+            } else {
+                // Notifications may have gone down since the timer was set.
+                self.next_poll_at = self.next_poll_at.min(now + shared.poll_interval());
             }
         }
         // Stopped: on a fatal error every attempt must end now, its outcome is discarded.
@@ -175,6 +197,13 @@ impl Scheduler {
                 wake = wake.min(now + view::until(now_ts, at));
             }
         }
+        // The idle tick: IAmBored of types with spare capacity.
+        let tick = self.shared.config.iambored_interval;
+        for (e, t) in self.shared.types.iter().zip(&self.types) {
+            if e.details.iambored.is_some() && !t.bored_in_flight {
+                wake = wake.min(t.bored_at.map_or(now, |at| at + tick));
+            }
+        }
         wake.max(now)
     }
 
@@ -195,6 +224,13 @@ impl Scheduler {
                 self.claimed_during_poll.remove(&task.id);
                 t.view.insert(task, self.epoch);
             }
+            Event::Wake { ty } => {
+                self.types[ty].hold_until = None;
+                self.poll_wanted.insert(ty);
+            }
+            Event::RunNow { ty } => self.call_bored(ty, true),
+            Event::BoredDone { ty } => self.types[ty].bored_in_flight = false,
+            Event::Preempted(r) => self.preempt_result(r),
             Event::Finished { ty, id } => self.finished(ty, id),
             Event::Claimed(r) => self.claimed(r),
             Event::Polled(p) => self.polled(p),
@@ -255,8 +291,12 @@ impl Scheduler {
             return;
         }
         self.types[ty].running -= 1;
+        // A limit or budget this type was held by may have room now.
+        self.types[ty].hold_until = None;
         self.shared.types[ty].metrics.running.dec();
-        self.unreserve(ty, 1);
+        if !self.preempted.remove(&id) {
+            self.unreserve(ty, 1);
+        }
         self.publish_counts();
     }
 
@@ -318,7 +358,11 @@ impl Scheduler {
                 t.blocked = Some(Blocked::ClusterLimit {
                     max: self.shared.types[ty].details.max_cluster,
                 });
-                t.hold_until = Some(hold);
+                // Only a claim that got nothing waits; one that got some may get more at once
+                // (a running task of the type finishing anywhere also wakes it).
+                if claimed_n == 0 {
+                    t.hold_until = Some(hold);
+                }
             } else if claimed_n < r.reserved.min(r.accepted.len()) {
                 // Lost races: what we accepted but did not get is owned by others (or locked
                 // by their claim). Drop it from the view and look again.
@@ -402,6 +446,17 @@ impl Scheduler {
             shared
                 .send(Event::Polled(PollResult { epoch, polled }))
                 .await;
+            // Run-now requests are also found by polling (SQLite has no notifications).
+            if shared.types.iter().any(|t| t.details.iambored.is_some()) {
+                match shared.store.singleton_requests().await {
+                    Ok(names) => {
+                        for name in names {
+                            shared.run_now(&name);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reading run-now requests failed"),
+                }
+            }
         });
     }
 
@@ -481,6 +536,15 @@ impl Scheduler {
                 claim_batch_max: batch_max,
             };
             match admit(&input) {
+                Err(b @ Blocked::Resources { .. }) if entry.details.time_sensitive => {
+                    t.blocked = Some(b);
+                    if !t.preempt_in_flight
+                        && let Some(first) =
+                            eligible.first().and_then(|id| t.view.get(*id)).cloned()
+                    {
+                        self.try_preempt(ty, first);
+                    }
+                }
                 Err(b) => {
                     if let Blocked::NeverFits { .. } = &b
                         && !t.never_fits_reported
@@ -501,6 +565,164 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Calls IAmBored of every type that has spare capacity here and was not called within
+    /// `iambored_interval`.
+    fn bored(&mut self) {
+        if self.draining {
+            return;
+        }
+        let now = Instant::now();
+        let tick = self.shared.config.iambored_interval;
+        let cordoned = self.shared.flags.cordoned();
+        for ty in 0..self.types.len() {
+            let entry = &self.shared.types[ty];
+            let t = &self.types[ty];
+            if entry.details.iambored.is_none()
+                || t.bored_in_flight
+                || t.bored_at.is_some_and(|at| now < at + tick)
+            {
+                continue;
+            }
+            let (limiter_max, limiter_used) = match &entry.details.max {
+                Some(l) => (
+                    l.max(),
+                    self.limiter_used.get(&l.key()).copied().unwrap_or(0),
+                ),
+                None => (0, 0),
+            };
+            let spare = admit(&AdmitInput {
+                cordoned,
+                override_applies: false,
+                limiter_max,
+                limiter_used,
+                cost: entry.cost,
+                free: self.budget.minus(&self.reserved),
+                budget: self.budget,
+                eligible: 1,
+                claim_batch_max: 1,
+            })
+            .is_ok_and(|n| n > 0);
+            if spare {
+                self.call_bored(ty, false);
+            }
+        }
+    }
+
+    fn call_bored(&mut self, ty: usize, run_now: bool) {
+        let Some(bored) = self.shared.types[ty].details.iambored.clone() else {
+            return;
+        };
+        if self.draining || (self.types[ty].bored_in_flight && !run_now) {
+            return;
+        }
+        let t = &mut self.types[ty];
+        t.bored_in_flight = true;
+        t.bored_at = Some(Instant::now());
+        let shared = Arc::clone(&self.shared);
+        let adder = shared.adder(ty);
+        self.shared.tracker.spawn(async move {
+            let ctx = crate::singleton::BoredContext { adder, run_now };
+            let name = Arc::clone(&shared.types[ty].name);
+            match AssertUnwindSafe((bored.call)(ctx)).catch_unwind().await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(task_type = %name, error = %e, "IAmBored failed"),
+                Err(_) => tracing::warn!(task_type = %name, "IAmBored panicked"),
+            }
+            shared.send(Event::BoredDone { ty }).await;
+        });
+    }
+
+    /// The running attempts that may be preempted (neither time-sensitive nor uninterruptible,
+    /// not already preempted), with their costs and runtimes.
+    fn victims(&self) -> Vec<Victim> {
+        self.running
+            .iter()
+            .filter(|(id, h)| !self.shared.types[h.ty].protected() && !self.preempted.contains(id))
+            .map(|(id, h)| Victim {
+                id: *id,
+                cost: self.shared.types[h.ty].cost,
+                runtime: h.started.elapsed(),
+            })
+            .collect()
+    }
+
+    /// A time-sensitive task does not fit: if cancelling the cheapest running work would make
+    /// room, bid for the right to do so (DESIGN §8). The claim decides: only the node that wins
+    /// the bid and then claims the task preempts anything.
+    fn try_preempt(&mut self, ty: usize, task: Candidate) {
+        let need = self.shared.types[ty].cost;
+        let free = self.budget.minus(&self.reserved);
+        let Some(plan) = plan_preemption(&need, &free, &self.victims()) else {
+            return;
+        };
+        let cost_ms: u64 = plan.iter().map(|v| v.runtime.as_millis() as u64).sum();
+        self.types[ty].preempt_in_flight = true;
+        let shared = Arc::clone(&self.shared);
+        let view_free = free.to_resources();
+        self.shared.tracker.spawn(async move {
+            let outcome = preempt_job(&shared, ty, task, cost_ms, view_free).await;
+            shared
+                .send(Event::Preempted(PreemptResult { ty, outcome }))
+                .await;
+        });
+    }
+
+    fn preempt_result(&mut self, r: PreemptResult) {
+        let ty = r.ty;
+        self.types[ty].preempt_in_flight = false;
+        let task = match r.outcome {
+            Ok(Some(task)) => task,
+            Ok(None) => {
+                // Lost the bid, refused, or another node took the task: nothing to do here.
+                self.types[ty].hold_until =
+                    Some(Instant::now() + self.shared.config.refused_retry_interval);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(task_type = %self.shared.types[ty].name, error = %e, "preemption bid failed");
+                self.types[ty].hold_until =
+                    Some(Instant::now() + self.shared.config.refused_retry_interval);
+                return;
+            }
+        };
+        self.types[ty].view.remove(task.id);
+        let need = self.shared.types[ty].cost;
+        let free = self.budget.minus(&self.reserved);
+        // Recompute: work may have finished while the bid ran.
+        let plan = plan_preemption(&need, &free, &self.victims()).unwrap_or_default();
+        let fits_after =
+            need.fits_in(&free.plus(&plan.iter().fold(Amounts::default(), |a, v| a.plus(&v.cost))));
+        if self.draining || !fits_after {
+            let shared = Arc::clone(&self.shared);
+            self.shared.tracker.spawn(async move {
+                let now = shared.clock.now();
+                if let Err(e) = shared.store.task_release(task.id, shared.machine, now).await {
+                    tracing::warn!(task = %task.id, error = %e, "could not release a claimed time-sensitive task");
+                }
+            });
+            return;
+        }
+        for v in &plan {
+            if let Some(h) = self.running.get(&v.id) {
+                let vty = h.ty;
+                tracing::info!(
+                    victim = %v.id,
+                    victim_type = %self.shared.types[vty].name,
+                    for_task = %task.id,
+                    for_type = %self.shared.types[ty].name,
+                    "preempting for time-sensitive work"
+                );
+                h.stop(StopReason::Preempted);
+                self.shared.types[vty].metrics.preempted.inc();
+                self.preempted.insert(v.id);
+                self.unreserve(vty, 1);
+            }
+        }
+        self.reserve(ty, 1);
+        self.start(ty, task);
+        self.publish_counts();
     }
 
     fn spawn_claim(&self, ty: usize, offered: Vec<TaskId>, n: usize, free: Resources) {
@@ -606,4 +828,53 @@ async fn claim_job(
         accepted,
         outcome,
     }
+}
+
+/// Bids to preempt for `task`, waits the bid window, and claims the task if this node's bid
+/// is the cheapest. `Ok(None)`: refused by `can_accept`, lost the bid, or the task is gone.
+async fn preempt_job(
+    shared: &Shared,
+    ty: usize,
+    task: Candidate,
+    cost_ms: u64,
+    free: Resources,
+) -> Result<Option<Candidate>, Error> {
+    let entry = &shared.types[ty];
+    let view = EngineView {
+        machine: shared.machine,
+        db: shared.db.clone(),
+        free,
+    };
+    let accepted = AssertUnwindSafe(entry.task.can_accept(&[task.id], &view))
+        .catch_unwind()
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .is_some_and(|ids| ids.contains(&task.id));
+    if !accepted {
+        return Ok(None);
+    }
+    let cost = i64::try_from(cost_ms).unwrap_or(i64::MAX);
+    shared
+        .store
+        .preempt_bid(task.id, shared.machine, cost)
+        .await?;
+    tokio::time::sleep(shared.config.preempt_bid_window).await;
+    if shared.store.preempt_winner(task.id).await? != Some(shared.machine) {
+        return Ok(None);
+    }
+    let claimed = shared
+        .store
+        .task_claim(&TaskClaim {
+            name: &entry.name,
+            ids: &[task.id],
+            limit: 1,
+            owner: shared.machine,
+            max_cluster: entry.details.max_cluster,
+        })
+        .await?;
+    if let Err(e) = shared.store.preempt_clear(task.id).await {
+        tracing::debug!(error = %e, "could not clear preemption bids");
+    }
+    Ok(claimed.claimed.into_iter().next())
 }

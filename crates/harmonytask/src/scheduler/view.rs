@@ -83,6 +83,12 @@ impl TypeView {
         self.by_order.remove(&(posted, id)).map(|(c, _)| c)
     }
 
+    /// The candidate record of `id`.
+    pub(crate) fn get(&self, id: TaskId) -> Option<&Candidate> {
+        let posted = self.posted_of.get(&id)?;
+        self.by_order.get(&(*posted, id)).map(|(c, _)| c)
+    }
+
     /// Merges the result of a poll started at `epoch`. `complete` means the poll returned
     /// fewer rows than it asked for, so nothing waits beyond them. `skip` filters out tasks
     /// this node claimed or runs (a poll that raced a claim still lists them).

@@ -73,8 +73,13 @@ impl Task for Probe {
     }
 }
 
-/// Settings for tests: short intervals, an explicit budget, a unique address.
+/// Settings for tests: short intervals, an explicit budget, a unique address. Also installs
+/// a log subscriber (`RUST_LOG=harmonytask=debug` to see the engine's logs in a failing test).
 pub fn config(budget: Resources) -> EngineConfig {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     EngineConfig {
         host_and_port: format!("127.0.0.1:{}", harmony_testkit::free_port()),
         budget: Some(budget),

@@ -1,0 +1,294 @@
+//! Wake-ups across nodes. Hints only: the database stays the authority, and a lost hint costs
+//! latency (the next poll finds the work), never correctness.
+//!
+//! * **Postgres**: statements that create or free work send `pg_notify('harmony', hint)` inside
+//!   their own transaction, so the hint is delivered exactly when the work becomes visible. Each
+//!   node keeps one `LISTEN` connection; when it breaks, the node marks notifications unhealthy
+//!   (the safety-net poll drops from 30 s to 3 s), reconnects with backoff, and polls once on
+//!   recovery to pick up whatever it missed.
+//! * **SQLite**, several processes on one file: there is no NOTIFY. The listener reads
+//!   `PRAGMA data_version` of the writer connection every `change_check_interval`; it changes
+//!   only when another connection commits, and then the node polls.
+//! * **Off** (`EngineConfig::notify = false`, for YugabyteDB, CockroachDB or PgBouncer in
+//!   transaction mode): no hints are sent or read; the node polls every
+//!   `poll_interval_unhealthy`.
+//!
+//! Hint payloads are short text: `add:TYPE:FROM`, `addt:TYPE:FROM:ID:POSTED_MS`, `rel:TYPE:FROM`,
+//! `follow:TYPE:FROM`, `runnow:TYPE:FROM`, `machines:FROM`, where FROM is the sending machine
+//! (0 for a client), so a node ignores its own hints.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use harmonydb::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Event, Shared};
+use crate::store::Candidate;
+use crate::task::{MachineId, TaskId};
+
+/// The notification channel.
+pub(crate) const CHANNEL: &str = "harmony";
+
+/// One wake-up hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Hint {
+    /// New task(s) of a type; with the id and posted time when it is a single task.
+    Added {
+        name: String,
+        task: Option<(TaskId, Timestamp)>,
+    },
+    /// Tasks of a type were released (retry, preemption, shutdown).
+    Released { name: String },
+    /// Completions of a type queued follow-ups.
+    Follow { from: String },
+    /// An operator asked a singleton to run now.
+    RunNow { name: String },
+    /// Machines changed: one died, or an operator cordoned or restarted one.
+    Machines,
+}
+
+impl Hint {
+    /// The payload, tagged with the sender.
+    pub(crate) fn payload(&self, from: MachineId) -> String {
+        match self {
+            Hint::Added {
+                name,
+                task: Some((id, posted)),
+            } => {
+                format!("addt:{name}:{from}:{id}:{}", posted.as_millis())
+            }
+            Hint::Added { name, task: None } => format!("add:{name}:{from}"),
+            Hint::Released { name } => format!("rel:{name}:{from}"),
+            Hint::Follow { from: f } => format!("follow:{f}:{from}"),
+            Hint::RunNow { name } => format!("runnow:{name}:{from}"),
+            Hint::Machines => format!("machines:{from}"),
+        }
+    }
+
+    /// Parses a payload; returns the hint and its sender. Anything malformed is `None`
+    /// (ignored: hints never carry anything that must not be lost).
+    pub(crate) fn parse(payload: &str) -> Option<(Hint, MachineId)> {
+        let parts: Vec<&str> = payload.split(':').collect();
+        let machine = |s: &str| s.parse::<i64>().ok().map(MachineId);
+        // Type names may contain ':' (e.g. "bg:Cleanup"); the sender and optional fields are at
+        // fixed positions from the end.
+        match parts.first().copied()? {
+            "machines" => Some((Hint::Machines, machine(parts.get(1)?)?)),
+            kind => {
+                let rest = &parts[1..];
+                let with_task = kind == "addt";
+                let (name_parts, tail) = if with_task {
+                    rest.split_at(rest.len().checked_sub(3)?)
+                } else {
+                    rest.split_at(rest.len().checked_sub(1)?)
+                };
+                let name = name_parts.join(":");
+                if name.is_empty() {
+                    return None;
+                }
+                let from = machine(tail[0])?;
+                let hint = match kind {
+                    "addt" => {
+                        let id = TaskId(tail[1].parse().ok()?);
+                        let posted = Timestamp::from_millis(tail[2].parse().ok()?);
+                        Hint::Added {
+                            name,
+                            task: Some((id, posted)),
+                        }
+                    }
+                    "add" => Hint::Added { name, task: None },
+                    "rel" => Hint::Released { name },
+                    "follow" => Hint::Follow { from: name },
+                    "runnow" => Hint::RunNow { name },
+                    _ => return None,
+                };
+                Some((hint, from))
+            }
+        }
+    }
+}
+
+/// Longest wait between reconnection attempts of the listener.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Receives hints and turns them into scheduler events.
+pub(crate) struct Listener {
+    pub shared: Arc<Shared>,
+}
+
+impl Listener {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let s = &self.shared;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match s.db.listen(&[CHANNEL]).await {
+                Ok(Some(mut listener)) => {
+                    backoff = Duration::from_millis(200);
+                    s.set_notify_healthy(true);
+                    // Whatever was sent while we were not listening is found by a poll.
+                    s.request_poll();
+                    let mut dropped = 0;
+                    loop {
+                        let n = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            n = listener.recv() => n,
+                        };
+                        let Some(n) = n else { break };
+                        if listener.dropped() != dropped {
+                            dropped = listener.dropped();
+                            s.request_poll();
+                        }
+                        if let Some((hint, from)) = Hint::parse(&n.payload)
+                            && from != s.machine
+                        {
+                            self.handle(hint).await;
+                        }
+                    }
+                    s.set_notify_healthy(false);
+                    tracing::warn!(
+                        "notification connection lost; polling every {:?} until it is back",
+                        s.config.poll_interval_unhealthy
+                    );
+                }
+                Ok(None) => {
+                    self.watch_sqlite(&shutdown).await;
+                    return;
+                }
+                Err(e) => {
+                    s.set_notify_healthy(false);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot open the notification connection");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        }
+    }
+
+    async fn handle(&self, hint: Hint) {
+        let s = &self.shared;
+        match hint {
+            Hint::Added {
+                name,
+                task: Some((id, posted)),
+            } => {
+                if let Some(&ty) = s.type_index.get(&name) {
+                    let c = Candidate {
+                        id,
+                        posted,
+                        updated: posted,
+                        retries: 0,
+                    };
+                    if s.events
+                        .try_send(Event::Added { ty, tasks: vec![c] })
+                        .is_err()
+                    {
+                        s.request_poll();
+                    }
+                }
+            }
+            Hint::Added { name, task: None } | Hint::Released { name } => s.wake_type(&name),
+            Hint::Follow { from } => s.wake_followers(Some(&from)),
+            Hint::RunNow { name } => s.run_now(&name),
+            Hint::Machines => {
+                s.wake_heartbeat.notify_one();
+                s.request_poll();
+            }
+        }
+    }
+
+    /// SQLite: poll when another connection committed.
+    async fn watch_sqlite(&self, shutdown: &CancellationToken) {
+        let s = &self.shared;
+        s.set_notify_healthy(true);
+        let mut last: Option<i64> = None;
+        let mut tick = tokio::time::interval(s.config.change_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match s.db.data_version().await {
+                Ok(Some(v)) => {
+                    if last.is_some_and(|l| l != v) {
+                        s.request_poll();
+                        s.wake_followers(None);
+                        s.wake_heartbeat.notify_one();
+                    }
+                    last = Some(v);
+                }
+                Ok(None) => return,
+                Err(e) => tracing::debug!(error = %e, "change check failed"),
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn set_notify_healthy(&self, healthy: bool) {
+        if self.notify_healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            self.nudge();
+        }
+    }
+
+    /// The safety-net poll interval in force now.
+    pub(crate) fn poll_interval(&self) -> Duration {
+        if self.notify_healthy.load(Ordering::Acquire) {
+            self.config.poll_interval
+        } else {
+            self.config.poll_interval_unhealthy
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        let me = MachineId(7);
+        let cases = [
+            Hint::Added {
+                name: "SDR".into(),
+                task: Some((TaskId(42), Timestamp::from_millis(1_700_000_000_123))),
+            },
+            Hint::Added {
+                name: "bg:Clean".into(),
+                task: None,
+            },
+            Hint::Released {
+                name: "PoRep".into(),
+            },
+            Hint::Follow { from: "a:b".into() },
+            Hint::RunNow {
+                name: "WdPost".into(),
+            },
+            Hint::Machines,
+        ];
+        for h in cases {
+            let p = h.payload(me);
+            assert_eq!(Hint::parse(&p), Some((h.clone(), me)), "{p}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        for p in [
+            "",
+            "add",
+            "add::1",
+            "nope:x:1",
+            "add:x:notanumber",
+            "addt:x:1:2",
+            "machines",
+        ] {
+            assert_eq!(Hint::parse(p), None, "{p}");
+        }
+    }
+}
