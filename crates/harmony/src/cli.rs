@@ -43,6 +43,25 @@ pub enum Command {
     Machine(MachineCommand),
     /// A self-contained tour: a fresh ./harmony-demo.db, one node, a small pipeline.
     Demo(DemoArgs),
+    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db.
+    Bench(BenchArgs),
+}
+
+/// `harmony bench`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, or all.
+    #[arg(value_name = "WORKLOAD")]
+    pub workload: String,
+    /// Node processes (cluster: only this count instead of 1, 2, 4, 8).
+    #[arg(long, value_name = "N")]
+    pub nodes: Option<usize>,
+    /// Tasks to measure (each workload has a default).
+    #[arg(long, value_name = "N")]
+    pub tasks: Option<usize>,
+    /// Latency: add from this process, run on a separate `harmony run` process.
+    #[arg(long)]
+    pub cross_node: bool,
 }
 
 impl Command {

@@ -550,6 +550,16 @@ impl Db {
         }
     }
 
+    /// Postgres: drops this handle's own schema with everything in it (`DROP SCHEMA … CASCADE`)
+    /// and closes the handle. For throw-away benchmark and test databases; SQLite: a no-op (delete
+    /// the file instead).
+    pub async fn drop_own_schema(self) -> Result<()> {
+        if let Backend::Postgres(p) = &self.inner.backend {
+            p.drop_schema().await?;
+        }
+        Ok(())
+    }
+
     /// Postgres: closes idle pooled connections so the next ones are opened afresh (after a
     /// suspected host failure). No-op on SQLite.
     pub fn reset_idle_connections(&self) {

@@ -340,6 +340,16 @@ impl PgBackend {
         }
     }
 
+    pub(crate) async fn drop_schema(&self) -> Result<()> {
+        let conn = self.get().await?;
+        // An identifier cannot be a bind parameter; the name was validated as
+        // [a-z_][a-z0-9_]* (config::validate_schema), so quoting it is exact.
+        let ddl = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.cfg.schema);
+        conn.client.batch_execute(&ddl).await.map_err(map_error)?;
+        self.pool.close();
+        Ok(())
+    }
+
     pub(crate) async fn get(&self) -> Result<Object<PgManager>> {
         self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => e,

@@ -11,13 +11,23 @@
 //!   them read while the writer writes. A statement sent to a reader that turns out not to be
 //!   read-only (`INSERT … RETURNING` through `select`, say) is forwarded to the writer.
 //!
+//! **Inline fast path.** Handing a statement to another thread and back costs more than a
+//! cheap statement itself, so a call first tries to run on the calling thread: it takes a free
+//! connection (`try_lock`, never waiting), and runs in *inline mode*, where the busy handler
+//! does not wait for other processes' locks and a progress handler interrupts the statement
+//! after a small budget of virtual-machine steps. A statement that would wait or runs long is
+//! thereby aborted before it did anything lasting (SQLite rolls back an interrupted statement)
+//! and re-run on the dedicated threads. Async callers are blocked for microseconds at most;
+//! transactions and streams always use the threads.
+//!
 //! Requests travel over crossbeam channels and answers come back on tokio oneshots.
 //! Parameters are written `$1…$n` as in Postgres; SQLite treats `$1` as a named parameter, so
 //! binding goes by the number in each parameter's name, never by position of first use.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel as cb;
@@ -71,7 +81,94 @@ pub(crate) enum TxMsg {
 pub(crate) struct SqliteBackend {
     writer: cb::Sender<WriterMsg>,
     readers: cb::Sender<ReaderMsg>,
+    writer_conn: Arc<Mutex<Conn>>,
+    reader_conns: Vec<Arc<Mutex<Conn>>>,
+    /// Writes may run inline only when a commit does not wait for fsync.
+    inline_writes: bool,
     path: PathBuf,
+}
+
+/// A connection with its statement-side state, shared by its thread and inline callers.
+struct Conn {
+    conn: Connection,
+    columns: ColumnCache,
+    /// Whether each statement (by its `&'static str` address) only reads.
+    readonly: HashMap<(usize, usize), bool>,
+    gate: Arc<InlineGate>,
+}
+
+/// Inline mode of one connection, read by its busy and progress handlers.
+#[derive(Default)]
+struct InlineGate {
+    active: AtomicBool,
+    ticks: AtomicU32,
+}
+
+/// Virtual-machine steps between progress-handler calls.
+const INLINE_CHECK_OPS: i32 = 1_000;
+/// Progress-handler calls an inline statement may use before it is moved to a thread
+/// (about 50,000 steps: tens of microseconds).
+const INLINE_TICKS_MAX: u32 = 50;
+
+impl Conn {
+    fn new(conn: Connection, gate: Arc<InlineGate>) -> Self {
+        Conn {
+            conn,
+            columns: ColumnCache::default(),
+            readonly: HashMap::new(),
+            gate,
+        }
+    }
+
+    /// Whether `sql` only reads, remembered per statement.
+    fn is_readonly(&mut self, sql: &'static str) -> Result<bool> {
+        let key = (sql.as_ptr() as usize, sql.len());
+        if let Some(r) = self.readonly.get(&key) {
+            return Ok(*r);
+        }
+        let r = self.conn.prepare_cached(sql).map_err(map_error)?.readonly();
+        self.readonly.insert(key, r);
+        Ok(r)
+    }
+
+    /// Runs a statement in inline mode. `None`: it would have waited for a lock or ran past
+    /// its budget, was aborted with no effect, and belongs on a thread.
+    fn run_inline(
+        &mut self,
+        sql: &'static str,
+        params: &[Value],
+        want: Want,
+    ) -> Option<Result<Output>> {
+        self.gate.ticks.store(0, Ordering::Relaxed);
+        self.gate.active.store(true, Ordering::Release);
+        let out = run_job(&self.conn, &mut self.columns, sql, params, want);
+        self.gate.active.store(false, Ordering::Release);
+        match out {
+            Err(e) if is_inline_abort(&e) => {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+}
+
+/// BUSY, LOCKED or INTERRUPT: the statement did nothing and can run again on a thread.
+fn is_inline_abort(e: &Error) -> bool {
+    let primary = e
+        .code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .map(|c| c & 0xff);
+    matches!(
+        primary,
+        Some(
+            rusqlite::ffi::SQLITE_BUSY
+                | rusqlite::ffi::SQLITE_LOCKED
+                | rusqlite::ffi::SQLITE_INTERRUPT
+        )
+    )
 }
 
 impl SqliteBackend {
@@ -95,7 +192,8 @@ impl SqliteBackend {
             ));
         }
         check_directory(&cfg.path)?;
-        let writer_conn = open_connection(cfg, false)?;
+        let writer_gate = Arc::new(InlineGate::default());
+        let writer_conn = open_connection(cfg, false, &writer_gate)?;
         // WAL must be set before readers open, and it needs the write lock once.
         let mode: String = writer_conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -111,22 +209,27 @@ impl SqliteBackend {
         }
         let mut reader_conns = Vec::with_capacity(cfg.readers);
         for _ in 0..cfg.readers.max(1) {
-            reader_conns.push(open_connection(cfg, true)?);
+            let gate = Arc::new(InlineGate::default());
+            let conn = open_connection(cfg, true, &gate)?;
+            reader_conns.push(Arc::new(Mutex::new(Conn::new(conn, gate))));
         }
+        let writer_conn = Arc::new(Mutex::new(Conn::new(writer_conn, writer_gate)));
 
         let (writer_tx, writer_rx) = cb::bounded::<WriterMsg>(1024);
+        let w = Arc::clone(&writer_conn);
         std::thread::Builder::new()
             .name("harmonydb-sqlite-writer".into())
-            .spawn(move || writer_loop(writer_conn, writer_rx))
+            .spawn(move || writer_loop(&w, writer_rx))
             .map_err(|e| Error::new(ErrorKind::Other, format!("spawning SQLite writer: {e}")))?;
 
         let (reader_tx, reader_rx) = cb::bounded::<ReaderMsg>(1024);
-        for (i, conn) in reader_conns.into_iter().enumerate() {
+        for (i, conn) in reader_conns.iter().enumerate() {
             let rx = reader_rx.clone();
             let writer = writer_tx.clone();
+            let conn = Arc::clone(conn);
             std::thread::Builder::new()
                 .name(format!("harmonydb-sqlite-reader-{i}"))
-                .spawn(move || reader_loop(conn, rx, writer))
+                .spawn(move || reader_loop(&conn, rx, writer))
                 .map_err(|e| {
                     Error::new(ErrorKind::Other, format!("spawning SQLite reader: {e}"))
                 })?;
@@ -134,6 +237,9 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             writer: writer_tx,
             readers: reader_tx,
+            writer_conn,
+            reader_conns,
+            inline_writes: cfg.synchronous == Synchronous::Normal,
             path: cfg.path.clone(),
         })
     }
@@ -150,6 +256,9 @@ impl SqliteBackend {
         params: Vec<Value>,
         want: Want,
     ) -> Result<Output> {
+        if let Some(out) = self.try_inline(sql, &params, want) {
+            return out;
+        }
         let (reply, rx) = oneshot::channel();
         let job = Job {
             sql,
@@ -167,6 +276,30 @@ impl SqliteBackend {
             return Err(closed());
         }
         rx.await.map_err(|_| closed())?
+    }
+
+    /// Runs a statement on the calling thread if a connection is free and the statement is
+    /// cheap (see the module docs); `None` when it must go to a thread.
+    fn try_inline(
+        &self,
+        sql: &'static str,
+        params: &[Value],
+        want: Want,
+    ) -> Option<Result<Output>> {
+        if want == Want::Rows {
+            // A free reader, if any; a statement that turns out to write goes to the writer.
+            let mut reader = self.reader_conns.iter().find_map(|r| r.try_lock().ok())?;
+            match reader.is_readonly(sql) {
+                Ok(true) => return reader.run_inline(sql, params, want),
+                Ok(false) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        if !self.inline_writes {
+            return None;
+        }
+        let mut writer = self.writer_conn.try_lock().ok()?;
+        writer.run_inline(sql, params, want)
     }
 
     /// `PRAGMA data_version` on the writer connection. It changes only when *another*
@@ -314,7 +447,11 @@ fn open_error(path: &Path, e: rusqlite::Error) -> Error {
     )
 }
 
-fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
+fn open_connection(
+    cfg: &SqliteConfig,
+    read_only: bool,
+    gate: &Arc<InlineGate>,
+) -> Result<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -327,8 +464,18 @@ fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
     };
     let mut conn =
         Connection::open_with_flags(&cfg.path, flags).map_err(|e| open_error(&cfg.path, e))?;
-    conn.busy_handler(Some(busy_handler(cfg.busy_timeout)))
+    conn.busy_handler(Some(busy_handler(cfg.busy_timeout, Arc::clone(gate))))
         .map_err(|e| open_error(&cfg.path, e))?;
+    let g = Arc::clone(gate);
+    conn.progress_handler(
+        INLINE_CHECK_OPS,
+        Some(move || {
+            // Only inline statements have a budget; on a thread a statement runs to the end.
+            g.active.load(Ordering::Acquire)
+                && g.ticks.fetch_add(1, Ordering::Relaxed) >= INLINE_TICKS_MAX
+        }),
+    )
+    .map_err(|e| open_error(&cfg.path, e))?;
     conn.set_prepared_statement_cache_capacity(256);
     let sync = match cfg.synchronous {
         Synchronous::Normal => "NORMAL",
@@ -353,9 +500,16 @@ fn open_connection(cfg: &SqliteConfig, read_only: bool) -> Result<Connection> {
 /// from other writers a waiter can miss every window and starve for the whole timeout — long
 /// enough for a node's heartbeat to look dead. Sub-millisecond polling hands the lock over
 /// fairly at the cost of a few wake-ups.
-fn busy_handler(timeout: Duration) -> impl FnMut(i32) -> bool + Send + 'static {
+fn busy_handler(
+    timeout: Duration,
+    gate: Arc<InlineGate>,
+) -> impl FnMut(i32) -> bool + Send + 'static {
     let mut started = std::time::Instant::now();
     move |attempt: i32| {
+        if gate.active.load(Ordering::Acquire) {
+            // Inline statements never wait: they go to a thread instead.
+            return false;
+        }
         if attempt == 0 {
             started = std::time::Instant::now();
         }
@@ -386,12 +540,14 @@ impl ColumnCache {
     }
 }
 
-fn writer_loop(conn: Connection, rx: cb::Receiver<WriterMsg>) {
-    let mut columns = ColumnCache::default();
+fn writer_loop(shared: &Mutex<Conn>, rx: cb::Receiver<WriterMsg>) {
     while let Ok(msg) = rx.recv() {
+        // Held for one job, or for a whole transaction: inline callers then use the queue.
+        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let Conn { conn, columns, .. } = &mut *guard;
         match msg {
             WriterMsg::Job(job) => {
-                let out = run_job(&conn, &mut columns, job.sql, &job.params, job.want);
+                let out = run_job(conn, columns, job.sql, &job.params, job.want);
                 let _ = job.reply.send(out);
             }
             WriterMsg::Script(sql, reply) => {
@@ -407,7 +563,7 @@ fn writer_loop(conn: Connection, rx: cb::Receiver<WriterMsg>) {
                     let _ = conn.execute_batch("ROLLBACK");
                     continue;
                 }
-                serve_transaction(&conn, &mut columns, &tx_rx);
+                serve_transaction(conn, columns, &tx_rx);
             }
         }
     }
@@ -447,9 +603,10 @@ fn serve_transaction(conn: &Connection, columns: &mut ColumnCache, rx: &cb::Rece
     }
 }
 
-fn reader_loop(conn: Connection, rx: cb::Receiver<ReaderMsg>, writer: cb::Sender<WriterMsg>) {
-    let mut columns = ColumnCache::default();
+fn reader_loop(shared: &Mutex<Conn>, rx: cb::Receiver<ReaderMsg>, writer: cb::Sender<WriterMsg>) {
     while let Ok(msg) = rx.recv() {
+        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let Conn { conn, columns, .. } = &mut *guard;
         match msg {
             ReaderMsg::Job(job) => {
                 let readonly = match conn.prepare_cached(job.sql) {
@@ -467,10 +624,10 @@ fn reader_loop(conn: Connection, rx: cb::Receiver<ReaderMsg>, writer: cb::Sender
                     }
                     continue;
                 }
-                let out = run_job(&conn, &mut columns, job.sql, &job.params, job.want);
+                let out = run_job(conn, columns, job.sql, &job.params, job.want);
                 let _ = job.reply.send(out);
             }
-            ReaderMsg::Stream(job) => stream_job(&conn, &mut columns, job),
+            ReaderMsg::Stream(job) => stream_job(conn, columns, job),
         }
     }
 }

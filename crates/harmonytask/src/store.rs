@@ -1152,6 +1152,56 @@ impl Store {
     }
 }
 
+/// The time span of recorded attempts, for throughput measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct HistorySpan {
+    /// Attempts recorded.
+    pub attempts: i64,
+    /// Earliest attempt start.
+    pub first_start: Option<Timestamp>,
+    /// Latest attempt end.
+    pub last_end: Option<Timestamp>,
+}
+
+impl Store {
+    /// Count and span of the attempts of `name` recorded after history id `after`.
+    pub async fn history_span(&self, name: &str, after: i64) -> Result<HistorySpan> {
+        let (attempts, first_start, last_end): (i64, Option<Timestamp>, Option<Timestamp>) = self
+            .db
+            .query_row(
+                "SELECT count(*), min(work_start), max(work_end) FROM harmony_task_history WHERE name = $1 AND id > $2",
+                &[&name, &after],
+            )
+            .await?;
+        Ok(HistorySpan {
+            attempts,
+            first_start,
+            last_end,
+        })
+    }
+
+    /// The highest history id so far (0 when empty).
+    pub async fn history_max_id(&self) -> Result<i64> {
+        Ok(self
+            .db
+            .scalar::<Option<i64>>("SELECT max(id) FROM harmony_task_history", &[])
+            .await?
+            .unwrap_or(0))
+    }
+
+    /// Whether any task of `name` is still pending or running.
+    pub async fn any_task(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .db
+            .query_opt::<(i64,)>(
+                "SELECT id FROM harmony_task WHERE name = $1 LIMIT 1",
+                &[&name],
+            )
+            .await?
+            .is_some())
+    }
+}
+
 /// One physical attempt of a built-in task, as written by the task itself.
 #[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
 pub struct AttemptRow {

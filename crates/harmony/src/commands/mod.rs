@@ -1,6 +1,7 @@
 //! Command implementations. Each returns the process exit code or an error that `main`
 //! prints as one line.
 
+mod bench;
 mod db;
 mod machine;
 mod run;
@@ -33,6 +34,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
         Command::Task(cmd) => task::run(&cli.db, cli.json, cmd).await,
         Command::Machine(cmd) => machine::run(&cli.db, cli.json, cmd).await,
         Command::Demo(args) => crate::demo::run(args, cli.json, shutdown).await,
+        Command::Bench(args) => bench::run(&cli.db, cli.json, args).await,
     }
 }
 

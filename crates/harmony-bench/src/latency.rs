@@ -1,0 +1,173 @@
+//! Add-to-start latency on an idle cluster, measured from just before the add call.
+//!
+//! Same node: an in-process engine runs a probe type that timestamps its start; tasks are
+//! added through that engine. Cross node (`--cross-node`): a `harmony run` child process runs
+//! `bench_noop`, which logs its start in microseconds; this process adds through a `Client`
+//! (another process, as another node would) and compares clocks of the same machine.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use harmonytask::builtin::BENCH_NOOP;
+use harmonytask::store::Store;
+use harmonytask::{
+    Client, Done, Engine, EngineConfig, Resources, RunContext, Task, TaskError, TaskId,
+    TypeDetails, async_trait,
+};
+
+use crate::fresh::FreshDb;
+use crate::node::NodeProcess;
+use crate::reference::reference_commits_per_s;
+use crate::{BenchOptions, BenchResult, peak_rss_mb, percentile, reset_peak_rss};
+
+/// Adds per second: slow enough that the node is idle at every add.
+const ADD_RATE_PER_S: u64 = 200;
+
+struct Probe {
+    starts: Arc<Mutex<HashMap<TaskId, Instant>>>,
+}
+
+#[async_trait]
+impl Task for Probe {
+    fn type_details(&self) -> TypeDetails {
+        TypeDetails::new("latency_probe")
+    }
+
+    async fn run(&self, task: TaskId, _ctx: RunContext) -> Result<Done, TaskError> {
+        let now = Instant::now();
+        if let Ok(mut s) = self.starts.lock() {
+            s.insert(task, now);
+        }
+        Ok(Done(true))
+    }
+}
+
+fn micros_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn summarize(mut samples_ms: Vec<f64>, r: &mut BenchResult) {
+    samples_ms.sort_by(f64::total_cmp);
+    r.tasks = samples_ms.len();
+    r.p50_ms = Some(percentile(&samples_ms, 50.0));
+    r.p95_ms = Some(percentile(&samples_ms, 95.0));
+    r.p99_ms = Some(percentile(&samples_ms, 99.0));
+    r.max_ms = samples_ms.last().copied();
+}
+
+pub(crate) async fn latency(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+    let n = opts.tasks.unwrap_or(2_000);
+    let fresh = FreshDb::create(&opts.db_url).await?;
+    let reference = reference_commits_per_s(&fresh.url).await?;
+    let result = if opts.cross_node {
+        cross_node(opts, &fresh, n).await
+    } else {
+        same_node(&fresh, n).await
+    };
+    let mut r = result?;
+    r.reference_commits_per_s = Some(reference);
+    fresh.cleanup().await?;
+    Ok(vec![r])
+}
+
+async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
+    let db = fresh.open().await?;
+    let starts = Arc::new(Mutex::new(HashMap::new()));
+    reset_peak_rss();
+    let engine = Engine::builder(db.clone())
+        .register(Probe {
+            starts: starts.clone(),
+        })
+        .config(EngineConfig {
+            host_and_port: format!("bench-latency-{}", std::process::id()),
+            budget: Some(Resources::new(2.0, 1 << 30, 0.0)),
+            ..EngineConfig::default()
+        })
+        .start()
+        .await?;
+    let mut added: Vec<(TaskId, Instant)> = Vec::with_capacity(n);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / ADD_RATE_PER_S));
+    let begin = Instant::now();
+    for _ in 0..n {
+        tick.tick().await;
+        let t0 = Instant::now();
+        if let Some(id) = engine
+            .add_task("latency_probe", |_, _| async { Ok(true) })
+            .await?
+        {
+            added.push((id, t0));
+        }
+    }
+    // Wait for the last starts to be seen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while starts.lock().map(|s| s.len()).unwrap_or(0) < added.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = begin.elapsed().as_secs_f64();
+    engine.shutdown().await?;
+    let starts = starts.lock().map(|s| s.clone()).unwrap_or_default();
+    let samples: Vec<f64> = added
+        .iter()
+        .filter_map(|(id, t0)| {
+            starts
+                .get(id)
+                .map(|t1| t1.duration_since(*t0).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    let mut r = BenchResult::new("latency", fresh.backend);
+    r.seconds = seconds;
+    r.peak_rss_mb = peak_rss_mb(std::process::id());
+    r.detail = format!(
+        "same node, in-process; {ADD_RATE_PER_S} adds/s; {} of {} started",
+        samples.len(),
+        added.len()
+    );
+    summarize(samples, &mut r);
+    Ok(r)
+}
+
+async fn cross_node(opts: &BenchOptions, fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
+    let db = fresh.open().await?;
+    let store = Store::new(db.clone());
+    let mut node = NodeProcess::spawn(&opts.harmony_exe, &fresh.url, &["--types", BENCH_NOOP])?;
+    node.wait_registered(&store).await?;
+    // Let the node finish its start-up poll so every task below is found by a wake-up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = Client::new(db.clone());
+    let mut added: Vec<(i64, i64)> = Vec::with_capacity(n);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / ADD_RATE_PER_S));
+    let begin = Instant::now();
+    for _ in 0..n {
+        tick.tick().await;
+        let t0 = micros_now();
+        if let Some(id) = client.add_task_with_args(BENCH_NOOP, &[]).await? {
+            added.push((id.0, t0));
+        }
+    }
+    while store.any_task(BENCH_NOOP).await? {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = begin.elapsed().as_secs_f64();
+    let rss = peak_rss_mb(node.pid());
+    node.stop().await?;
+    let attempts = store.attempts().await?;
+    let started: HashMap<i64, i64> = attempts.iter().map(|a| (a.task_id, a.started_us)).collect();
+    let samples: Vec<f64> = added
+        .iter()
+        .filter_map(|(id, t0)| started.get(id).map(|t1| (t1 - t0) as f64 / 1000.0))
+        .collect();
+    let mut r = BenchResult::new("latency", fresh.backend);
+    r.nodes = 2;
+    r.seconds = seconds;
+    r.peak_rss_mb = rss;
+    r.detail = format!(
+        "cross node: added by this process, run by a harmony run process; {ADD_RATE_PER_S} adds/s; {} of {} started",
+        samples.len(),
+        added.len()
+    );
+    summarize(samples, &mut r);
+    Ok(r)
+}

@@ -1,0 +1,242 @@
+//! Throughput, backlog and cluster workloads: how fast `bench_noop` tasks drain.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use harmonydb::Db;
+use harmonytask::builtin::{BENCH_NOOP, builtins};
+use harmonytask::store::Store;
+use harmonytask::{Client, Engine, EngineConfig, Resources};
+use tokio::sync::Notify;
+
+use crate::fresh::FreshDb;
+use crate::node::NodeProcess;
+use crate::reference::reference_commits_per_s;
+use crate::{BenchOptions, BenchResult, peak_rss_mb, reset_peak_rss};
+
+/// Largest insert transaction.
+const INSERT_BATCH: usize = 10_000;
+
+/// Inserts `n` `bench_noop` tasks in batches; returns tasks inserted per second.
+pub(crate) async fn insert_noops(db: &Db, n: usize) -> anyhow::Result<f64> {
+    let client = Client::new(db.clone());
+    let start = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(INSERT_BATCH);
+        client.add_tasks_with_args(BENCH_NOOP, k, &[]).await?;
+        left -= k;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// An in-process node running the built-in types, with a completion counter.
+pub(crate) struct Counted {
+    pub engine: Engine,
+    pub done: Arc<AtomicUsize>,
+    pub notify: Arc<Notify>,
+}
+
+impl Counted {
+    pub(crate) async fn start(db: &Db, budget: Resources) -> anyhow::Result<Counted> {
+        let mut builder = Engine::builder(db.clone()).config(EngineConfig {
+            host_and_port: format!("bench-{}:{}", std::process::id(), fastrand::u32(..)),
+            budget: Some(budget),
+            shutdown_grace: Duration::ZERO,
+            ..EngineConfig::default()
+        });
+        for t in builtins(db, Resources::default()) {
+            builder = builder.register_arc(t);
+        }
+        let engine = builder.start().await?;
+        let done = Arc::new(AtomicUsize::new(0));
+        let notify = Arc::new(Notify::new());
+        let (d, n) = (done.clone(), notify.clone());
+        engine.on_task_complete(
+            BENCH_NOOP,
+            Arc::new(move |_, _| {
+                d.fetch_add(1, Ordering::Relaxed);
+                n.notify_one();
+            }),
+        )?;
+        Ok(Counted {
+            engine,
+            done,
+            notify,
+        })
+    }
+
+    /// Waits until `target` completions were counted.
+    pub(crate) async fn until(&self, target: usize) {
+        while self.done.load(Ordering::Relaxed) < target {
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.notify.notified()).await;
+        }
+    }
+}
+
+fn node_budget() -> Resources {
+    let detected = harmonytask::resources::detect();
+    Resources::new(detected.cpu, detected.ram, detected.gpu)
+}
+
+/// Drain rate from history: tasks over (last end − first start) of the recorded attempts.
+async fn history_rate(store: &Store, after: i64) -> anyhow::Result<(usize, f64)> {
+    let span = store.history_span(BENCH_NOOP, after).await?;
+    let secs = match (span.first_start, span.last_end) {
+        (Some(a), Some(b)) => b.since(a).as_secs_f64().max(0.001),
+        _ => 0.0,
+    };
+    Ok((span.attempts as usize, secs))
+}
+
+/// Insert N tasks, then drain them with one in-process node.
+pub(crate) async fn throughput(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+    let n = opts.tasks.unwrap_or(20_000);
+    let fresh = FreshDb::create(&opts.db_url).await?;
+    let reference = reference_commits_per_s(&fresh.url).await?;
+    let db = fresh.open().await?;
+    let insert_rate = insert_noops(&db, n).await?;
+    reset_peak_rss();
+    let node = Counted::start(&db, node_budget()).await?;
+    node.until(n).await;
+    let store = Store::new(db.clone());
+    let (tasks, secs) = history_rate(&store, 0).await?;
+    node.engine.shutdown().await?;
+    drop(db);
+    let mut r = BenchResult::new("throughput", fresh.backend);
+    r.tasks = tasks;
+    r.seconds = secs;
+    r.tasks_per_s = Some(tasks as f64 / secs);
+    r.reference_commits_per_s = Some(reference);
+    r.peak_rss_mb = peak_rss_mb(std::process::id());
+    r.detail = format!("insert {insert_rate:.0} tasks/s; in-process node; history written");
+    fresh.cleanup().await?;
+    Ok(vec![r])
+}
+
+/// Drain rate with 1,000 / 100,000 / 1,000,000 queued (at most `--tasks`), and the ratio of
+/// each to the smallest. Each size drains up to 20,000 tasks (rounds of 1,000 for the smallest)
+/// so that every rate is measured over the same amount of work.
+pub(crate) async fn backlog(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+    const MEASURED: usize = 20_000;
+    let max = opts.tasks.unwrap_or(1_000_000);
+    let sizes: Vec<usize> = [1_000, 100_000, 1_000_000]
+        .into_iter()
+        .filter(|s| *s <= max)
+        .collect();
+    let mut results = Vec::new();
+    let mut base_rate = None;
+    for size in sizes {
+        let fresh = FreshDb::create(&opts.db_url).await?;
+        let reference = reference_commits_per_s(&fresh.url).await?;
+        let db = fresh.open().await?;
+        let store = Store::new(db.clone());
+        let mut rate_detail = String::new();
+        let (measured, secs) = if size < MEASURED {
+            // Rounds: queue `size`, drain it, repeat; only drain time counts.
+            let node = Counted::start(&db, node_budget()).await?;
+            let rounds = MEASURED / size;
+            let mut drain = Duration::ZERO;
+            for round in 1..=rounds {
+                node.engine
+                    .add_tasks(BENCH_NOOP, size, |_, _| async { Ok(true) })
+                    .await?;
+                let start = Instant::now();
+                node.until(round * size).await;
+                drain += start.elapsed();
+            }
+            node.engine.shutdown().await?;
+            rate_detail.push_str(&format!("{rounds} rounds of {size}"));
+            (rounds * size, drain.as_secs_f64())
+        } else {
+            let insert_rate = insert_noops(&db, size).await?;
+            let node = Counted::start(&db, node_budget()).await?;
+            let before = store.history_max_id().await?;
+            node.until(MEASURED).await;
+            let (n, secs) = history_rate(&store, before).await?;
+            node.engine.shutdown().await?;
+            rate_detail.push_str(&format!(
+                "first {n} of {size} queued; insert {insert_rate:.0}/s"
+            ));
+            (n, secs)
+        };
+        let rate = measured as f64 / secs;
+        let base = *base_rate.get_or_insert(rate);
+        let mut r = BenchResult::new("backlog", fresh.backend);
+        r.tasks = size;
+        r.seconds = secs;
+        r.tasks_per_s = Some(rate);
+        r.reference_commits_per_s = Some(reference);
+        r.detail = format!("{rate_detail}; ratio to smallest {:.2}", rate / base);
+        results.push(r);
+        drop(store);
+        drop(db);
+        fresh.cleanup().await?;
+    }
+    Ok(results)
+}
+
+/// 1, 2, 4, 8 `harmony run` processes (or `--nodes`) on one database: aggregate tasks/s, and
+/// a check from the attempts log that no task ran twice.
+pub(crate) async fn cluster(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+    let n_tasks = opts.tasks.unwrap_or(20_000);
+    let counts: Vec<usize> = match opts.nodes {
+        Some(n) => vec![n],
+        None => vec![1, 2, 4, 8],
+    };
+    let mut results = Vec::new();
+    for nodes in counts {
+        let fresh = FreshDb::create(&opts.db_url).await?;
+        let reference = reference_commits_per_s(&fresh.url).await?;
+        let db = fresh.open().await?;
+        let store = Store::new(db.clone());
+        let mut procs = Vec::new();
+        for _ in 0..nodes {
+            // Each node gets an even share of the machine, as separate machines would have.
+            procs.push(NodeProcess::spawn(
+                &opts.harmony_exe,
+                &fresh.url,
+                &["--types", BENCH_NOOP, "--shutdown-grace", "0s"],
+            )?);
+        }
+        for p in &mut procs {
+            p.wait_registered(&store).await?;
+        }
+        insert_noops(&db, n_tasks).await?;
+        while store.any_task(BENCH_NOOP).await? {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (tasks, secs) = history_rate(&store, 0).await?;
+        let rss = procs
+            .iter()
+            .filter_map(|p| peak_rss_mb(p.pid()))
+            .fold(0.0f64, f64::max);
+        for p in procs {
+            p.stop().await?;
+        }
+        let attempts = store.attempts().await?;
+        let mut per_task = std::collections::HashMap::<i64, usize>::new();
+        for a in &attempts {
+            *per_task.entry(a.task_id).or_default() += 1;
+        }
+        let twice = per_task.values().filter(|c| **c > 1).count();
+        let mut r = BenchResult::new("cluster", fresh.backend);
+        r.nodes = nodes;
+        r.tasks = tasks;
+        r.seconds = secs;
+        r.tasks_per_s = Some(tasks as f64 / secs);
+        r.reference_commits_per_s = Some(reference);
+        r.peak_rss_mb = Some(rss);
+        r.detail = format!(
+            "{} attempts logged, {twice} tasks ran more than once{}",
+            attempts.len(),
+            if twice > 0 { " (DOUBLE RUNS)" } else { "" }
+        );
+        results.push(r);
+        drop(store);
+        drop(db);
+        fresh.cleanup().await?;
+    }
+    Ok(results)
+}

@@ -1,0 +1,49 @@
+//! `harmony bench WORKLOAD`: runs the benchmark library against a fresh database on the
+//! backend of `--db` (never the `--db` database itself).
+
+use harmony_bench::{BenchOptions, Workload};
+
+use crate::cli::BenchArgs;
+use crate::commands::{EXIT_OK, UsageError};
+
+pub async fn run(db: &str, json: bool, args: BenchArgs) -> anyhow::Result<u8> {
+    let workloads: Vec<Workload> = if args.workload == "all" {
+        Workload::ALL.to_vec()
+    } else {
+        let w = Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == args.workload)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+                UsageError(format!(
+                    "unknown workload {:?}: use one of {} or all",
+                    args.workload,
+                    names.join(", ")
+                ))
+            })?;
+        vec![w]
+    };
+    if args.nodes == Some(0) || args.tasks == Some(0) {
+        return Err(UsageError("--nodes and --tasks must be at least 1".into()).into());
+    }
+    let harmony_exe = std::env::current_exe()?;
+    for workload in workloads {
+        let opts = BenchOptions {
+            workload,
+            db_url: db.to_owned(),
+            nodes: args.nodes,
+            tasks: args.tasks,
+            cross_node: args.cross_node,
+            harmony_exe: harmony_exe.clone(),
+        };
+        let results = harmony_bench::run(&opts).await?;
+        if json {
+            for r in &results {
+                println!("{}", serde_json::to_string(r)?);
+            }
+        } else {
+            print!("{}", harmony_bench::render_table(&results));
+        }
+    }
+    Ok(EXIT_OK)
+}
