@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use harmonytask::ByteSize;
 
 /// Harmony: a distributed, resource-aware task engine on SQL.
@@ -22,6 +22,20 @@ pub struct Cli {
     /// `run`, `warn` otherwise).
     #[arg(long = "log", global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// Wake-up notifications between nodes: `on` sends and listens for them (Postgres
+    /// LISTEN/NOTIFY; SQLite change checks), so other nodes start new work within
+    /// milliseconds. `off` for YugabyteDB, CockroachDB or PgBouncer in transaction mode (no
+    /// working LISTEN/NOTIFY): nodes then find work by polling every --poll-interval-unhealthy,
+    /// and everything stays correct, only slower to start.
+    #[arg(
+        long,
+        global = true,
+        env = "HARMONY_NOTIFY",
+        default_value = "on",
+        value_name = "on|off"
+    )]
+    pub notify: NotifyMode,
 
     #[command(subcommand)]
     pub command: Command,
@@ -64,6 +78,22 @@ pub struct BenchArgs {
     pub cross_node: bool,
 }
 
+/// The `--notify` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NotifyMode {
+    /// Send and receive wake-up notifications.
+    On,
+    /// Rely on polling alone.
+    Off,
+}
+
+impl NotifyMode {
+    /// Whether notifications are on.
+    pub fn enabled(self) -> bool {
+        self == NotifyMode::On
+    }
+}
+
 impl Command {
     /// Whether the command runs until stopped, so SIGINT/SIGTERM should shut it down
     /// gracefully instead of killing it.
@@ -85,7 +115,7 @@ pub struct RunArgs {
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub gpu: Option<f64>,
     /// This node's address and identity (HOST:PORT); two live nodes must not share it.
-    #[arg(long, default_value = "127.0.0.1:4701", value_name = "HOST:PORT")]
+    #[arg(long, default_value = LISTEN_DEFAULT, value_name = "HOST:PORT")]
     pub listen: String,
     /// Display name (default: the host part of --listen).
     #[arg(long)]
@@ -96,9 +126,18 @@ pub struct RunArgs {
     /// Run only these types (comma-separated; default: all built-in and tasks-file types).
     #[arg(long, value_delimiter = ',', value_name = "A,B")]
     pub types: Option<Vec<String>>,
-    /// Safety-net database poll interval, e.g. 30s.
+    /// Safety-net database poll interval while notifications work, e.g. 30s.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub poll_interval: Option<Duration>,
+    /// Database poll interval while notifications are down or --notify is off, e.g. 3s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub poll_interval_unhealthy: Option<Duration>,
+    /// SQLite: how often to check whether another process wrote to the file, e.g. 2ms.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub change_check_interval: Option<Duration>,
+    /// Shortest time between two IAmBored calls (singleton checks) of one type, e.g. 1s.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub iambored_interval: Option<Duration>,
     /// Heartbeat interval, e.g. 5s.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub heartbeat_interval: Option<Duration>,
@@ -149,6 +188,13 @@ pub enum TaskCommand {
         /// Task id.
         id: i64,
     },
+    /// Ask a singleton type to run now instead of waiting for its interval; the nodes that
+    /// run it are woken at once.
+    RunNow {
+        /// The singleton task type.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 /// `harmony task add`
@@ -176,7 +222,41 @@ pub struct TaskAddArgs {
 pub enum MachineCommand {
     /// Registered machines: budget, last contact, running tasks.
     Ls,
+    /// Stop a machine from claiming new tasks; running tasks finish, `can_yield` ones give way.
+    Cordon(MachineTarget),
+    /// Let a cordoned machine claim tasks again.
+    Uncordon(MachineTarget),
+    /// Ask a machine to drain: it claims nothing new and exits with code 100 once its running
+    /// tasks have finished (a supervisor then restarts it).
+    Restart(MachineTarget),
 }
+
+/// Which machine a `machine cordon|uncordon|restart` acts on: an id, or `--self`.
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(ArgGroup::new("target").required(true).args(["id", "this"])))]
+pub struct MachineTarget {
+    /// Machine id (see `harmony machine ls`).
+    #[arg(value_name = "ID")]
+    pub id: Option<i64>,
+    /// The machine registered with --listen on this host.
+    #[arg(long = "self")]
+    pub this: bool,
+    /// With --self: the HOST:PORT the node was started with (`harmony run --listen`; default
+    /// 127.0.0.1:4701).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+}
+
+impl MachineTarget {
+    /// The address `--self` looks for.
+    pub fn self_listen(&self) -> &str {
+        self.listen.as_deref().unwrap_or(LISTEN_DEFAULT)
+    }
+}
+
+/// The default node address and identity (`harmony run --listen`).
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:4701";
 
 /// `harmony demo`
 #[derive(Debug, Args)]
@@ -217,3 +297,70 @@ pub enum DbCommand {
 /// Shared flags for commands that only read.
 #[derive(Debug, Args)]
 pub struct ReadOnly {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("harmony").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn notify_is_on_unless_turned_off() {
+        // HARMONY_NOTIFY may be set in the environment running the tests; an explicit flag wins.
+        let cli = parse(&["--notify", "off", "task", "ls"]).unwrap();
+        assert!(!cli.notify.enabled());
+        let cli = parse(&["task", "ls", "--notify", "on"]).unwrap();
+        assert!(cli.notify.enabled());
+        assert!(parse(&["--notify", "maybe", "task", "ls"]).is_err());
+    }
+
+    #[test]
+    fn machine_targets() {
+        let Command::Machine(MachineCommand::Cordon(t)) =
+            parse(&["machine", "cordon", "7"]).unwrap().command
+        else {
+            panic!("not a cordon");
+        };
+        assert_eq!((t.id, t.this), (Some(7), false));
+        let Command::Machine(MachineCommand::Restart(t)) =
+            parse(&["machine", "restart", "--self", "--listen", "10.0.0.1:80"])
+                .unwrap()
+                .command
+        else {
+            panic!("not a restart");
+        };
+        assert!(t.this && t.id.is_none());
+        assert_eq!(t.self_listen(), "10.0.0.1:80");
+        let Command::Machine(MachineCommand::Uncordon(t)) =
+            parse(&["machine", "uncordon", "--self"]).unwrap().command
+        else {
+            panic!("not an uncordon");
+        };
+        assert_eq!(t.self_listen(), LISTEN_DEFAULT);
+        assert!(parse(&["machine", "cordon"]).is_err());
+        assert!(parse(&["machine", "cordon", "7", "--self"]).is_err());
+    }
+
+    #[test]
+    fn run_tuning_flags() {
+        let Command::Run(r) = parse(&[
+            "run",
+            "--poll-interval-unhealthy",
+            "1s",
+            "--iambored-interval",
+            "20ms",
+            "--change-check-interval",
+            "5ms",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run");
+        };
+        assert_eq!(r.poll_interval_unhealthy, Some(Duration::from_secs(1)));
+        assert_eq!(r.iambored_interval, Some(Duration::from_millis(20)));
+        assert_eq!(r.change_check_interval, Some(Duration::from_millis(5)));
+    }
+}

@@ -89,6 +89,14 @@ impl Template {
         Ok(Template { parts })
     }
 
+    /// The names of the `{arg.NAME}` placeholders, in order.
+    pub fn arg_names(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Arg(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
     /// Substitutes the placeholders; an argument the task lacks is an error naming it.
     pub fn render(&self, task: TaskId, args: &HashMap<String, String>) -> Result<String, String> {
         let mut out = String::new();

@@ -193,7 +193,12 @@ struct Report {
 }
 
 /// Runs the demo; returns the exit code.
-pub async fn run(args: DemoArgs, json: bool, shutdown: CancellationToken) -> anyhow::Result<u8> {
+pub async fn run(
+    args: DemoArgs,
+    json: bool,
+    notify: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u8> {
     if !(args.scale.is_finite() && args.scale > 0.0 && args.scale <= 100.0) {
         return Err(UsageError(format!(
             "--scale: must be a number above 0 and at most 100, got {}",
@@ -217,6 +222,7 @@ pub async fn run(args: DemoArgs, json: bool, shutdown: CancellationToken) -> any
     let mut builder = Engine::builder(db.clone()).config(EngineConfig {
         budget: Some(budget()),
         machine_name: "demo".into(),
+        notify,
         ..EngineConfig::default()
     });
     for index in 0..STAGES.len() {

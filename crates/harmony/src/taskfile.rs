@@ -11,7 +11,21 @@
 //! retry_wait = "10s"        # or { initial = "1s", factor = 2.0, max = "1m" }
 //! timeout = "5m"
 //! env = { KEY = "value" }
+//!
+//! [[task]]
+//! name = "thumbnail"
+//! builtin = "bench_sleep"
+//! follows = ["transcode"]   # one task per successful transcode, exactly once cluster-wide
+//! may_follow = ["transcode"] # ordering hint: finish pipelines before starting new ones
+//! # singleton = "10m"       # at most one in the cluster, run every 10 minutes
+//! # time_sensitive = true   # goes first; may preempt ordinary work
+//! # uninterruptible = true  # never preempted; awaited at shutdown
+//! # can_yield = true        # gives way while the node is cordoned
 //! ```
+//!
+//! Tasks created by `follows` and `singleton` carry no arguments, so such a command type may
+//! not use `{arg.NAME}`. Every type named in `follows` or `may_follow` must be declared in the
+//! same file or be built in, and neither may form a cycle.
 //!
 //! Parsing is strict (`deny_unknown_fields`) and every error names the file, the line, the task
 //! and the field, and says what would be accepted. This module only turns text into
@@ -25,7 +39,7 @@ use std::time::Duration;
 
 use harmonytask::builtin::BUILTIN_TYPES;
 use harmonytask::resources::UNITS_MAX;
-use harmonytask::{ByteSize, Limiter, Resources, RetryWait, TypeDetails, validate_name};
+use harmonytask::{ByteSize, Follow, Limiter, Resources, RetryWait, TypeDetails, validate_name};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -112,6 +126,12 @@ struct RawTask {
     retry_wait: Option<Spanned<RawRetryWait>>,
     timeout: Option<Spanned<String>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
+    follows: Option<Spanned<Vec<Spanned<String>>>>,
+    may_follow: Option<Spanned<Vec<Spanned<String>>>>,
+    singleton: Option<Spanned<String>>,
+    time_sensitive: Option<Spanned<bool>>,
+    uninterruptible: Option<Spanned<bool>>,
+    can_yield: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +227,7 @@ impl Source<'_> {
             .trim()
             .replace("expected i64", "expected a whole number")
             .replace("expected f64", "expected a number")
+            .replace("expected a boolean", "expected true or false")
             .replace("expected a sequence", "expected an array");
         let Some(span) = e.span() else {
             return TaskFileError(format!("{}: {message}", self.file));
@@ -271,10 +292,12 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
         )));
     }
     let mut specs: Vec<TaskSpec> = Vec::with_capacity(raw.task.len());
+    let mut refs: Vec<Refs> = Vec::with_capacity(raw.task.len());
     let mut seen: HashMap<String, usize> = HashMap::new();
     for entry in raw.task {
         let entry_span = entry.span();
-        let spec = task_spec(&src, entry_span.clone(), entry.into_inner())?;
+        let (spec, r) = task_spec(&src, entry_span.clone(), entry.into_inner())?;
+        refs.push(r);
         let name = spec.name().to_owned();
         if BUILTIN_TYPES.contains(&name.as_str()) {
             return Err(src.error(
@@ -294,10 +317,131 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
         }
         specs.push(spec);
     }
+    check_refs(&src, &specs, &refs)?;
     Ok(specs)
 }
 
-fn task_spec(src: &Source<'_>, span: Range<usize>, t: RawTask) -> Result<TaskSpec, TaskFileError> {
+/// The type names one entry refers to, with where they are written.
+#[derive(Default)]
+struct Refs {
+    follows: Vec<(String, Range<usize>)>,
+    may_follow: Vec<(String, Range<usize>)>,
+}
+
+/// Every type named in `follows` / `may_follow` is declared or built in, and neither relation
+/// has a cycle (a follow cycle would create tasks forever; a `may_follow` cycle has no order).
+fn check_refs(src: &Source<'_>, specs: &[TaskSpec], refs: &[Refs]) -> Result<(), TaskFileError> {
+    let declared: Vec<&str> = specs.iter().map(TaskSpec::name).collect();
+    for (spec, r) in specs.iter().zip(refs) {
+        for (field, list) in [("follows", &r.follows), ("may_follow", &r.may_follow)] {
+            for (name, span) in list {
+                if !declared.contains(&name.as_str()) && !BUILTIN_TYPES.contains(&name.as_str()) {
+                    return Err(src.error(
+                        span.clone(),
+                        Some(spec.name()),
+                        field,
+                        format!(
+                            "unknown task type {name:?}; declare it in this file or use a built-in ({})",
+                            BUILTIN_TYPES.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for (field, verb, pick) in [
+        (
+            "follows",
+            "follows",
+            (|r: &Refs| &r.follows) as fn(&Refs) -> &Vec<_>,
+        ),
+        ("may_follow", "may follow", |r: &Refs| &r.may_follow),
+    ] {
+        let edges: Vec<Vec<usize>> = refs
+            .iter()
+            .map(|r| {
+                pick(r)
+                    .iter()
+                    .filter_map(|(n, _)| declared.iter().position(|d| d == n))
+                    .collect()
+            })
+            .collect();
+        if let Some(cycle) = find_cycle(&edges) {
+            let (first, second) = (cycle[0], cycle[1]);
+            let span = pick(&refs[first])
+                .iter()
+                .find(|(n, _)| n == declared[second])
+                .map_or(0..0, |(_, s)| s.clone());
+            let path: Vec<&str> = cycle.iter().map(|&i| declared[i]).collect();
+            let msg = if cycle.len() == 2 {
+                format!("{} names itself", path[0])
+            } else {
+                format!("cycle {} (each {verb} the next)", path.join(" -> "))
+            };
+            let msg = if field == "follows" {
+                format!("{msg}; every completion would create another task forever")
+            } else {
+                msg
+            };
+            return Err(src.error(span, Some(declared[first]), field, msg));
+        }
+    }
+    Ok(())
+}
+
+/// A cycle in a directed graph given as adjacency lists, as a path that starts and ends at the
+/// same node (the first one found, scanning nodes in order).
+fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    fn visit(
+        n: usize,
+        edges: &[Vec<usize>],
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        marks[n] = Mark::OnPath;
+        path.push(n);
+        for &m in &edges[n] {
+            match marks[m] {
+                Mark::OnPath => {
+                    let start = path.iter().position(|&p| p == m).unwrap_or(0);
+                    let mut cycle = path[start..].to_vec();
+                    cycle.push(m);
+                    return Some(cycle);
+                }
+                Mark::New => {
+                    if let Some(c) = visit(m, edges, marks, path) {
+                        return Some(c);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        path.pop();
+        marks[n] = Mark::Done;
+        None
+    }
+    let mut marks = vec![Mark::New; edges.len()];
+    for n in 0..edges.len() {
+        if marks[n] == Mark::New
+            && let Some(c) = visit(n, edges, &mut marks, &mut Vec::new())
+        {
+            return Some(c);
+        }
+    }
+    None
+}
+
+fn task_spec(
+    src: &Source<'_>,
+    span: Range<usize>,
+    t: RawTask,
+) -> Result<(TaskSpec, Refs), TaskFileError> {
     let name_span = t.name.span();
     let name = t.name.into_inner();
     validate_name(&name).map_err(|e| src.error(name_span.clone(), Some(&name), "name", e))?;
@@ -432,17 +576,92 @@ fn task_spec(src: &Source<'_>, span: Range<usize>, t: RawTask) -> Result<TaskSpe
             env.insert(k, v);
         }
     }
+    let mut refs = Refs::default();
+    if let Some(list) = t.follows {
+        refs.follows = names(src, task, "follows", list)?;
+        for (from, _) in &refs.follows {
+            details.follows.push(Follow::chain(from.clone()));
+        }
+    }
+    if let Some(list) = t.may_follow {
+        refs.may_follow = names(src, task, "may_follow", list)?;
+        details.may_follow = refs.may_follow.iter().map(|(n, _)| n.clone()).collect();
+    }
+    if let Some(every) = t.singleton {
+        let s = every.span();
+        let d = duration(every.get_ref()).map_err(|e| err(s.clone(), "singleton", e))?;
+        if d.is_zero() {
+            return Err(err(
+                s,
+                "singleton",
+                "must be a positive interval such as \"1m\" (the shortest time between two runs)"
+                    .into(),
+            ));
+        }
+        details = details.singleton(d);
+    }
+    // Follow-ups and singleton runs are added by the engine, without arguments.
+    if let TaskKind::Command(argv) = &kind
+        && let Some(arg) = argv.iter().flat_map(Template::arg_names).next()
+    {
+        let why = if details.iambored.is_some() {
+            Some("singleton")
+        } else if !details.follows.is_empty() {
+            Some("follows")
+        } else {
+            None
+        };
+        if let Some(field) = why {
+            return Err(err(
+                span.clone(),
+                field,
+                format!(
+                    "the command uses {{arg.{arg}}}, but tasks created by {field} have no arguments"
+                ),
+            ));
+        }
+    }
+    if let Some(b) = t.time_sensitive {
+        details.time_sensitive = b.into_inner();
+    }
+    if let Some(b) = t.uninterruptible {
+        details.uninterruptible = b.into_inner();
+    }
+    if let Some(b) = t.can_yield {
+        details.can_yield = b.into_inner();
+    }
     // The engine checks again at registration; a failure here would be a gap in the checks
     // above, still reported against this entry.
     details
         .validate()
         .map_err(|e| err(span.clone(), "", e.to_string()))?;
-    Ok(TaskSpec {
+    let spec = TaskSpec {
         kind,
         details,
         env,
         line: src.line(span.start),
-    })
+    };
+    Ok((spec, refs))
+}
+
+/// A list of task type names (`follows`, `may_follow`): each valid, none twice.
+fn names(
+    src: &Source<'_>,
+    task: Option<&str>,
+    field: &str,
+    list: Spanned<Vec<Spanned<String>>>,
+) -> Result<Vec<(String, Range<usize>)>, TaskFileError> {
+    let mut out: Vec<(String, Range<usize>)> = Vec::new();
+    for n in list.into_inner() {
+        let s = n.span();
+        let name = n.into_inner();
+        validate_name(&name).map_err(|e| src.error(s.clone(), task, field, e))?;
+        if out.iter().any(|(o, _)| *o == name) {
+            return Err(src.error(s, task, field, format!("{name:?} is listed twice")));
+        }
+        out.push((name, s));
+    }
+    Ok(out)
 }
 
 fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources, TaskFileError> {
@@ -627,6 +846,132 @@ retry_wait = "10s"
         assert!(e.contains("missing field `name`"), "{e}");
         let e = err("[[task]]\nname = \"x\"\ncommand = [\"true\"\n");
         assert!(e.starts_with("tasks.toml line 3: "), "{e}");
+    }
+
+    #[test]
+    fn coordination_fields() {
+        let specs = parse(
+            "tasks.toml",
+            r#"
+[[task]]
+name = "s1"
+builtin = "bench_noop"
+time_sensitive = true
+
+[[task]]
+name = "s2"
+builtin = "bench_sleep"
+follows = ["s1"]
+may_follow = ["s1"]
+uninterruptible = true
+
+[[task]]
+name = "s3"
+command = ["echo", "{task_id}"]
+follows = ["s2", "bench_noop"]
+can_yield = true
+
+[[task]]
+name = "tick"
+builtin = "bench_noop"
+singleton = "1s"
+"#,
+        )
+        .unwrap();
+        let d = |i: usize| &specs[i].details;
+        assert!(d(0).time_sensitive && d(0).follows.is_empty());
+        let from =
+            |i: usize| -> Vec<String> { d(i).follows.iter().map(|f| f.from.clone()).collect() };
+        assert_eq!(from(1), ["s1"]);
+        assert_eq!(d(1).may_follow, ["s1"]);
+        assert!(d(1).uninterruptible && !d(1).can_yield);
+        assert_eq!(from(2), ["s2", "bench_noop"]);
+        assert!(d(2).can_yield);
+        let bored = d(3).iambored.as_ref().expect("singleton");
+        assert_eq!(bored.singleton_interval(), Some(Duration::from_secs(1)));
+        assert!(d(2).iambored.is_none());
+    }
+
+    #[test]
+    fn coordination_errors() {
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nfollows = [\"nope\"]\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": follows: unknown task type \"nope\""),
+            "{e}"
+        );
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nmay_follow = [\"x;y\"]\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": may_follow: "),
+            "{e}"
+        );
+        assert!(e.contains("';'"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nfollows = \"b\"\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": follows: "),
+            "{e}"
+        );
+        assert!(e.contains("expected an array"), "{e}");
+        let e = err(
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nfollows = [\"bench_noop\", \"bench_noop\"]\n",
+        );
+        assert!(e.contains("follows: \"bench_noop\" is listed twice"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nfollows = [\"a\"]\n");
+        assert!(
+            e.starts_with(
+                "tasks.toml line 4: task \"a\": follows: a names itself; every completion"
+            ),
+            "{e}"
+        );
+        let e = err(
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nfollows = [\"b\"]\n[[task]]\nname = \"b\"\nbuiltin = \"bench_noop\"\nfollows = [\"c\"]\n[[task]]\nname = \"c\"\nbuiltin = \"bench_noop\"\nfollows = [\"a\"]\n",
+        );
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": follows: cycle a -> b -> c -> a"),
+            "{e}"
+        );
+        let e = err(
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nmay_follow = [\"b\"]\n[[task]]\nname = \"b\"\nbuiltin = \"bench_noop\"\nmay_follow = [\"a\"]\n",
+        );
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": may_follow: cycle a -> b -> a"),
+            "{e}"
+        );
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nsingleton = \"soon\"\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": singleton: "),
+            "{e}"
+        );
+        assert!(e.contains("not a duration"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nsingleton = \"0s\"\n");
+        assert!(e.contains("singleton: must be a positive interval"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\ncan_yield = \"yes\"\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": can_yield: "),
+            "{e}"
+        );
+        assert!(e.contains("expected true or false"), "{e}");
+        let e =
+            err("[[task]]\nname = \"a\"\ncommand = [\"echo\", \"{arg.x}\"]\nsingleton = \"1m\"\n");
+        assert!(
+            e.contains("task \"a\": singleton: the command uses {arg.x}, but tasks created by singleton have no arguments"),
+            "{e}"
+        );
+        let e = err(
+            "[[task]]\nname = \"a\"\ncommand = [\"echo\", \"{arg.x}\"]\nfollows = [\"bench_noop\"]\n",
+        );
+        assert!(e.contains("follows: the command uses {arg.x}"), "{e}");
+    }
+
+    #[test]
+    fn cycles_are_found() {
+        assert_eq!(find_cycle(&[vec![1], vec![2], vec![]]), None);
+        assert_eq!(find_cycle(&[vec![0]]), Some(vec![0, 0]));
+        assert_eq!(
+            find_cycle(&[vec![1], vec![2], vec![1]]),
+            Some(vec![1, 2, 1])
+        );
+        // A diamond is not a cycle.
+        assert_eq!(find_cycle(&[vec![1, 2], vec![3], vec![3], vec![]]), None);
     }
 
     #[test]

@@ -28,12 +28,13 @@ pub const EXIT_RESTART: u8 = 100;
 
 /// Runs the parsed command. `shutdown` fires on SIGINT/SIGTERM for long-running commands.
 pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    let notify = cli.notify.enabled();
     match cli.command {
         Command::Db(cmd) => db::run(&cli.db, cli.json, cmd).await,
-        Command::Run(args) => run::run(&cli.db, args, shutdown).await,
-        Command::Task(cmd) => task::run(&cli.db, cli.json, cmd).await,
-        Command::Machine(cmd) => machine::run(&cli.db, cli.json, cmd).await,
-        Command::Demo(args) => crate::demo::run(args, cli.json, shutdown).await,
+        Command::Run(args) => run::run(&cli.db, args, notify, shutdown).await,
+        Command::Task(cmd) => task::run(&cli.db, cli.json, notify, cmd).await,
+        Command::Machine(cmd) => machine::run(&cli.db, cli.json, notify, cmd).await,
+        Command::Demo(args) => crate::demo::run(args, cli.json, notify, shutdown).await,
         Command::Bench(args) => bench::run(&cli.db, cli.json, args).await,
     }
 }

@@ -16,15 +16,20 @@ use crate::commands::{
 use crate::taskfile;
 
 /// Starts a node and runs it until a signal (exit 0), fencing (exit 4) or a restart request
-/// (exit 100).
-pub async fn run(db_url: &str, args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+/// (exit 100). `notify` turns wake-up notifications on or off (`--notify`).
+pub async fn run(
+    db_url: &str,
+    args: RunArgs,
+    notify: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u8> {
     let specs = match &args.tasks {
         Some(path) => taskfile::load(path)?,
         None => Vec::new(),
     };
     let known = catalog::known_names(&specs);
     let selected = selected_types(args.types.as_deref(), &known)?;
-    let config = engine_config(&args)?;
+    let config = engine_config(&args, notify)?;
     let host = config.host_and_port.clone();
 
     let db = open_migrated(db_url).await?;
@@ -49,6 +54,7 @@ pub async fn run(db_url: &str, args: RunArgs, shutdown: CancellationToken) -> an
         host = %host,
         budget = %engine.budget(),
         types = %engine.task_types().join(","),
+        notify,
         "node running; SIGINT or SIGTERM stops it gracefully"
     );
 
@@ -97,7 +103,7 @@ fn selected_types(
 }
 
 /// The engine settings from the flags; detection only fills the budget components not given.
-fn engine_config(args: &RunArgs) -> anyhow::Result<EngineConfig> {
+fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
     check_listen(&args.listen)?;
     for (flag, v) in [("--cpu", args.cpu), ("--gpu", args.gpu)] {
         if let Some(v) = v {
@@ -132,10 +138,20 @@ fn engine_config(args: &RunArgs) -> anyhow::Result<EngineConfig> {
         host_and_port: args.listen.clone(),
         machine_name: args.name.clone().unwrap_or_default(),
         budget: Some(budget),
+        notify,
         ..EngineConfig::default()
     };
     if let Some(d) = args.poll_interval {
         config.poll_interval = d;
+    }
+    if let Some(d) = args.poll_interval_unhealthy {
+        config.poll_interval_unhealthy = d;
+    }
+    if let Some(d) = args.change_check_interval {
+        config.change_check_interval = d;
+    }
+    if let Some(d) = args.iambored_interval {
+        config.iambored_interval = d;
     }
     if let Some(d) = args.heartbeat_interval {
         config.heartbeat_interval = d;
@@ -164,7 +180,11 @@ fn flag_of(message: &str) -> Option<&'static str> {
     [
         ("dead_after", "dead-after"),
         ("heartbeat_interval", "heartbeat-interval"),
+        // Longer field names first: "poll_interval" is a prefix of the unhealthy one.
+        ("poll_interval_unhealthy", "poll-interval-unhealthy"),
         ("poll_interval", "poll-interval"),
+        ("change_check_interval", "change-check-interval"),
+        ("iambored_interval", "iambored-interval"),
         ("reaper_interval", "reaper-interval"),
         ("host_and_port", "listen"),
     ]
@@ -173,7 +193,8 @@ fn flag_of(message: &str) -> Option<&'static str> {
     .map(|(_, flag)| flag)
 }
 
-fn check_listen(listen: &str) -> anyhow::Result<()> {
+/// Checks a HOST:PORT address (`--listen`).
+pub fn check_listen(listen: &str) -> anyhow::Result<()> {
     let ok = listen.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty()
             && !host.chars().any(char::is_whitespace)

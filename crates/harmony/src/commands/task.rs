@@ -1,4 +1,4 @@
-//! `harmony task add|ls|show|history|restart`.
+//! `harmony task add|ls|show|history|restart|run-now`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -28,10 +28,11 @@ const SHOW_ATTEMPTS_MAX: usize = 10_000;
 /// Longest error text in a human table cell.
 const ERR_CELL_CHARS_MAX: usize = 80;
 
-/// Runs one `task` subcommand.
-pub async fn run(db_url: &str, json: bool, cmd: TaskCommand) -> anyhow::Result<u8> {
+/// Runs one `task` subcommand. `notify` says whether adds and run-now requests wake the nodes
+/// (`--notify`).
+pub async fn run(db_url: &str, json: bool, notify: bool, cmd: TaskCommand) -> anyhow::Result<u8> {
     match cmd {
-        TaskCommand::Add(args) => add(db_url, json, args).await,
+        TaskCommand::Add(args) => add(db_url, json, notify, args).await,
         TaskCommand::Ls { type_name, limit } => ls(db_url, json, type_name, limit).await,
         TaskCommand::Show { id } => show(db_url, json, id).await,
         TaskCommand::History {
@@ -39,7 +40,8 @@ pub async fn run(db_url: &str, json: bool, cmd: TaskCommand) -> anyhow::Result<u
             failed,
             limit,
         } => history(db_url, json, type_name, failed, limit).await,
-        TaskCommand::Restart { id } => restart(db_url, json, id).await,
+        TaskCommand::Restart { id } => restart(db_url, json, notify, id).await,
+        TaskCommand::RunNow { name } => run_now(db_url, json, notify, &name).await,
     }
 }
 
@@ -50,7 +52,7 @@ struct Added<'a> {
     ids: Vec<TaskId>,
 }
 
-async fn add(db_url: &str, json: bool, a: TaskAddArgs) -> anyhow::Result<u8> {
+async fn add(db_url: &str, json: bool, notify: bool, a: TaskAddArgs) -> anyhow::Result<u8> {
     harmonytask::validate_name(&a.type_name).map_err(|e| UsageError(e.to_string()))?;
     if a.count == 0 || a.count > ADD_COUNT_MAX {
         return Err(UsageError(format!(
@@ -77,7 +79,7 @@ async fn add(db_url: &str, json: bool, a: TaskAddArgs) -> anyhow::Result<u8> {
             .into());
         }
     }
-    let client = Client::new(db);
+    let client = Client::new(db).with_notify(notify);
     let ids = if a.count == 1 {
         client
             .add_task_with_args(&a.type_name, &a.args)
@@ -381,14 +383,47 @@ async fn history(
     Ok(EXIT_OK)
 }
 
-async fn restart(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
+async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Result<u8> {
     let db = open_existing(db_url).await?;
     let id = TaskId(id);
-    Client::new(db).restart_task(id).await?;
+    Client::new(db).with_notify(notify).restart_task(id).await?;
     if json {
         output::json(&serde_json::json!({ "restarted": id }))?;
     } else {
         println!("task {id} re-queued");
+    }
+    Ok(EXIT_OK)
+}
+
+/// `task run-now`: the type must be one a live node runs, or a singleton that has run before.
+async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::Result<u8> {
+    check_type_name("NAME", name)?;
+    let db = open_existing(db_url).await?;
+    let store = Store::new(db.clone());
+    let running = store.types_in_cluster().await?;
+    let singleton = store.singleton_get(name).await?;
+    if singleton.is_none() && !running.iter().any(|t| t == name) {
+        return Err(UsageError(format!(
+            "unknown task type {name:?}: no running node runs it and it never ran as a singleton; types running now: {}",
+            if running.is_empty() {
+                "none".to_owned()
+            } else {
+                running.join(", ")
+            }
+        ))
+        .into());
+    }
+    Client::new(db).with_notify(notify).run_now(name).await?;
+    if json {
+        output::json(&serde_json::json!({ "run_now": name }))?;
+    } else {
+        println!("{name}: run-now requested; a node that runs it as a singleton starts it now");
+        if singleton.is_none() {
+            // Known in the cluster but never scheduled as a singleton: maybe not one at all.
+            println!(
+                "note: {name} has not run as a singleton yet; the request only has an effect if it is one"
+            );
+        }
     }
     Ok(EXIT_OK)
 }
