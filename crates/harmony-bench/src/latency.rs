@@ -117,6 +117,11 @@ async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
                 .map(|t1| t1.duration_since(*t0).as_secs_f64() * 1000.0)
         })
         .collect();
+    if std::env::var("HARMONY_BENCH_DEBUG").is_ok() {
+        let mut idx: Vec<(usize, f64)> = samples.iter().copied().enumerate().collect();
+        idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+        eprintln!("slowest: {:?}", &idx[..idx.len().min(30)]);
+    }
     let mut r = BenchResult::new("latency", fresh.backend);
     r.seconds = seconds;
     r.peak_rss_mb = peak_rss_mb(std::process::id());

@@ -461,18 +461,29 @@ impl Db {
         let started = Instant::now();
         let (tx, finisher) = match &self.inner.backend {
             Backend::Sqlite(s) => {
-                let sender = s.begin().await;
+                let begun = s.begin().await;
                 self.inner
                     .metrics
-                    .observe(started.elapsed(), sender.as_ref().err().map(Error::kind));
-                let sender = sender?;
-                (
-                    Tx {
-                        inner: TxInner::Sqlite(sender.clone()),
-                        metrics: self.inner.metrics.clone(),
-                    },
-                    Finisher::Sqlite(sender),
-                )
+                    .observe(started.elapsed(), begun.as_ref().err().map(Error::kind));
+                match begun? {
+                    sqlite::Begun::Thread(sender) => (
+                        Tx {
+                            inner: TxInner::Sqlite(sender.clone()),
+                            metrics: self.inner.metrics.clone(),
+                        },
+                        Finisher::Sqlite(sender),
+                    ),
+                    sqlite::Begun::Inline(inline) => {
+                        let inline = Arc::new(inline);
+                        (
+                            Tx {
+                                inner: TxInner::SqliteInline(Arc::clone(&inline)),
+                                metrics: self.inner.metrics.clone(),
+                            },
+                            Finisher::SqliteInline(inline),
+                        )
+                    }
+                }
             }
             Backend::Postgres(p) => {
                 let pg = Arc::new(p.begin().await?);
@@ -636,6 +647,7 @@ impl Executor for Db {}
 
 enum TxInner {
     Sqlite(cb::Sender<TxMsg>),
+    SqliteInline(Arc<sqlite::InlineTx>),
     Postgres(Arc<PgTx>),
 }
 
@@ -669,6 +681,7 @@ impl private::Sealed for Tx {
                         Err(_) => Err(tx_finished()),
                     }
                 }
+                TxInner::SqliteInline(inline) => inline.run(sql, &params, want),
                 TxInner::Postgres(pg) => pg.run(sql, params, want).await,
             };
             self.metrics
@@ -687,6 +700,7 @@ impl private::Sealed for Tx {
                         Err(_) => Err(tx_finished()),
                     }
                 }
+                TxInner::SqliteInline(inline) => inline.script(sql),
                 TxInner::Postgres(pg) => pg.script(sql).await,
             }
         })
@@ -694,7 +708,7 @@ impl private::Sealed for Tx {
 
     fn dialect_of(&self) -> Dialect {
         match self.inner {
-            TxInner::Sqlite(_) => Dialect::Sqlite,
+            TxInner::Sqlite(_) | TxInner::SqliteInline(_) => Dialect::Sqlite,
             TxInner::Postgres(_) => Dialect::Postgres,
         }
     }
@@ -709,6 +723,7 @@ fn tx_finished() -> Error {
 /// The transaction function's own handle, used to send COMMIT or ROLLBACK.
 enum Finisher {
     Sqlite(cb::Sender<TxMsg>),
+    SqliteInline(Arc<sqlite::InlineTx>),
     Postgres(Arc<PgTx>),
 }
 
@@ -723,6 +738,7 @@ impl Finisher {
                     Err(_) => Err(tx_finished()),
                 }
             }
+            Finisher::SqliteInline(inline) => inline.finish(commit),
             Finisher::Postgres(pg) => pg.finish(commit).await,
         };
         metrics.observe(started.elapsed(), out.as_ref().err().map(Error::kind));

@@ -17,8 +17,14 @@
 //! does not wait for other processes' locks and a progress handler interrupts the statement
 //! after a small budget of virtual-machine steps. A statement that would wait or runs long is
 //! thereby aborted before it did anything lasting (SQLite rolls back an interrupted statement)
-//! and re-run on the dedicated threads. Async callers are blocked for microseconds at most;
-//! transactions and streams always use the threads.
+//! and re-run on the dedicated threads. Async callers are blocked for microseconds at most.
+//!
+//! A transaction runs inline too when the writer is free: `BEGIN IMMEDIATE` inline (falling
+//! back to the writer thread if another process holds the lock) takes a *lease* on the writer
+//! connection; until COMMIT or ROLLBACK only that transaction's statements run on it, each on
+//! the caller's thread, and everyone else queues for the writer thread, which waits for the
+//! lease to end. A dropped transaction rolls back and ends the lease. Streams always use the
+//! reader threads.
 //!
 //! Requests travel over crossbeam channels and answers come back on tokio oneshots.
 //! Parameters are written `$1…$n` as in Postgres; SQLite treats `$1` as a named parameter, so
@@ -27,7 +33,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel as cb;
@@ -82,6 +88,7 @@ pub(crate) struct SqliteBackend {
     writer: cb::Sender<WriterMsg>,
     readers: cb::Sender<ReaderMsg>,
     writer_conn: Arc<Mutex<Conn>>,
+    lease: Arc<Lease>,
     reader_conns: Vec<Arc<Mutex<Conn>>>,
     /// Writes may run inline only when a commit does not wait for fsync.
     inline_writes: bool,
@@ -102,6 +109,103 @@ struct Conn {
 struct InlineGate {
     active: AtomicBool,
     ticks: AtomicU32,
+}
+
+/// An inline transaction's exclusive claim on the writer connection between its statements.
+/// Only changed while holding the writer connection's mutex.
+#[derive(Default)]
+struct Lease {
+    active: AtomicBool,
+    released: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Lease {
+    fn release(&self) {
+        let _g = self.released.lock().unwrap_or_else(|p| p.into_inner());
+        self.active.store(false, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Locks the writer once no inline transaction holds the lease (the writer thread).
+    fn lock_free<'a>(&self, writer: &'a Mutex<Conn>) -> std::sync::MutexGuard<'a, Conn> {
+        loop {
+            let guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.active.load(Ordering::Acquire) {
+                return guard;
+            }
+            drop(guard);
+            let mut g = self.released.lock().unwrap_or_else(|p| p.into_inner());
+            while self.active.load(Ordering::Acquire) {
+                g = self
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+    }
+}
+
+/// A transaction running on the caller's thread under the writer lease.
+pub(crate) struct InlineTx {
+    writer: Arc<Mutex<Conn>>,
+    lease: Arc<Lease>,
+    done: AtomicBool,
+}
+
+impl InlineTx {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Conn>> {
+        if self.done.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Misuse,
+                "the transaction has already finished",
+            ));
+        }
+        Ok(self.writer.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn run(&self, sql: &'static str, params: &[Value], want: Want) -> Result<Output> {
+        let mut guard = self.lock()?;
+        let Conn { conn, columns, .. } = &mut *guard;
+        run_job(conn, columns, sql, params, want)
+    }
+
+    pub(crate) fn script(&self, sql: &'static str) -> Result<()> {
+        self.lock()?.conn.execute_batch(sql).map_err(map_error)
+    }
+
+    pub(crate) fn finish(&self, commit: bool) -> Result<()> {
+        let guard = self.lock()?;
+        let out = guard
+            .conn
+            .execute_batch(if commit { "COMMIT" } else { "ROLLBACK" })
+            .map_err(map_error);
+        if !guard.conn.is_autocommit() {
+            let _ = guard.conn.execute_batch("ROLLBACK");
+        }
+        self.done.store(true, Ordering::Release);
+        self.lease.release();
+        out
+    }
+}
+
+impl Drop for InlineTx {
+    fn drop(&mut self) {
+        if !self.done.load(Ordering::Acquire) {
+            let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if !guard.conn.is_autocommit() {
+                let _ = guard.conn.execute_batch("ROLLBACK");
+            }
+            self.lease.release();
+        }
+    }
+}
+
+/// A started transaction: on the caller's thread, or served by the writer thread.
+pub(crate) enum Begun {
+    Inline(InlineTx),
+    Thread(cb::Sender<TxMsg>),
 }
 
 /// Virtual-machine steps between progress-handler calls.
@@ -217,9 +321,11 @@ impl SqliteBackend {
 
         let (writer_tx, writer_rx) = cb::bounded::<WriterMsg>(1024);
         let w = Arc::clone(&writer_conn);
+        let lease = Arc::new(Lease::default());
+        let l = Arc::clone(&lease);
         std::thread::Builder::new()
             .name("harmonydb-sqlite-writer".into())
-            .spawn(move || writer_loop(&w, writer_rx))
+            .spawn(move || writer_loop(&w, &l, writer_rx))
             .map_err(|e| Error::new(ErrorKind::Other, format!("spawning SQLite writer: {e}")))?;
 
         let (reader_tx, reader_rx) = cb::bounded::<ReaderMsg>(1024);
@@ -238,6 +344,7 @@ impl SqliteBackend {
             writer: writer_tx,
             readers: reader_tx,
             writer_conn,
+            lease,
             reader_conns,
             inline_writes: cfg.synchronous == Synchronous::Normal,
             path: cfg.path.clone(),
@@ -299,6 +406,10 @@ impl SqliteBackend {
             return None;
         }
         let mut writer = self.writer_conn.try_lock().ok()?;
+        if self.lease.active.load(Ordering::Acquire) {
+            // Someone else's transaction: queue for the writer thread.
+            return None;
+        }
         writer.run_inline(sql, params, want)
     }
 
@@ -355,12 +466,47 @@ impl SqliteBackend {
 
     /// Starts a transaction: `BEGIN IMMEDIATE` on the writer, which then serves only this
     /// transaction until it finishes.
-    pub(crate) async fn begin(&self) -> Result<cb::Sender<TxMsg>> {
+    pub(crate) async fn begin(&self) -> Result<Begun> {
+        if let Some(tx) = self.try_begin_inline()? {
+            return Ok(Begun::Inline(tx));
+        }
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(WriterMsg::Begin(reply))
             .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        rx.await.map_err(|_| closed())?.map(Begun::Thread)
+    }
+
+    /// `BEGIN IMMEDIATE` on the caller's thread when the writer is free and no other process
+    /// holds the lock; the transaction then holds the lease.
+    fn try_begin_inline(&self) -> Result<Option<InlineTx>> {
+        if !self.inline_writes {
+            return Ok(None);
+        }
+        let Ok(guard) = self.writer_conn.try_lock() else {
+            return Ok(None);
+        };
+        if self.lease.active.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        guard.gate.active.store(true, Ordering::Release);
+        let begun = guard
+            .conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(map_error);
+        guard.gate.active.store(false, Ordering::Release);
+        match begun {
+            Ok(()) => {
+                self.lease.active.store(true, Ordering::Release);
+                Ok(Some(InlineTx {
+                    writer: Arc::clone(&self.writer_conn),
+                    lease: Arc::clone(&self.lease),
+                    done: AtomicBool::new(false),
+                }))
+            }
+            Err(e) if is_inline_abort(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -540,10 +686,10 @@ impl ColumnCache {
     }
 }
 
-fn writer_loop(shared: &Mutex<Conn>, rx: cb::Receiver<WriterMsg>) {
+fn writer_loop(shared: &Mutex<Conn>, lease: &Lease, rx: cb::Receiver<WriterMsg>) {
     while let Ok(msg) = rx.recv() {
         // Held for one job, or for a whole transaction: inline callers then use the queue.
-        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lease.lock_free(shared);
         let Conn { conn, columns, .. } = &mut *guard;
         match msg {
             WriterMsg::Job(job) => {

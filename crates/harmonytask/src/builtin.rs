@@ -66,6 +66,7 @@ impl AttemptLog {
                     }
                 }
                 let mut backoff = Duration::from_millis(20);
+                let t0 = std::time::Instant::now();
                 let ids = loop {
                     match store.attempts_log(&starts, &ends).await {
                         Ok(ids) => break ids,
@@ -76,6 +77,7 @@ impl AttemptLog {
                         }
                     }
                 };
+                tracing::debug!(starts = starts.len(), ends = ends.len(), took = ?t0.elapsed(), "attempt log batch");
                 for (reply, id) in start_replies
                     .into_iter()
                     .zip(ids.into_iter().map(Some).chain(std::iter::repeat(None)))

@@ -81,7 +81,10 @@ impl Recorder {
                 now: s.clock.now(),
                 outcomes: &outcomes,
             };
-            match s.store.task_record(&b).await {
+            let t0 = std::time::Instant::now();
+            let result = s.store.task_record(&b).await;
+            tracing::debug!(outcomes = outcomes.len(), took = ?t0.elapsed(), "record batch");
+            match result {
                 Ok(recorded) => {
                     if !recorded.followed.is_empty() {
                         s.wake_followers(None);

@@ -559,10 +559,15 @@ impl Store {
              WHERE id IN (SELECT t.id FROM json_each($2) AS j CROSS JOIN harmony_task AS t ON t.id = j.value
                           WHERE t.owner_id IS NULL ORDER BY j.key LIMIT $3)
              RETURNING id, posted_time, update_time, retries",
+            // The candidates drive a nested loop over the primary key. The filter is written
+            // `coalesce(owner_id, 0) = 0` (machine ids start at 1) so that the planner cannot
+            // pick the partial index on unowned tasks, whose scan grows with the backlog.
             "UPDATE harmony_task SET owner_id = $1
              WHERE owner_id IS NULL AND id IN (
-                 SELECT id FROM harmony_task WHERE id = ANY($2::bigint[]) AND owner_id IS NULL
-                 ORDER BY array_position($2::bigint[], id) LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 SELECT t.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, ord)
+                 JOIN harmony_task AS t ON t.id = u.id
+                 WHERE coalesce(t.owner_id, 0) = 0
+                 ORDER BY u.ord LIMIT $3 FOR UPDATE OF t SKIP LOCKED)
              RETURNING id, posted_time, update_time, retries",
         );
         if p.max_cluster == 0 {
