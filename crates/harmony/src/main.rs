@@ -116,8 +116,11 @@ fn init_tracing(cli: &Cli) {
         Some(f) => EnvFilter::new(f),
         None => EnvFilter::try_from_env("HARMONY_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
     };
+    // Colours only on a terminal: a log redirected to a file or a collector stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .with_target(false)
         .compact()

@@ -134,6 +134,23 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
             &["line 4", "retry_wait:", "not a duration"],
         ),
         ("[[task]]\nname = \"a\"\ncommand = [\"true\"\n", &["line 3"]),
+        (
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nfollows = [\"stage0\"]\n",
+            &[
+                "line 4",
+                "task \"a\"",
+                "follows:",
+                "unknown task type \"stage0\"",
+            ],
+        ),
+        (
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nmay_follow = [\"b\"]\n\n[[task]]\nname = \"b\"\nbuiltin = \"bench_noop\"\nmay_follow = [\"a\"]\n",
+            &["line 4", "task \"a\"", "may_follow:", "cycle a -> b -> a"],
+        ),
+        (
+            "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nsingleton = \"often\"\n",
+            &["line 4", "task \"a\"", "singleton:", "not a duration"],
+        ),
     ];
     for (text, needles) in cases {
         let file = tasks_file(dir.path(), text);
@@ -150,6 +167,44 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
     out.assert_usage_error(&["/no/such/tasks.toml"]);
 
     assert_nothing_written(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_and_run_now_refuse_unknown_targets() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let out = harmony(&["--db", db, "machine", "cordon", "999"]).await;
+    out.assert_usage_error(&["no machine with id 999", "no machine is registered"]);
+    let out = harmony(&["--db", db, "machine", "restart", "--self"]).await;
+    out.assert_usage_error(&["no machine registered as 127.0.0.1:4701", "--listen"]);
+    let out = harmony(&[
+        "--db", db, "machine", "uncordon", "--self", "--listen", "nowhere",
+    ])
+    .await;
+    out.assert_usage_error(&["--listen", "HOST:PORT"]);
+    let out = harmony(&["--db", db, "machine", "uncordon", "5", "--listen", "a:1"]).await;
+    out.assert_usage_error(&["--listen only goes with --self"]);
+    let out = harmony(&["--db", db, "machine", "cordon"]).await;
+    out.assert_usage_error(&["<ID|--self>"]);
+    let out = harmony(&["--db", db, "machine", "cordon", "1", "--self"]).await;
+    out.assert_usage_error(&["cannot be used with"]);
+    let out = harmony(&["--db", db, "task", "run-now", "nope"]).await;
+    out.assert_usage_error(&["unknown task type \"nope\"", "no running node runs it"]);
+    let out = harmony(&["--db", db, "task", "run-now", "x');DROP--"]).await;
+    out.assert_usage_error(&["contains '\\''"]);
+    let out = harmony(&["--db", db, "--notify", "maybe", "task", "ls"]).await;
+    out.assert_usage_error(&["--notify", "on, off"]);
+    let out = harmony(&["--db", db, "run", "--iambored-interval", "0s"]).await;
+    out.assert_usage_error(&["iambored_interval must be positive", "--iambored-interval"]);
+    let out = harmony(&["--db", db, "run", "--poll-interval-unhealthy", "0s"]).await;
+    out.assert_usage_error(&["--poll-interval-unhealthy"]);
+    let out = harmony(&["--db", db, "run", "--change-check-interval", "soon"]).await;
+    out.assert_usage_error(&["--change-check-interval"]);
+    assert_nothing_written(&t).await;
+    assert_eq!(
+        count(&t, "SELECT count(*) FROM harmony_task_singletons").await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 //! The checks read `harmony_test_attempt`, which the built-in task behaviour writes itself at
 //! the start and end of every physical attempt, outside the engine's fencing.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -14,29 +15,6 @@ use common::*;
 use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
 use nix::sys::signal::Signal;
-
-macro_rules! both_backends {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let t = harmony_testkit::TestDb::sqlite().await;
-                    super::$case(&t).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
-                    super::$case(&t).await;
-                }
-            )*
-        }
-    };
-}
 
 both_backends!(
     three_nodes_share_2000_tasks,
@@ -55,29 +33,6 @@ name = "t_sleep"
 builtin = "bench_sleep"
 max_cluster = 2
 "#;
-
-/// Waits until `machine` has at least `n` attempts that started and did not end.
-async fn running_on(t: &TestDb, machine: i64, n: i64) {
-    let db = t.db.clone();
-    eventually(
-        &format!("{n} attempts running on machine {machine}"),
-        Duration::from_secs(30),
-        || {
-            let db = db.clone();
-            async move {
-                let running: i64 = db
-                    .scalar(
-                        "SELECT count(*) FROM harmony_test_attempt WHERE machine_id = $1 AND ended IS NULL",
-                        &[&machine],
-                    )
-                    .await
-                    .ok()?;
-                (running >= n).then_some(())
-            }
-        },
-    )
-    .await;
-}
 
 /// 2,000 tasks over three processes. Only 12 of them are of the cluster-limited type: the
 /// engine (as of this writing) pauses a type on a node for `refused_retry_interval` (1 s)
@@ -370,7 +325,7 @@ async fn sigterm_hands_running_tasks_over_at_once(t: &TestDb) {
 mod checkers {
     use std::collections::BTreeMap;
 
-    use super::common::{Attempt, assert_no_overlap, max_concurrent};
+    use super::common::{Attempt, assert_no_overlap, assert_sequential, max_concurrent};
 
     fn a(task: i64, machine: i64, start_us: i64, end_us: Option<i64>) -> Attempt {
         Attempt {
@@ -413,6 +368,27 @@ mod checkers {
             &group(vec![a(1, 1, 0, None), a(1, 2, 30, Some(60))]),
             Some(40),
         );
+    }
+
+    #[test]
+    fn sequential_attempts_of_different_tasks() {
+        assert_sequential(&[
+            a(2, 2, 10, Some(20)),
+            a(1, 1, 0, Some(10)),
+            a(3, 3, 25, Some(30)),
+        ]);
+    }
+
+    #[test]
+    #[should_panic(expected = "attempts overlapped")]
+    fn overlapping_singleton_attempts_are_caught() {
+        assert_sequential(&[a(1, 1, 0, Some(15)), a(2, 2, 10, Some(20))]);
+    }
+
+    #[test]
+    #[should_panic(expected = "never ended")]
+    fn an_unended_singleton_attempt_is_caught() {
+        assert_sequential(&[a(1, 1, 0, None), a(2, 2, 10, Some(20))]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Helpers for tests that run the real `harmony` binary: one-shot commands, node processes that
 //! are killed when the test ends (pass or fail), and checks over the attempt log.
 
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, unused_macros)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,10 +9,36 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use harmony_testkit::{TestDb, eventually, free_port};
-use harmonydb::{Executor, Timestamp};
+use harmonydb::{Executor, Params, Timestamp};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+
+/// Runs each named `async fn(&TestDb)` twice, as `sqlite::NAME` on a fresh SQLite file and as
+/// `postgres::NAME` on a fresh Postgres schema (skipped, loudly, when Postgres is unavailable
+/// and not required).
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let t = harmony_testkit::TestDb::sqlite().await;
+                    super::$case(&t).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
+                    super::$case(&t).await;
+                }
+            )*
+        }
+    };
+}
 
 /// The binary under test.
 pub const HARMONY: &str = env!("CARGO_BIN_EXE_harmony");
@@ -69,6 +95,7 @@ pub async fn harmony_in(dir: Option<&Path>, args: &[&str]) -> Output {
     cmd.args(args)
         .env_remove("HARMONY_DB")
         .env_remove("HARMONY_LOG")
+        .env_remove("HARMONY_NOTIFY")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(d) = dir {
@@ -123,6 +150,7 @@ impl Node {
             .args(args)
             .env_remove("HARMONY_DB")
             .env_remove("HARMONY_LOG")
+            .env_remove("HARMONY_NOTIFY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
@@ -158,6 +186,37 @@ impl Node {
             .expect("wait for node");
         self.exited = Some(status);
         status.code()
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        if self.exited.is_some() {
+            return false;
+        }
+        match self.child.try_wait().expect("poll node process") {
+            Some(status) => {
+                self.exited = Some(status);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Waits until a line of the node's log contains every one of `needles`.
+    pub async fn wait_log(&self, needles: &[&str]) {
+        eventually(
+            &format!("node {} to log {needles:?}", self.listen),
+            Duration::from_secs(30),
+            || {
+                let log = self.log();
+                async move {
+                    log.lines()
+                        .any(|l| needles.iter().all(|n| l.contains(n)))
+                        .then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     /// The node's log so far.
@@ -327,6 +386,28 @@ pub fn assert_no_overlap(
     unended
 }
 
+/// Asserts that `list` (attempts of any tasks, e.g. all of a singleton type) never overlapped:
+/// sorted by start, each ended no later than the next began; every one of them ended.
+pub fn assert_sequential(list: &[Attempt]) {
+    let mut sorted = list.to_vec();
+    sorted.sort_by_key(|a| a.start_us);
+    for pair in sorted.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let end = a
+            .end_us
+            .unwrap_or_else(|| panic!("task {} on machine {} never ended", a.task, a.machine));
+        assert!(
+            end <= b.start_us,
+            "attempts overlapped: task {} on machine {} ended at {end} µs, after task {} on machine {} began at {} µs",
+            a.task,
+            a.machine,
+            b.task,
+            b.machine,
+            b.start_us
+        );
+    }
+}
+
 /// The most attempts of `tasks` running at the same moment, across all machines.
 pub fn max_concurrent(by_task: &BTreeMap<i64, Vec<Attempt>>, tasks: &[i64]) -> usize {
     let mut events: Vec<(i64, i32)> = Vec::new();
@@ -367,4 +448,69 @@ pub fn added_ids(out: &Output) -> Vec<i64> {
         .iter()
         .map(|v| v.as_i64().expect("id"))
         .collect()
+}
+
+/// Waits until the count `sql` returns (with `params`) reaches at least `want`; returns it.
+pub async fn wait_count(
+    t: &TestDb,
+    what: &str,
+    deadline: Duration,
+    want: i64,
+    sql: &'static str,
+    params: Params<'_>,
+) -> i64 {
+    eventually(what, deadline, || async move {
+        let n: i64 = t.db.scalar(sql, params).await.ok()?;
+        (n >= want).then_some(n)
+    })
+    .await
+}
+
+/// Waits until `machine` has at least `n` attempts that started and did not end.
+pub async fn running_on(t: &TestDb, machine: i64, n: i64) {
+    wait_count(
+        t,
+        &format!("{n} attempts running on machine {machine}"),
+        Duration::from_secs(30),
+        n,
+        "SELECT count(*) FROM harmony_test_attempt WHERE machine_id = $1 AND ended IS NULL",
+        &[&machine],
+    )
+    .await;
+}
+
+/// Successful attempts of type `name` recorded so far.
+pub async fn succeeded(t: &TestDb, name: &str) -> i64 {
+    t.db.scalar(
+        "SELECT count(*) FROM harmony_task_history WHERE name = $1 AND result",
+        &[&name],
+    )
+    .await
+    .expect("count successes")
+}
+
+/// Waits until `n` attempts of type `name` have succeeded.
+pub async fn wait_succeeded(t: &TestDb, name: &str, n: i64, deadline: Duration) {
+    wait_count(
+        t,
+        &format!("{n} successful {name} attempts"),
+        deadline,
+        n,
+        "SELECT count(*) FROM harmony_task_history WHERE name = $1 AND result",
+        &[&name],
+    )
+    .await;
+}
+
+/// The hosts that recorded successful attempts of type `name`, one entry per attempt.
+pub async fn completed_by(t: &TestDb, name: &str) -> Vec<String> {
+    let rows: Vec<(String,)> = t
+        .db
+        .select(
+            "SELECT completed_by_host_and_port FROM harmony_task_history WHERE name = $1 AND result ORDER BY id",
+            &[&name],
+        )
+        .await
+        .expect("read history");
+    rows.into_iter().map(|r| r.0).collect()
 }

@@ -1,0 +1,558 @@
+//! Coordination between real `harmony run` processes, on SQLite (several processes on one file)
+//! and Postgres: wake-ups with the safety-net poll an hour away, polling while notifications
+//! are broken, follower chains that survive SIGKILL, singletons that never overlap and run at
+//! once on request, cordon and restart.
+//!
+//! Nothing here waits by sleeping: every wait is on a process exit, a log line or a database
+//! count, each with a deadline. Where a test must show that something happened *because of* a
+//! wake-up, the nodes poll once an hour, so only the wake-up path can explain a prompt result.
+
+#[macro_use]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use harmony_testkit::{TestDb, eventually, unique_suffix};
+use harmonydb::Executor;
+use harmonytask::store::Store;
+use nix::sys::signal::Signal;
+
+both_backends!(
+    a_wake_up_reaches_the_node_that_runs_the_type,
+    a_follower_chain_survives_sigkill,
+    a_singleton_never_overlaps_and_runs_now_on_request,
+    cordon_stops_new_claims_until_uncordon,
+    restart_exits_100_only_after_the_running_task,
+);
+
+/// Flags that leave wake-ups as the only prompt way to find work.
+const NO_POLL: &[&str] = &["--poll-interval", "1h", "--poll-interval-unhealthy", "1h"];
+
+/// Node arguments: `--tasks FILE`, then `extra`.
+fn node_args<'a>(file: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--tasks", file];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `harmony --db URL --json task add TYPE ARGS…`, which must succeed; the new ids.
+async fn add(db: &str, name: &str, extra: &[&str]) -> Vec<i64> {
+    let mut args = vec!["--db", db, "--json", "task", "add", name];
+    args.extend_from_slice(extra);
+    added_ids(&harmony(&args).await)
+}
+
+/// `harmony --db URL ARGS…`, which must succeed; its JSON output.
+async fn ok_json(db: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--db", db, "--json"];
+    all.extend_from_slice(args);
+    harmony(&all).await.json()
+}
+
+const WAKE_TASKS: &str = r#"
+[[task]]
+name = "w_add"
+builtin = "bench_noop"
+
+[[task]]
+name = "w_first"
+builtin = "bench_noop"
+
+[[task]]
+name = "w_next"
+builtin = "bench_noop"
+follows = ["w_first"]
+"#;
+
+/// With the poll an hour away on every node: a task added by another process runs on the one
+/// node that runs its type, and a completion on node A makes its follow-up run on node B.
+/// Postgres: LISTEN/NOTIFY; SQLite: the change check of each process on the shared file.
+async fn a_wake_up_reaches_the_node_that_runs_the_type(t: &TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(dir.path(), WAKE_TASKS);
+    let file = file.to_str().unwrap();
+    let db = t.url.as_str();
+    let a = Node::start(
+        db,
+        dir.path(),
+        &node_args(file, &[&["--types", "w_first"][..], NO_POLL].concat()),
+    );
+    let b = Node::start(
+        db,
+        dir.path(),
+        &node_args(file, &[&["--types", "w_add,w_next"][..], NO_POLL].concat()),
+    );
+    a.machine_id(t).await;
+    b.machine_id(t).await;
+
+    // A first round, which each node may also find with its start-up poll: once it has run,
+    // both nodes are past that poll, and only wake-ups are left.
+    add(db, "w_add", &[]).await;
+    add(db, "w_first", &[]).await;
+    wait_succeeded(t, "w_add", 1, Duration::from_secs(30)).await;
+    wait_succeeded(t, "w_next", 1, Duration::from_secs(30)).await;
+
+    add(db, "w_add", &["--count", "3"]).await;
+    add(db, "w_first", &["--count", "2"]).await;
+    add(db, "w_add", &[]).await;
+    wait_succeeded(t, "w_add", 5, Duration::from_secs(30)).await;
+    wait_succeeded(t, "w_next", 3, Duration::from_secs(30)).await;
+    all_done(t, 5 + 3 + 3, Duration::from_secs(30)).await;
+
+    for (name, node, n) in [("w_add", &b, 5), ("w_first", &a, 3), ("w_next", &b, 3)] {
+        let by = completed_by(t, name).await;
+        assert_eq!(by.len(), n, "{name}: {by:?}");
+        assert!(
+            by.iter().all(|h| *h == node.listen),
+            "{name} ran only on {}: {by:?}",
+            node.listen
+        );
+    }
+}
+
+/// Postgres: the node's LISTEN connection is killed again and again while tasks are added
+/// without notifications; the unhealthy poll (1 s; the healthy one is an hour) still finds
+/// them. Once the killing stops, the listener is back and a notified task runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_work_flows_while_notifications_are_broken() {
+    let test = "postgres_work_flows_while_notifications_are_broken";
+    let Some(t) = TestDb::postgres(test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"nb\"\nbuiltin = \"bench_noop\"\n",
+    );
+    let file = file.to_str().unwrap();
+    let app = format!("hn_{}", unique_suffix());
+    let node_db = t.url_with("application_name", &app);
+    let node = Node::start(
+        &node_db,
+        dir.path(),
+        &node_args(
+            file,
+            &[
+                "--types",
+                "nb",
+                "--poll-interval",
+                "1h",
+                "--poll-interval-unhealthy",
+                "1s",
+            ],
+        ),
+    );
+    node.machine_id(&t).await;
+    let listeners = |t: &TestDb| {
+        let (db, app) = (t.db.clone(), app.clone());
+        async move {
+            db.scalar::<i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                &[&app],
+            )
+            .await
+            .expect("read pg_stat_activity")
+        }
+    };
+    eventually(
+        "the node's LISTEN connection",
+        Duration::from_secs(30),
+        || {
+            let n = listeners(&t);
+            async move { (n.await > 0).then_some(()) }
+        },
+    )
+    .await;
+
+    // Kill the listener over and over, from another task, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicUsize::new(0));
+    let killer = {
+        let (db, app, stop, killed) = (t.db.clone(), app.clone(), stop.clone(), killed.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let rows: Vec<(bool,)> = db
+                    .select(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                        &[&app],
+                    )
+                    .await
+                    .expect("terminate the listener");
+                killed.fetch_add(rows.iter().filter(|r| r.0).count(), Ordering::SeqCst);
+                // The pace of the disruption, not a wait for an event.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let db = t.url.as_str();
+    for _ in 0..3 {
+        let out = harmony(&[
+            "--db", db, "--notify", "off", "--json", "task", "add", "nb", "--count", "2",
+        ])
+        .await;
+        assert_eq!(added_ids(&out).len(), 2);
+    }
+    wait_succeeded(&t, "nb", 6, Duration::from_secs(60)).await;
+    stop.store(true, Ordering::SeqCst);
+    killer.await.unwrap();
+    assert!(
+        killed.load(Ordering::SeqCst) > 0,
+        "the listener was never terminated"
+    );
+    node.wait_log(&["notification connection lost"]).await;
+
+    // The listener comes back by itself, and notifications work again.
+    eventually(
+        "the LISTEN connection to come back",
+        Duration::from_secs(30),
+        || {
+            let n = listeners(&t);
+            async move { (n.await > 0).then_some(()) }
+        },
+    )
+    .await;
+    add(db, "nb", &[]).await;
+    wait_succeeded(&t, "nb", 7, Duration::from_secs(30)).await;
+    assert_eq!(completed_by(&t, "nb").await.len(), 7);
+}
+
+const CHAIN_TASKS: &str = r#"
+[[task]]
+name = "c1"
+builtin = "bench_sleep"
+max = 20
+
+[[task]]
+name = "c2"
+builtin = "bench_sleep"
+follows = ["c1"]
+may_follow = ["c1"]
+max = 20
+
+[[task]]
+name = "c3"
+builtin = "bench_sleep"
+follows = ["c2"]
+may_follow = ["c2"]
+max = 20
+"#;
+
+/// 1,000 three-stage chains over three processes, one SIGKILLed mid-way: every chain
+/// completes, and every follow-up is created exactly once.
+async fn a_follower_chain_survives_sigkill(t: &TestDb) {
+    const CHAINS: i64 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(dir.path(), CHAIN_TASKS);
+    let file = file.to_str().unwrap();
+    let db = t.url.as_str();
+    let args = node_args(
+        file,
+        &[
+            "--types",
+            "c1,c2,c3",
+            "--heartbeat-interval",
+            "300ms",
+            "--reaper-interval",
+            "300ms",
+            "--dead-after",
+            "2s",
+            "--poll-interval",
+            "500ms",
+        ],
+    );
+    let mut victim = Node::start(db, dir.path(), &args);
+    let others = [
+        Node::start(db, dir.path(), &args),
+        Node::start(db, dir.path(), &args),
+    ];
+    let victim_id = victim.machine_id(t).await;
+    for n in &others {
+        n.machine_id(t).await;
+    }
+
+    // Stage 1 sleeps 10 ms; follow-ups carry no arguments, so stages 2 and 3 sleep 100 ms.
+    let ids = add(
+        db,
+        "c1",
+        &["--count", &CHAINS.to_string(), "--arg", "ms=10"],
+    )
+    .await;
+    assert_eq!(ids.len() as i64, CHAINS);
+    // Mid-way: follow-ups are flowing and the victim is running some of them.
+    wait_succeeded(t, "c2", 150, Duration::from_secs(60)).await;
+    running_on(t, victim_id, 1).await;
+    let killed_at = now_us();
+    victim.signal(Signal::SIGKILL);
+    assert_eq!(victim.exit_code(Duration::from_secs(10)).await, None);
+    assert!(
+        succeeded(t, "c3").await < CHAINS,
+        "the kill came after the work was done"
+    );
+
+    wait_succeeded(t, "c3", CHAINS, Duration::from_secs(120)).await;
+    all_done(t, 3 * CHAINS, Duration::from_secs(60)).await;
+    for stage in ["c1", "c2", "c3"] {
+        let (ok_rows, ok_tasks, tasks): (i64, i64, i64) = t
+            .db
+            .query_row(
+                "SELECT count(*) FILTER (WHERE result), count(DISTINCT task_id) FILTER (WHERE result), count(DISTINCT task_id) FROM harmony_task_history WHERE name = $1",
+                &[&stage],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok_tasks, CHAINS, "{stage}: distinct tasks that succeeded");
+        assert_eq!(ok_rows, CHAINS, "{stage}: no task succeeded twice");
+        assert_eq!(
+            tasks, CHAINS,
+            "{stage}: tasks in history (a follow-up created twice would add one)"
+        );
+    }
+    let pending = Store::new(t.db.clone()).follow_pending().await.unwrap();
+    assert!(pending.is_empty(), "follow queue not empty: {pending:?}");
+    // No task ran on two live nodes at once; the killed node's attempts were cut short.
+    let by_task = attempts(t).await;
+    let unended = assert_no_overlap(&by_task, Some(killed_at));
+    assert!(unended >= 1, "the kill should have interrupted an attempt");
+    for a in by_task.values().flatten().filter(|a| a.end_us.is_none()) {
+        assert_eq!(
+            a.machine, victim_id,
+            "only the killed node leaves attempts open"
+        );
+    }
+}
+
+const SINGLETON_TASKS: &str = r#"
+[[task]]
+name = "single"
+builtin = "bench_sleep"
+singleton = "100ms"
+
+[[task]]
+name = "hourly"
+builtin = "bench_noop"
+singleton = "1h"
+"#;
+
+/// Three nodes race to run a 100 ms singleton every 100 ms (about ten seconds of it): never two
+/// attempts at once. Then
+/// an hourly singleton, with the poll an hour away, runs again at once on `task run-now`.
+async fn a_singleton_never_overlaps_and_runs_now_on_request(t: &TestDb) {
+    const RUNS: i64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(dir.path(), SINGLETON_TASKS);
+    let file = file.to_str().unwrap();
+    let db = t.url.as_str();
+    let fast = node_args(
+        file,
+        &[
+            "--types",
+            "single",
+            "--iambored-interval",
+            "20ms",
+            "--poll-interval",
+            "200ms",
+            "--shutdown-grace",
+            "10s",
+        ],
+    );
+    let mut nodes: Vec<Node> = (0..3).map(|_| Node::start(db, dir.path(), &fast)).collect();
+    for n in &nodes {
+        n.machine_id(t).await;
+    }
+    wait_succeeded(t, "single", RUNS, Duration::from_secs(90)).await;
+    // Stop them gracefully, so every attempt logs its end.
+    for n in &nodes {
+        n.signal(Signal::SIGTERM);
+    }
+    for n in &mut nodes {
+        assert_eq!(n.exit_code(Duration::from_secs(30)).await, Some(0));
+    }
+    let all: Vec<Attempt> = attempts(t).await.into_values().flatten().collect();
+    assert!(all.len() as i64 >= RUNS, "{} attempts", all.len());
+    assert_sequential(&all);
+    // The three nodes really competed: the runs did not all land on one of them.
+    let machines: std::collections::BTreeSet<i64> = all.iter().map(|a| a.machine).collect();
+    assert!(machines.len() >= 2, "every run was on machine {machines:?}");
+
+    // Run-now.
+    let hourly = Node::start(
+        db,
+        dir.path(),
+        &node_args(file, &[&["--types", "hourly"][..], NO_POLL].concat()),
+    );
+    hourly.machine_id(t).await;
+    // Recorded in the transaction that deletes the task row: nothing of the type is left.
+    wait_succeeded(t, "hourly", 1, Duration::from_secs(30)).await;
+    let out = ok_json(db, &["task", "run-now", "hourly"]).await;
+    assert_eq!(out["run_now"], "hourly");
+    wait_succeeded(t, "hourly", 2, Duration::from_secs(30)).await;
+    let (_, _, pending) = Store::new(t.db.clone())
+        .singleton_get("hourly")
+        .await
+        .unwrap()
+        .expect("singleton row");
+    assert!(!pending, "the run-now flag is cleared when it runs");
+    assert_eq!(
+        completed_by(t, "hourly").await,
+        vec![hourly.listen.clone(); 2]
+    );
+}
+
+/// A cordoned node claims nothing new while another node takes the work, or while nobody
+/// does; after uncordon it claims again.
+async fn cordon_stops_new_claims_until_uncordon(t: &TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"cw\"\nbuiltin = \"bench_sleep\"\n",
+    );
+    let file = file.to_str().unwrap();
+    let db = t.url.as_str();
+    let args = node_args(file, &[&["--types", "cw"][..], FAST].concat());
+    let cordoned = Node::start(db, dir.path(), &args);
+    let mut other = Node::start(db, dir.path(), &args);
+    let cordoned_id = cordoned.machine_id(t).await;
+    other.machine_id(t).await;
+
+    let out = ok_json(db, &["machine", "cordon", &cordoned_id.to_string()]).await;
+    assert_eq!(out["action"], "cordon");
+    assert_eq!(out["machine"], cordoned_id);
+    assert_eq!(out["changed"], true);
+    cordoned
+        .wait_log(&["scheduling flag changed", "cordoned=true"])
+        .await;
+    let machines = ok_json(db, &["machine", "ls"]).await;
+    let row = machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == cordoned_id)
+        .expect("cordoned machine listed");
+    assert_eq!(row["unschedulable"], true);
+    let out = harmony(&["--db", db, "machine", "ls"]).await;
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(&cordoned.listen))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(line.contains("cordoned"), "{line}");
+    // Cordoning again changes nothing and says so.
+    let out = harmony(&["--db", db, "machine", "cordon", &cordoned_id.to_string()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("cordoned (it already was)"),
+        "{}",
+        out.stdout
+    );
+
+    // The other node takes everything.
+    add(db, "cw", &["--count", "20", "--arg", "ms=20"]).await;
+    all_done(t, 20, Duration::from_secs(60)).await;
+    let by = completed_by(t, "cw").await;
+    assert!(by.iter().all(|h| *h == other.listen), "{by:?}");
+    let on_cordoned: i64 =
+        t.db.scalar(
+            "SELECT count(*) FROM harmony_test_attempt WHERE machine_id = $1",
+            &[&cordoned_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(on_cordoned, 0, "the cordoned node started tasks");
+
+    // Nobody else: the work waits for the uncordon.
+    other.signal(Signal::SIGTERM);
+    assert_eq!(other.exit_code(Duration::from_secs(30)).await, Some(0));
+    let waiting = add(db, "cw", &["--count", "3", "--arg", "ms=10"]).await;
+    let uncordoned_at = now_us();
+    let out = ok_json(
+        db,
+        &[
+            "machine",
+            "uncordon",
+            "--self",
+            "--listen",
+            &cordoned.listen,
+        ],
+    )
+    .await;
+    assert_eq!(out["machine"], cordoned_id);
+    all_done(t, 23, Duration::from_secs(60)).await;
+    let by_task = attempts(t).await;
+    for id in &waiting {
+        let list = &by_task[id];
+        assert_eq!(list.len(), 1, "task {id}: {list:?}");
+        assert_eq!(list[0].machine, cordoned_id);
+        assert!(
+            list[0].start_us > uncordoned_at,
+            "task {id} started before the node was uncordoned"
+        );
+    }
+}
+
+/// `machine restart`: the node drains, keeps running its task to the end, starts nothing new,
+/// then exits with code 100 and removes its row.
+async fn restart_exits_100_only_after_the_running_task(t: &TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"rs\"\nbuiltin = \"bench_sleep\"\n",
+    );
+    let file = file.to_str().unwrap();
+    let db = t.url.as_str();
+    let mut node = Node::start(
+        db,
+        dir.path(),
+        &node_args(file, &[&["--types", "rs"][..], FAST].concat()),
+    );
+    let id = node.machine_id(t).await;
+    let long = add(db, "rs", &["--arg", "ms=4000"]).await[0];
+    running_on(t, id, 1).await;
+
+    let out = ok_json(db, &["machine", "restart", &id.to_string()]).await;
+    assert_eq!(out["action"], "restart");
+    node.wait_log(&["restart requested"]).await;
+    let unended: i64 =
+        t.db.scalar(
+            "SELECT count(*) FROM harmony_test_attempt WHERE task_id = $1 AND ended IS NULL",
+            &[&long],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unended, 1, "the drain began while the task ran");
+    assert!(node.is_running(), "the node exited while its task ran");
+    // Work added while draining is left for others.
+    let later = add(db, "rs", &["--arg", "ms=10"]).await[0];
+
+    assert_eq!(node.exit_code(Duration::from_secs(60)).await, Some(100));
+    // It exited only after the task finished: the attempt ended and its success is recorded.
+    let s = successes(t).await;
+    assert_eq!(s.get(&long), Some(&(1, node.listen.clone())));
+    let ended: i64 =
+        t.db.scalar(
+            "SELECT count(*) FROM harmony_test_attempt WHERE task_id = $1 AND ended IS NOT NULL",
+            &[&long],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended, 1);
+    let rows: i64 =
+        t.db.scalar(
+            "SELECT count(*) FROM harmony_machines WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "its machine row is gone");
+    let (owner,): (Option<i64>,) =
+        t.db.query_row("SELECT owner_id FROM harmony_task WHERE id = $1", &[&later])
+            .await
+            .unwrap();
+    assert_eq!(
+        owner, None,
+        "the task added while draining is still waiting"
+    );
+    assert!(!s.contains_key(&later));
+}
