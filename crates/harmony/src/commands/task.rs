@@ -417,7 +417,13 @@ async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::
     if json {
         output::json(&serde_json::json!({ "run_now": name }))?;
     } else {
-        println!("{name}: run-now requested; a node that runs it as a singleton starts it now");
+        if notify {
+            println!("{name}: run-now requested; a node that runs it as a singleton starts it now");
+        } else {
+            println!(
+                "{name}: run-now requested; with --notify off the nodes see it at their next poll"
+            );
+        }
         if singleton.is_none() {
             // Known in the cluster but never scheduled as a singleton: maybe not one at all.
             println!(
