@@ -35,6 +35,18 @@ macro_rules! both_backends {
                 }
             )*
         }
+        /// The whole suite again with notifications off (YugabyteDB, CockroachDB, PgBouncer):
+        /// correct on polling alone.
+        mod postgres_notify_off {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
+                    super::common::NOTIFY_OFF.with(|n| n.set(true));
+                    super::$case(&t).await;
+                }
+            )*
+        }
     };
 }
 

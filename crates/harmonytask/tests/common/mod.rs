@@ -73,6 +73,11 @@ impl Task for Probe {
     }
 }
 
+thread_local! {
+    /// Set by a test module to run its engines with notifications off (polling only).
+    pub static NOTIFY_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Settings for tests: short intervals, an explicit budget, a unique address. Also installs
 /// a log subscriber (`RUST_LOG=harmonytask=debug` to see the engine's logs in a failing test).
 pub fn config(budget: Resources) -> EngineConfig {
@@ -90,6 +95,8 @@ pub fn config(budget: Resources) -> EngineConfig {
         shutdown_grace: Duration::from_secs(5),
         cancel_wait: Duration::from_secs(2),
         refused_retry_interval: Duration::from_millis(100),
+        poll_interval_unhealthy: Duration::from_millis(200),
+        notify: !NOTIFY_OFF.with(std::cell::Cell::get),
         ..EngineConfig::default()
     }
 }
