@@ -15,13 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use harmony_testkit::{TestDb, eventually, unique_suffix};
+use harmony_testkit::{Backend, TestDb, eventually, unique_suffix};
 use harmonydb::Executor;
 use harmonytask::store::Store;
 use nix::sys::signal::Signal;
 
 both_backends!(
     a_wake_up_reaches_the_node_that_runs_the_type,
+    notify_off_nodes_find_work_by_polling,
     a_follower_chain_survives_sigkill,
     a_singleton_never_overlaps_and_runs_now_on_request,
     cordon_stops_new_claims_until_uncordon,
@@ -114,8 +115,11 @@ async fn a_wake_up_reaches_the_node_that_runs_the_type(t: &TestDb) {
 }
 
 /// Postgres: the node's LISTEN connection is killed again and again while tasks are added
-/// without notifications; the unhealthy poll (1 s; the healthy one is an hour) still finds
-/// them. Once the killing stops, the listener is back and a notified task runs at once.
+/// without notifications; polls still find them: the one the node makes each time its
+/// listener reconnects, or the unhealthy poll (1 s; the healthy one is an hour). Once the
+/// killing stops, the listener is back and a notified task runs at once. (A node with
+/// `--notify off`, where only the timed poll can find work, is
+/// `notify_off_nodes_find_work_by_polling`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_work_flows_while_notifications_are_broken() {
     let test = "postgres_work_flows_while_notifications_are_broken";
@@ -217,6 +221,69 @@ async fn postgres_work_flows_while_notifications_are_broken() {
     add(db, "nb", &[]).await;
     wait_succeeded(&t, "nb", 7, Duration::from_secs(30)).await;
     assert_eq!(completed_by(&t, "nb").await.len(), 7);
+}
+
+/// A node with `--notify off` neither listens nor checks for changes; with the healthy poll an
+/// hour away, the unhealthy poll (which `off` uses) is the only way it finds tasks added
+/// without notifications.
+async fn notify_off_nodes_find_work_by_polling(t: &TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"polled\"\nbuiltin = \"bench_noop\"\n",
+    );
+    let file = file.to_str().unwrap();
+    let app = format!("hp_{}", unique_suffix());
+    let node_db = match t.backend() {
+        Backend::Postgres => t.url_with("application_name", &app),
+        Backend::Sqlite => t.url.clone(),
+    };
+    let node = Node::start(
+        &node_db,
+        dir.path(),
+        &node_args(
+            file,
+            &[
+                "--types",
+                "polled",
+                "--notify",
+                "off",
+                "--poll-interval",
+                "1h",
+                "--poll-interval-unhealthy",
+                "300ms",
+            ],
+        ),
+    );
+    node.machine_id(t).await;
+    node.wait_log(&["node running", "notify=false"]).await;
+    let db = t.url.as_str();
+    for round in 1..=3 {
+        let out = harmony(&[
+            "--db", db, "--notify", "off", "--json", "task", "add", "polled", "--count", "2",
+        ])
+        .await;
+        assert_eq!(added_ids(&out).len(), 2);
+        wait_succeeded(t, "polled", 2 * round, Duration::from_secs(30)).await;
+    }
+    assert_eq!(
+        completed_by(t, "polled").await,
+        vec![node.listen.clone(); 6]
+    );
+    if t.backend() == Backend::Postgres {
+        let listening: i64 = t
+            .db
+            .scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                &[&app],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            listening, 0,
+            "a node with --notify off opened a LISTEN connection"
+        );
+    }
 }
 
 const CHAIN_TASKS: &str = r#"
