@@ -17,6 +17,7 @@ mod latency;
 mod memory;
 mod node;
 mod packing;
+mod recovery;
 mod reference;
 mod throughput;
 
@@ -45,11 +46,13 @@ pub enum Workload {
     Memory,
     /// Single-row insert+commit and point-select rates through `Db` versus the raw drivers.
     Db,
+    /// SIGKILL a node running tasks: time until its orphaned tasks finished elsewhere.
+    Recovery,
 }
 
 impl Workload {
     /// All workloads, in the order `all` runs them.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Db,
         Workload::Throughput,
         Workload::Latency,
@@ -57,6 +60,7 @@ impl Workload {
         Workload::Cluster,
         Workload::Packing,
         Workload::Memory,
+        Workload::Recovery,
     ];
 
     /// Its command-line name.
@@ -69,6 +73,7 @@ impl Workload {
             Workload::Packing => "packing",
             Workload::Memory => "memory",
             Workload::Db => "db",
+            Workload::Recovery => "recovery",
         }
     }
 }
@@ -151,6 +156,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
         Workload::Packing => packing::packing(opts).await,
         Workload::Memory => memory::memory(opts).await,
         Workload::Db => db::db_overhead(opts).await,
+        Workload::Recovery => recovery::recovery(opts).await,
     }
 }
 

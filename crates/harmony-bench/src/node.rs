@@ -65,6 +65,13 @@ impl NodeProcess {
         }
     }
 
+    /// Crash: SIGKILL, waiting for the exit.
+    pub(crate) async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
     /// Graceful stop (SIGTERM), waiting for the exit.
     pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {

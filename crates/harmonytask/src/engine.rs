@@ -90,6 +90,13 @@ impl TypeEntry {
     pub(crate) fn protected(&self) -> bool {
         self.details.time_sensitive || self.details.uninterruptible
     }
+
+    pub(crate) fn is_singleton(&self) -> bool {
+        self.details
+            .iambored
+            .as_ref()
+            .is_some_and(|b| b.singleton_interval().is_some())
+    }
 }
 
 /// Called after a task of the type completed successfully and its completion committed, with
@@ -672,6 +679,13 @@ impl EngineBuilder {
             );
         }
         let machine = registered.id;
+        // Follower pairs are registered before the node reports itself started, so that every
+        // completion after `start` returns is followed.
+        for d in &details {
+            for f in &d.follows {
+                store.follow_register(&f.from, &d.name).await?;
+            }
+        }
         tracing::info!(machine = %machine, host = %self.config.host_and_port, budget = %budget, "node registered");
 
         let flags = Arc::new(NodeFlags::default());

@@ -166,11 +166,6 @@ impl Followers {
         if pairs.is_empty() {
             return;
         }
-        for p in &pairs {
-            if let Err(e) = s.store.follow_register(&p.from, &s.types[p.to].name).await {
-                tracing::warn!(from = %p.from, to = %s.types[p.to].name, error = %e, "cannot register follower");
-            }
-        }
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut failed = false;

@@ -110,6 +110,9 @@ impl Hint {
     }
 }
 
+/// How long a notification connection must stay up for its loss to reset the reconnect backoff.
+const LISTEN_STABLE: Duration = Duration::from_secs(10);
+
 /// Longest wait between reconnection attempts of the listener.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -125,7 +128,7 @@ impl Listener {
         loop {
             match s.db.listen(&[CHANNEL]).await {
                 Ok(Some(mut listener)) => {
-                    backoff = Duration::from_millis(200);
+                    let connected = std::time::Instant::now();
                     s.set_notify_healthy(true);
                     // Whatever was sent while we were not listening is found by a poll.
                     s.request_poll();
@@ -147,6 +150,11 @@ impl Listener {
                         }
                     }
                     s.set_notify_healthy(false);
+                    // A connection that stayed up a while resets the backoff; one that keeps
+                    // dying at once (a killed or refused session) backs off further.
+                    if connected.elapsed() >= LISTEN_STABLE {
+                        backoff = Duration::from_millis(200);
+                    }
                     tracing::warn!(
                         "notification connection lost; polling every {:?} until it is back",
                         s.config.poll_interval_unhealthy
@@ -215,6 +223,12 @@ impl Listener {
             }
             match s.db.data_version().await {
                 Ok(Some(v)) => {
+                    if last.is_none() {
+                        // Commits before this first reading are not detected as changes: look
+                        // once now that the baseline is set.
+                        s.request_poll();
+                        s.wake_followers(None);
+                    }
                     if last.is_some_and(|l| l != v) {
                         s.request_poll();
                         s.wake_followers(None);

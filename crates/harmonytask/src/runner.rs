@@ -159,6 +159,18 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
     }
     match verdict.await.unwrap_or(Verdict::Abandoned) {
         Verdict::Applied(_history_id) => match fate {
+            Fate::Done | Fate::Fail if entry.is_singleton() => {
+                // A run-now request that arrived while this one ran or waited is served now.
+                if fate == Fate::Done {
+                    let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
+                    shared.task_completed(ty, cand.id, &meta);
+                }
+                match shared.store.singleton_get(&entry.name).await {
+                    Ok(Some((_, _, true))) => shared.run_now(&entry.name),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "reading the run-now flag failed"),
+                }
+            }
             Fate::Done => {
                 let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
                 shared.task_completed(ty, cand.id, &meta);

@@ -45,6 +45,7 @@ both_backends!(
     follower_chains_complete_exactly_once,
     followers_run_on_other_nodes,
     singleton_never_runs_twice_at_once_and_run_now_works,
+    run_now_during_a_run_is_served_after_it,
     iambored_is_called_and_rate_limited,
     preemption_frees_the_cheapest_victim,
     preemption_across_nodes_is_done_by_one_node,
@@ -771,4 +772,48 @@ async fn notify_off_still_works_by_polling(t: &TestDb) {
         11
     );
     runner.shutdown().await.unwrap();
+}
+
+async fn run_now_during_a_run_is_served_after_it(t: &TestDb) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (r, g) = (runs.clone(), gate.clone());
+    let e = Engine::builder(t.open_another().await)
+        .register(Probe::new(
+            TypeDetails::new("hourly").singleton(Duration::from_secs(3600)),
+            move |_, _| {
+                let (r, g) = (r.clone(), g.clone());
+                async move {
+                    if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                        g.notified().await;
+                    }
+                    Ok(Done(true))
+                }
+            },
+        ))
+        .config(no_poll(big_budget()))
+        .start()
+        .await
+        .unwrap();
+    eventually("the first run to start", Duration::from_secs(30), || {
+        let n = runs.load(Ordering::SeqCst);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // Asked while the first run is still going: it must not be lost.
+    Client::new(t.open_another().await)
+        .run_now("hourly")
+        .await
+        .unwrap();
+    gate.notify_one();
+    eventually(
+        "the requested run after the first",
+        Duration::from_secs(30),
+        || {
+            let n = runs.load(Ordering::SeqCst);
+            async move { (n == 2).then_some(()) }
+        },
+    )
+    .await;
+    e.shutdown().await.unwrap();
 }
