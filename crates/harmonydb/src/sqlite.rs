@@ -88,6 +88,8 @@ pub(crate) struct SqliteBackend {
     writer: cb::Sender<WriterMsg>,
     readers: cb::Sender<ReaderMsg>,
     writer_conn: Arc<Mutex<Conn>>,
+    /// Dropped with the backend, which ends the checkpoint thread.
+    _stop_checkpoints: cb::Sender<()>,
     lease: Arc<Lease>,
     reader_conns: Vec<Arc<Mutex<Conn>>>,
     /// Writes may run inline only when a commit does not wait for fsync.
@@ -311,6 +313,12 @@ impl SqliteBackend {
                 ),
             ));
         }
+        // Checkpoints run on a thread of their own (below), never inside a commit: an automatic
+        // checkpoint would make some commit wait for copying pages and fsync.
+        writer_conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| open_error(&cfg.path, e))?;
+        let checkpointer = open_connection(cfg, false, &Arc::new(InlineGate::default()))?;
         let mut reader_conns = Vec::with_capacity(cfg.readers);
         for _ in 0..cfg.readers.max(1) {
             let gate = Arc::new(InlineGate::default());
@@ -328,6 +336,17 @@ impl SqliteBackend {
             .spawn(move || writer_loop(&w, &l, writer_rx))
             .map_err(|e| Error::new(ErrorKind::Other, format!("spawning SQLite writer: {e}")))?;
 
+        let (stop_checkpoints, checkpoint_rx) = cb::bounded::<()>(0);
+        std::thread::Builder::new()
+            .name("harmonydb-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer, &checkpoint_rx))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Other,
+                    format!("spawning SQLite checkpointer: {e}"),
+                )
+            })?;
+
         let (reader_tx, reader_rx) = cb::bounded::<ReaderMsg>(1024);
         for (i, conn) in reader_conns.iter().enumerate() {
             let rx = reader_rx.clone();
@@ -344,6 +363,7 @@ impl SqliteBackend {
             writer: writer_tx,
             readers: reader_tx,
             writer_conn,
+            _stop_checkpoints: stop_checkpoints,
             lease,
             reader_conns,
             inline_writes: cfg.synchronous == Synchronous::Normal,
@@ -684,6 +704,20 @@ impl ColumnCache {
             })
             .clone()
     }
+}
+
+/// How often the checkpoint thread copies the WAL back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Passive checkpoints (they never block readers or the writer) until the backend is dropped.
+fn checkpoint_loop(conn: &Connection, stop: &cb::Receiver<()>) {
+    while let Err(cb::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "WAL checkpoint failed; will retry");
+        }
+    }
+    // A last full pass while closing, so the file is compact when the process ends.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
 }
 
 fn writer_loop(shared: &Mutex<Conn>, lease: &Lease, rx: cb::Receiver<WriterMsg>) {
