@@ -21,6 +21,9 @@ use crate::node::NodeProcess;
 use crate::reference::reference_commits_per_s;
 use crate::{BenchOptions, BenchResult, peak_rss_mb, percentile, reset_peak_rss};
 
+/// Tasks added and run before measuring.
+const WARM_UP: usize = 50;
+
 /// Adds per second: slow enough that the node is idle at every add.
 const ADD_RATE_PER_S: u64 = 200;
 
@@ -88,16 +91,22 @@ async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
         })
         .start()
         .await?;
+    // Warm-up, not measured: connections opened, statements prepared.
+    for _ in 0..WARM_UP {
+        engine.add_task_with_args("latency_probe", &[]).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while starts.lock().map(|s| s.len()).unwrap_or(0) < WARM_UP {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    starts.lock().map(|mut s| s.clear()).ok();
     let mut added: Vec<(TaskId, Instant)> = Vec::with_capacity(n);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / ADD_RATE_PER_S));
     let begin = Instant::now();
     for _ in 0..n {
         tick.tick().await;
         let t0 = Instant::now();
-        if let Some(id) = engine
-            .add_task("latency_probe", |_, _| async { Ok(true) })
-            .await?
-        {
+        if let Some(id) = engine.add_task_with_args("latency_probe", &[]).await? {
             added.push((id, t0));
         }
     }
@@ -117,11 +126,6 @@ async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
                 .map(|t1| t1.duration_since(*t0).as_secs_f64() * 1000.0)
         })
         .collect();
-    if std::env::var("HARMONY_BENCH_DEBUG").is_ok() {
-        let mut idx: Vec<(usize, f64)> = samples.iter().copied().enumerate().collect();
-        idx.sort_by(|a, b| b.1.total_cmp(&a.1));
-        eprintln!("slowest: {:?}", &idx[..idx.len().min(30)]);
-    }
     let mut r = BenchResult::new("latency", fresh.backend);
     r.seconds = seconds;
     r.peak_rss_mb = peak_rss_mb(std::process::id());
@@ -142,6 +146,14 @@ async fn cross_node(opts: &BenchOptions, fresh: &FreshDb, n: usize) -> anyhow::R
     // Let the node finish its start-up poll so every task below is found by a wake-up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let client = Client::new(db.clone());
+    // Warm-up, not measured: connections opened, statements prepared on both sides.
+    for _ in 0..WARM_UP {
+        client.add_task_with_args(BENCH_NOOP, &[]).await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while store.any_task(BENCH_NOOP).await? {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut added: Vec<(i64, i64)> = Vec::with_capacity(n);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / ADD_RATE_PER_S));
     let begin = Instant::now();

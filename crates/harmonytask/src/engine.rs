@@ -512,13 +512,36 @@ impl Client {
         name: &str,
         args: &[(String, String)],
     ) -> Result<Option<TaskId>> {
-        let c = self
-            .add(name, None, |id, tx| async move {
-                Store::task_args_insert(&tx, id, args).await?;
-                Ok(true)
-            })
-            .await?;
+        let c = self.add_with_args(name, args).await?;
         Ok(c.map(|c| c.id))
+    }
+
+    /// Adds one task with arguments. Without arguments there are no rows of the caller's to
+    /// write, so the row (and its wake-up notification) goes in with one statement.
+    pub(crate) async fn add_with_args(
+        &self,
+        name: &str,
+        args: &[(String, String)],
+    ) -> Result<Option<Candidate>> {
+        if !args.is_empty() {
+            return self
+                .add(name, None, |id, tx| async move {
+                    Store::task_args_insert(&tx, id, args).await?;
+                    Ok(true)
+                })
+                .await;
+        }
+        validate_name(name)?;
+        let posted = self.clock.now();
+        let id = Store::new(self.db.clone())
+            .task_insert_alone(name, posted, self.added_by, self.notify)
+            .await?;
+        Ok(Some(Candidate {
+            id,
+            posted,
+            updated: posted,
+            retries: 0,
+        }))
     }
 
     /// Adds `count` tasks of one type, each with the same arguments, in one transaction.
@@ -890,11 +913,11 @@ impl Engine {
         name: &str,
         args: &[(String, String)],
     ) -> Result<Option<TaskId>> {
-        self.add_task(name, |id, tx| async move {
-            Store::task_args_insert(&tx, id, args).await?;
-            Ok(true)
-        })
-        .await
+        let added = self.shared.client.add_with_args(name, args).await?;
+        Ok(added.map(|c| {
+            self.shared.notify_added(name, vec![c.clone()]);
+            c.id
+        }))
     }
 
     /// Adds `count` tasks of one type in one transaction (one insert statement); `extra` gets
