@@ -24,6 +24,9 @@ use crate::{BenchOptions, BenchResult, peak_rss_mb, percentile, reset_peak_rss};
 /// Tasks added and run before measuring.
 const WARM_UP: usize = 50;
 
+/// Most run-now and follower samples.
+const RUN_NOW_SAMPLES: usize = 300;
+
 /// Adds per second: slow enough that the node is idle at every add.
 const ADD_RATE_PER_S: u64 = 200;
 
@@ -46,6 +49,110 @@ impl Task for Probe {
     }
 }
 
+/// A task type that does nothing but push the instant each run starts (which is also when it
+/// returns) onto a shared list.
+struct Stamp {
+    details: TypeDetails,
+    stamps: Arc<Mutex<Vec<Instant>>>,
+}
+
+#[async_trait]
+impl Task for Stamp {
+    fn type_details(&self) -> TypeDetails {
+        self.details.clone()
+    }
+
+    async fn run(&self, _task: TaskId, _ctx: RunContext) -> Result<Done, TaskError> {
+        if let Ok(mut s) = self.stamps.lock() {
+            s.push(Instant::now());
+        }
+        Ok(Done(true))
+    }
+}
+
+impl Stamp {
+    fn new(details: TypeDetails) -> (Self, Arc<Mutex<Vec<Instant>>>) {
+        let stamps = Arc::new(Mutex::new(Vec::new()));
+        let s = Stamp {
+            details,
+            stamps: stamps.clone(),
+        };
+        (s, stamps)
+    }
+}
+
+/// Waits (bounded) until `stamps` holds `n` entries; returns the last.
+async fn stamped(stamps: &Mutex<Vec<Instant>>, n: usize) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(t) = stamps.lock().ok().and_then(|s| s.get(n - 1).copied()) {
+            return Ok(t);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "run {n} did not start within 30 s"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// Run-now to start of a singleton, and a predecessor's end to its follower's start, on one
+/// idle in-process node, one at a time.
+async fn run_now_and_follow(fresh: &FreshDb, n: usize) -> anyhow::Result<Vec<BenchResult>> {
+    let db = fresh.open().await?;
+    let (single, single_starts) =
+        Stamp::new(TypeDetails::new("probe_single").singleton(Duration::from_secs(3600)));
+    let (pred, pred_ends) = Stamp::new(TypeDetails::new("probe_pred"));
+    let (follow, follow_starts) =
+        Stamp::new(TypeDetails::new("probe_follow").follows("probe_pred"));
+    let engine = Engine::builder(db.clone())
+        .register(single)
+        .register(pred)
+        .register(follow)
+        .config(EngineConfig {
+            host_and_port: format!("bench-latency-{}", std::process::id()),
+            budget: Some(Resources::new(2.0, 1 << 30, 0.0)),
+            ..EngineConfig::default()
+        })
+        .start()
+        .await?;
+    let store = Store::new(db.clone());
+    // The singleton's first run comes by itself (its interval has never passed).
+    stamped(&single_starts, 1).await?;
+    let begin = Instant::now();
+    let mut run_now = Vec::with_capacity(n);
+    for i in 0..n {
+        // The previous run is recorded: no row of the type left.
+        while store.any_task("probe_single").await? {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let t0 = Instant::now();
+        engine.run_now("probe_single").await?;
+        let t1 = stamped(&single_starts, i + 2).await?;
+        run_now.push(t1.duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    let run_now_secs = begin.elapsed().as_secs_f64();
+    let begin = Instant::now();
+    let mut follow_ms = Vec::with_capacity(n);
+    for i in 0..n {
+        engine.add_task_with_args("probe_pred", &[]).await?;
+        let t1 = stamped(&follow_starts, i + 1).await?;
+        let t0 = stamped(&pred_ends, i + 1).await?;
+        follow_ms.push(t1.duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    let follow_secs = begin.elapsed().as_secs_f64();
+    engine.shutdown().await?;
+    let mut a = BenchResult::new("latency", fresh.backend);
+    a.seconds = run_now_secs;
+    a.detail = "run-now to start: singleton, same node, one request at a time".into();
+    summarize(run_now, &mut a);
+    let mut b = BenchResult::new("latency", fresh.backend);
+    b.seconds = follow_secs;
+    b.detail = "follower: predecessor's run returned to follower's start, same node".into();
+    summarize(follow_ms, &mut b);
+    Ok(vec![a, b])
+}
+
 fn micros_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -65,15 +172,18 @@ pub(crate) async fn latency(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResu
     let n = opts.tasks.unwrap_or(2_000);
     let fresh = FreshDb::create(&opts.db_url).await?;
     let reference = reference_commits_per_s(&fresh.url).await?;
-    let result = if opts.cross_node {
-        cross_node(opts, &fresh, n).await
+    let mut results = if opts.cross_node {
+        vec![cross_node(opts, &fresh, n).await?]
     } else {
-        same_node(&fresh, n).await
+        let mut r = vec![same_node(&fresh, n).await?];
+        r.extend(run_now_and_follow(&fresh, n.min(RUN_NOW_SAMPLES)).await?);
+        r
     };
-    let mut r = result?;
-    r.reference_commits_per_s = Some(reference);
+    for r in &mut results {
+        r.reference_commits_per_s = Some(reference);
+    }
     fresh.cleanup().await?;
-    Ok(vec![r])
+    Ok(results)
 }
 
 async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {

@@ -130,6 +130,10 @@ pub struct BenchResult {
     /// Peak resident memory of the node process (the largest, with several), MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_mb: Option<f64>,
+    /// Tasks with more than one logged attempt (cluster: must be 0; `harmony bench` exits
+    /// non-zero otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub double_runs: Option<usize>,
     /// What else was measured, for humans (`insert 812345/s`, `ratio 0.97`, …).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,

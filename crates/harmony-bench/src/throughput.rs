@@ -228,6 +228,7 @@ pub(crate) async fn cluster(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResu
         r.tasks_per_s = Some(tasks as f64 / secs);
         r.reference_commits_per_s = Some(reference);
         r.peak_rss_mb = Some(rss);
+        r.double_runs = Some(twice);
         r.detail = format!(
             "{} attempts logged, {twice} tasks ran more than once{}",
             attempts.len(),

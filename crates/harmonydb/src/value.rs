@@ -16,7 +16,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -72,16 +74,59 @@ impl Timestamp {
 
     /// The SQLite text form: `YYYY-MM-DD HH:MM:SS.fff`, UTC.
     pub fn to_sqlite_text(self) -> String {
-        self.to_chrono().format(SQLITE_TIMESTAMP_FORMAT).to_string()
+        // The components written directly: a strftime pattern is re-parsed on every call,
+        // and timestamps are formatted for every row the engine writes.
+        let t = self.to_chrono();
+        let mut out = String::with_capacity(23);
+        let _ = write!(
+            out,
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.timestamp_subsec_millis().min(999)
+        );
+        out
     }
 
     /// Parses the SQLite text form. Also accepts the `T` separator, a missing fraction and a
     /// trailing `Z`, so rows written by hand with SQLite's own `datetime()` still read.
     pub fn parse_sqlite_text(s: &str) -> Result<Self> {
+        if let Some(t) = Self::parse_exact_sqlite_text(s) {
+            return Ok(t);
+        }
         let trimmed = s.trim_end_matches('Z').replacen('T', " ", 1);
         let parsed = NaiveDateTime::parse_from_str(&trimmed, "%Y-%m-%d %H:%M:%S%.f")
             .map_err(|e| Error::new(ErrorKind::Decode, format!("bad timestamp {s:?}: {e}")))?;
         Ok(Timestamp(parsed.and_utc().timestamp_millis()))
+    }
+
+    /// The exact form `YYYY-MM-DD HH:MM:SS.fff` that [`Timestamp::to_sqlite_text`] writes,
+    /// read without a format pattern; `None` for anything else.
+    fn parse_exact_sqlite_text(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.len() != 23
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || b[10] != b' '
+            || b[13] != b':'
+            || b[16] != b':'
+            || b[19] != b'.'
+        {
+            return None;
+        }
+        let num = |from: usize, to: usize| -> Option<u32> {
+            b[from..to].iter().try_fold(0u32, |n, c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        };
+        let date = NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 7)?, num(8, 10)?)?;
+        let time =
+            date.and_hms_milli_opt(num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?)?;
+        Some(Timestamp(time.and_utc().timestamp_millis()))
     }
 }
 
@@ -627,6 +672,31 @@ mod tests {
         assert_eq!(
             Timestamp::parse_sqlite_text("2023-11-14T22:13:20.123Z").unwrap(),
             t
+        );
+    }
+
+    #[test]
+    fn sqlite_text_matches_the_documented_format() {
+        // Epoch, a leap day, the last millisecond of a year, and now-ish: the direct
+        // formatter and parser agree with the strftime pattern of DESIGN §3.
+        for ms in [
+            0,
+            951_782_400_001,
+            1_704_067_199_999,
+            1_700_000_000_123,
+            4_102_444_800_000,
+        ] {
+            let t = Timestamp::from_millis(ms);
+            let s = t.to_sqlite_text();
+            assert_eq!(s, t.to_chrono().format(SQLITE_TIMESTAMP_FORMAT).to_string());
+            assert_eq!(Timestamp::parse_sqlite_text(&s).unwrap(), t);
+        }
+        // Near misses of the exact form fall back to the general parser or are refused.
+        assert!(Timestamp::parse_sqlite_text("2023-13-14 22:13:20.123").is_err());
+        assert!(Timestamp::parse_sqlite_text("2023-11-14 22:13:2x.123").is_err());
+        assert_eq!(
+            Timestamp::parse_sqlite_text("2023-11-14 22:13:20.12").unwrap(),
+            Timestamp::from_millis(1_700_000_000_120)
         );
     }
 

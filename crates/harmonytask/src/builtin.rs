@@ -5,7 +5,9 @@
 //! itself, outside the engine's fencing, so that an outside checker can prove that no task ran
 //! twice at once and none was lost, even across crashes. The log is group-committed: an attempt
 //! waits for its start row to commit before working and for its end row before returning,
-//! but many attempts share a transaction.
+//! but many attempts share a transaction. `bench_noop` does no work between its start and its
+//! end, so it writes its attempt as one row (start and end) before returning: an attempt cut
+//! off by a crash had no effect and leaves no row.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,7 +17,7 @@ use harmonydb::{Db, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::resources::Resources;
-use crate::store::{AttemptStart, Store};
+use crate::store::{AttemptStart, AttemptWhole, Store};
 use crate::task::{Done, RetryWait, RunContext, Task, TaskError, TaskId, TypeDetails};
 
 /// Name of the no-op type.
@@ -32,6 +34,7 @@ const ATTEMPT_BATCH_MAX: usize = 1024;
 
 enum LogRequest {
     Start(AttemptStart, oneshot::Sender<Option<i64>>),
+    Whole(AttemptWhole, oneshot::Sender<()>),
     End(i64, Timestamp, oneshot::Sender<()>),
 }
 
@@ -51,6 +54,7 @@ impl AttemptLog {
             while rx.recv_many(&mut batch, ATTEMPT_BATCH_MAX).await > 0 {
                 let mut starts = Vec::new();
                 let mut start_replies = Vec::new();
+                let mut wholes = Vec::new();
                 let mut ends = Vec::new();
                 let mut end_replies = Vec::new();
                 for r in batch.drain(..) {
@@ -58,6 +62,10 @@ impl AttemptLog {
                         LogRequest::Start(s, reply) => {
                             starts.push(s);
                             start_replies.push(reply);
+                        }
+                        LogRequest::Whole(w, reply) => {
+                            wholes.push(w);
+                            end_replies.push(reply);
                         }
                         LogRequest::End(id, at, reply) => {
                             ends.push((id, at));
@@ -68,7 +76,7 @@ impl AttemptLog {
                 let mut backoff = Duration::from_millis(20);
                 let t0 = std::time::Instant::now();
                 let ids = loop {
-                    match store.attempts_log(&starts, &ends).await {
+                    match store.attempts_log(&starts, &wholes, &ends).await {
                         Ok(ids) => break ids,
                         Err(e) => {
                             tracing::warn!(error = %e, "attempt log write failed; retrying");
@@ -77,7 +85,7 @@ impl AttemptLog {
                         }
                     }
                 };
-                tracing::debug!(starts = starts.len(), ends = ends.len(), took = ?t0.elapsed(), "attempt log batch");
+                tracing::debug!(starts = starts.len(), wholes = wholes.len(), ends = ends.len(), took = ?t0.elapsed(), "attempt log batch");
                 for (reply, id) in start_replies
                     .into_iter()
                     .zip(ids.into_iter().map(Some).chain(std::iter::repeat(None)))
@@ -94,19 +102,23 @@ impl AttemptLog {
 
     /// Logs a start; returns the attempt id once committed.
     pub async fn start(&self, task: TaskId, ctx: &RunContext) -> Option<i64> {
-        let now = SystemTime::now();
-        let started_us = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as i64);
         let (reply, rx) = oneshot::channel();
-        let req = AttemptStart {
-            task,
-            machine: ctx.machine_id(),
-            started: Timestamp::from_system(now),
-            started_us,
-        };
+        let req = attempt_start(task, ctx);
         self.tx.send(LogRequest::Start(req, reply)).await.ok()?;
         rx.await.ok().flatten()
+    }
+
+    /// Logs an attempt that started at `start` and ends now, as one row; returns once
+    /// committed.
+    pub async fn whole(&self, start: AttemptStart) {
+        let (reply, rx) = oneshot::channel();
+        let w = AttemptWhole {
+            start,
+            ended: Timestamp::from_system(SystemTime::now()),
+        };
+        if self.tx.send(LogRequest::Whole(w, reply)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Logs an end; returns once committed.
@@ -128,6 +140,19 @@ impl AttemptLog {
     }
 }
 
+/// The start of an attempt of `task`, now.
+fn attempt_start(task: TaskId, ctx: &RunContext) -> AttemptStart {
+    let now = SystemTime::now();
+    AttemptStart {
+        task,
+        machine: ctx.machine_id(),
+        started: Timestamp::from_system(now),
+        started_us: now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64),
+    }
+}
+
 /// `bench_noop`: logs the attempt and succeeds.
 pub struct BenchNoop {
     log: AttemptLog,
@@ -143,8 +168,8 @@ impl Task for BenchNoop {
     }
 
     async fn run(&self, task: TaskId, ctx: RunContext) -> Result<Done, TaskError> {
-        let attempt = self.log.start(task, &ctx).await;
-        self.log.end(attempt).await;
+        let start = attempt_start(task, &ctx);
+        self.log.whole(start).await;
         Ok(Done(true))
     }
 }

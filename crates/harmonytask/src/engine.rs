@@ -942,6 +942,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Asks a singleton type to run now (see [`Client::run_now`]); this node acts on it at
+    /// once when it runs the type, whatever the backend.
+    pub async fn run_now(&self, name: &str) -> Result<()> {
+        self.shared.client.run_now(name).await?;
+        self.shared.run_now(name);
+        Ok(())
+    }
+
     /// Registers a callback run after each successful completion of a type.
     pub fn on_task_complete(&self, name: &str, callback: CompleteCallback) -> Result<()> {
         let ty = *self

@@ -568,14 +568,30 @@ impl Store {
     /// The oldest `limit` unowned tasks of a type, through the partial index: the cost does
     /// not depend on how many tasks wait.
     pub async fn task_poll(&self, name: &str, limit: usize) -> Result<Vec<Candidate>> {
-        Ok(self
+        const POLL: &str = "SELECT id, posted_time, update_time, retries FROM harmony_task
+                 WHERE name = $1 AND owner_id IS NULL ORDER BY posted_time, id LIMIT $2";
+        if self.dialect() == Dialect::Sqlite {
+            return Ok(self.db.select(POLL, &[&name, &limit]).await?);
+        }
+        let polled = self
             .db
-            .select(
-                "SELECT id, posted_time, update_time, retries FROM harmony_task
-                 WHERE name = $1 AND owner_id IS NULL ORDER BY posted_time, id LIMIT $2",
-                &[&name, &limit],
-            )
-            .await?)
+            .transaction(|tx| async move {
+                Self::prefer_index_order(&tx).await?;
+                Ok(Some(tx.select::<Candidate>(POLL, &[&name, &limit]).await?))
+            })
+            .await?;
+        Ok(polled.unwrap_or_default())
+    }
+
+    /// On Postgres, makes the rest of `tx` read "the oldest N" through the ordered index, never
+    /// as a bitmap scan of every matching row followed by a sort. Postgres picks the bitmap
+    /// plan when its statistics predate a bulk insert (until autovacuum analyzes the table):
+    /// a poll of 1,000,000 fresh rows then took 500 ms instead of 0.5 ms.
+    async fn prefer_index_order(tx: &Tx) -> harmonydb::Result<()> {
+        if tx.dialect() == Dialect::Postgres {
+            tx.exec("SET LOCAL enable_bitmapscan = off", &[]).await?;
+        }
+        Ok(())
     }
 
     /// Claims up to `limit` of the candidate ids that are still unowned, in the given order,
@@ -968,6 +984,7 @@ impl Store {
             "SELECT id, task_id, history_id FROM harmony_task_follow_queue
              WHERE from_type = $1 AND to_type = $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
         );
+        Self::prefer_index_order(tx).await?;
         tx.select(sql, &[&from, &to, &limit]).await
     }
 
@@ -1257,6 +1274,15 @@ pub struct AttemptRow {
     pub started_us: i64,
 }
 
+/// A whole attempt of a built-in task, logged once it ended.
+#[derive(Debug, Clone)]
+pub struct AttemptWhole {
+    /// Its start.
+    pub start: AttemptStart,
+    /// Its end.
+    pub ended: Timestamp,
+}
+
 /// A start of a built-in attempt to log.
 #[derive(Debug, Clone, Copy)]
 pub struct AttemptStart {
@@ -1271,11 +1297,12 @@ pub struct AttemptStart {
 }
 
 impl Store {
-    /// Logs attempt starts and ends of built-in tasks in one transaction; returns the new
-    /// attempt ids in the order of `starts`.
+    /// Logs attempt starts, whole attempts and ends of built-in tasks in one transaction;
+    /// returns the new attempt ids in the order of `starts`.
     pub async fn attempts_log(
         &self,
         starts: &[AttemptStart],
+        wholes: &[AttemptWhole],
         ends: &[(i64, Timestamp)],
     ) -> Result<Vec<i64>> {
         let ids = self
@@ -1301,6 +1328,24 @@ impl Store {
                                 )
                                 .await?;
                             ids = rows.into_iter().map(|r| r.0).collect();
+                        }
+                        if !wholes.is_empty() {
+                            let json = serde_json::Value::Array(
+                                wholes
+                                    .iter()
+                                    .map(|w| {
+                                        let a = &w.start;
+                                        serde_json::json!([a.task.0, a.machine.0, a.started.to_sqlite_text(), a.started_us, w.ended.to_sqlite_text()])
+                                    })
+                                    .collect(),
+                            )
+                            .to_string();
+                            tx.exec(
+                                "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us, ended)
+                                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each($1)",
+                                &[&json],
+                            )
+                            .await?;
                         }
                         if !ends.is_empty() {
                             let json = serde_json::Value::Array(
@@ -1335,6 +1380,19 @@ impl Store {
                                 )
                                 .await?;
                             ids = rows.into_iter().map(|r| r.0).collect();
+                        }
+                        if !wholes.is_empty() {
+                            let tasks: Vec<i64> = wholes.iter().map(|w| w.start.task.0).collect();
+                            let machines: Vec<i64> = wholes.iter().map(|w| w.start.machine.0).collect();
+                            let started: Vec<Timestamp> = wholes.iter().map(|w| w.start.started).collect();
+                            let us: Vec<i64> = wholes.iter().map(|w| w.start.started_us).collect();
+                            let ended: Vec<Timestamp> = wholes.iter().map(|w| w.ended).collect();
+                            tx.exec(
+                                "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us, ended)
+                                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], $5::timestamptz[])",
+                                &[&tasks, &machines, &started, &us, &ended],
+                            )
+                            .await?;
                         }
                         if !ends.is_empty() {
                             let attempt: Vec<i64> = ends.iter().map(|e| e.0).collect();

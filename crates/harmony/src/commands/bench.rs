@@ -44,6 +44,14 @@ pub async fn run(db: &str, json: bool, args: BenchArgs) -> anyhow::Result<u8> {
         } else {
             print!("{}", harmony_bench::render_table(&results));
         }
+        if let Some(r) = results.iter().find(|r| r.double_runs.unwrap_or(0) > 0) {
+            anyhow::bail!(
+                "{} tasks ran more than once in the {}-node {} run: this is a bug, please report it",
+                r.double_runs.unwrap_or(0),
+                r.nodes,
+                r.workload
+            );
+        }
     }
     Ok(EXIT_OK)
 }
