@@ -24,6 +24,7 @@ pub(crate) mod view;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use harmonydb::{ErrorKind, Timestamp};
@@ -77,7 +78,14 @@ struct TypeSched {
     bored_in_flight: bool,
     /// A preemption bid for this (time-sensitive) type is in flight.
     preempt_in_flight: bool,
+    /// Until then, other nodes are claiming the same oldest tasks (a claim lost races): offer
+    /// the view from a random point instead of its head, so that nodes with the same view
+    /// mostly claim different tasks instead of all but one getting nothing.
+    contended_until: Option<Instant>,
 }
+
+/// How long a lost claim race keeps a type's offers spread out.
+const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
 pub(crate) struct Scheduler {
     shared: Arc<Shared>,
@@ -121,6 +129,7 @@ impl Scheduler {
                 bored_at: None,
                 bored_in_flight: false,
                 preempt_in_flight: false,
+                contended_until: None,
             })
             .collect();
         let budget = shared.budget.amounts();
@@ -372,6 +381,7 @@ impl Scheduler {
                 }
                 self.poll_wanted.insert(ty);
                 t.blocked = None;
+                t.contended_until = Some(Instant::now() + CONTENDED_FOR);
             } else {
                 t.blocked = None;
             }
@@ -505,9 +515,13 @@ impl Scheduler {
                 continue;
             }
             t.hold_until = None;
-            let (eligible, next) = t
-                .view
-                .eligible(now_ts, &entry.details.retry_wait, usize::MAX);
+            let (mut eligible, next) =
+                t.view
+                    .eligible(now_ts, &entry.details.retry_wait, usize::MAX);
+            if t.contended_until.is_some_and(|u| u > now) && eligible.len() > 1 {
+                let from = fastrand::usize(..eligible.len());
+                eligible.rotate_left(from);
+            }
             t.next_eligible = next;
             if eligible.is_empty() {
                 t.blocked = next.map(|until| Blocked::RetryWait { until });
