@@ -2,7 +2,9 @@
 //! versus the raw driver, one statement at a time (latency-bound) and with 16 in flight
 //! (throughput-bound).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use harmonydb::{BackendConfig, Db, DbConfig, Executor};
@@ -107,35 +109,83 @@ fn overhead(raw: f64, via_db: f64) -> String {
     format!("; overhead {:+.1}% vs raw", 100.0 * (raw / via_db - 1.0))
 }
 
+/// Runs `op(n)` for n = 0, 1, … for `REFERENCE_TIME`; returns calls per second.
+fn rate_of(mut op: impl FnMut(i64) -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut n = 0i64;
+    while start.elapsed() < REFERENCE_TIME {
+        op(n)?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// [`rate_of`] for an async operation, one call at a time.
+async fn rate_of_async(mut op: impl AsyncFnMut(i64) -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut n = 0i64;
+    while start.elapsed() < REFERENCE_TIME {
+        op(n).await?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Calls `op(db, n)` from `IN_FLIGHT` tasks at once, each n used once, for `REFERENCE_TIME`;
+/// returns calls per second.
+async fn rate_in_flight<F, Fut>(db: &Db, op: F) -> anyhow::Result<f64>
+where
+    F: Fn(Db, i64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = harmonydb::Result<()>> + Send,
+{
+    let counter = Arc::new(AtomicI64::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let (db, counter, op) = (db.clone(), counter.clone(), op.clone());
+        workers.push(tokio::spawn(async move {
+            while start.elapsed() < REFERENCE_TIME {
+                op(db.clone(), counter.fetch_add(1, Ordering::Relaxed)).await?;
+            }
+            Ok::<_, harmonydb::Error>(())
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    Ok(counter.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+const INSERT: &str = "INSERT INTO bench_rows (id, v) VALUES ($1, $2)";
+const SELECT: &str = "SELECT v FROM bench_rows WHERE id = $1";
+
+/// The id a point select reads: one of the first 100 rows of the raw insert run.
+fn select_id(n: i64) -> i64 {
+    1_000_000_000 + n % 100
+}
+
 async fn raw_inserts(cfg: &DbConfig, first_id: i64) -> anyhow::Result<f64> {
     match &cfg.backend {
         BackendConfig::Sqlite(s) => {
             let s = s.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+            tokio::task::spawn_blocking(move || {
                 let conn = raw_sqlite(&s)?;
-                let mut stmt = conn.prepare("INSERT INTO bench_rows (id, v) VALUES (?1, ?2)")?;
-                let start = Instant::now();
-                let mut n = 0i64;
-                while start.elapsed() < REFERENCE_TIME {
+                let mut stmt = conn.prepare(INSERT)?;
+                rate_of(|n| {
                     stmt.execute([first_id + n, n])?;
-                    n += 1;
-                }
-                Ok(n as f64 / start.elapsed().as_secs_f64())
+                    Ok(())
+                })
             })
             .await?
         }
         BackendConfig::Postgres(p) => {
             let client = raw_postgres(p).await?;
-            let stmt = client
-                .prepare("INSERT INTO bench_rows (id, v) VALUES ($1, $2)")
-                .await?;
-            let start = Instant::now();
-            let mut n = 0i64;
-            while start.elapsed() < REFERENCE_TIME {
+            let stmt = client.prepare(INSERT).await?;
+            rate_of_async(async |n| {
                 client.execute(&stmt, &[&(first_id + n), &n]).await?;
-                n += 1;
-            }
-            Ok(n as f64 / start.elapsed().as_secs_f64())
+                Ok(())
+            })
+            .await
         }
     }
 }
@@ -144,112 +194,56 @@ async fn raw_selects(cfg: &DbConfig) -> anyhow::Result<f64> {
     match &cfg.backend {
         BackendConfig::Sqlite(s) => {
             let s = s.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+            tokio::task::spawn_blocking(move || {
                 let conn = raw_sqlite(&s)?;
-                let mut stmt = conn.prepare("SELECT v FROM bench_rows WHERE id = ?1")?;
-                let start = Instant::now();
-                let mut n = 0i64;
-                while start.elapsed() < REFERENCE_TIME {
-                    let _v: Option<i64> =
-                        stmt.query_row([1_000_000_000 + n % 100], |r| r.get(0)).ok();
-                    n += 1;
-                }
-                Ok(n as f64 / start.elapsed().as_secs_f64())
+                let mut stmt = conn.prepare(SELECT)?;
+                rate_of(|n| {
+                    let _v: Option<i64> = stmt.query_row([select_id(n)], |r| r.get(0)).ok();
+                    Ok(())
+                })
             })
             .await?
         }
         BackendConfig::Postgres(p) => {
             let client = raw_postgres(p).await?;
-            let stmt = client
-                .prepare("SELECT v FROM bench_rows WHERE id = $1")
-                .await?;
-            let start = Instant::now();
-            let mut n = 0i64;
-            while start.elapsed() < REFERENCE_TIME {
-                let _ = client
-                    .query_opt(&stmt, &[&(1_000_000_000 + n % 100)])
-                    .await?;
-                n += 1;
-            }
-            Ok(n as f64 / start.elapsed().as_secs_f64())
+            let stmt = client.prepare(SELECT).await?;
+            rate_of_async(async |n| {
+                client.query_opt(&stmt, &[&select_id(n)]).await?;
+                Ok(())
+            })
+            .await
         }
     }
 }
 
 async fn db_inserts(db: &Db, first_id: i64) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut n = 0i64;
-    while start.elapsed() < REFERENCE_TIME {
-        db.exec(
-            "INSERT INTO bench_rows (id, v) VALUES ($1, $2)",
-            &[&(first_id + n), &n],
-        )
-        .await?;
-        n += 1;
-    }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    rate_of_async(async |n| {
+        db.exec(INSERT, &[&(first_id + n), &n]).await?;
+        Ok(())
+    })
+    .await
 }
 
 async fn db_selects(db: &Db) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut n = 0i64;
-    while start.elapsed() < REFERENCE_TIME {
-        let _: Option<i64> = db
-            .scalar_opt(
-                "SELECT v FROM bench_rows WHERE id = $1",
-                &[&(1_000_000_000 + n % 100)],
-            )
-            .await?;
-        n += 1;
-    }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    rate_of_async(async |n| {
+        let _: Option<i64> = db.scalar_opt(SELECT, &[&select_id(n)]).await?;
+        Ok(())
+    })
+    .await
 }
 
 async fn db_inserts_concurrent(db: &Db, first_id: i64) -> anyhow::Result<f64> {
-    let counter = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..IN_FLIGHT {
-        let (db, counter) = (db.clone(), counter.clone());
-        workers.push(tokio::spawn(async move {
-            while start.elapsed() < REFERENCE_TIME {
-                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                db.exec(
-                    "INSERT INTO bench_rows (id, v) VALUES ($1, $2)",
-                    &[&(first_id + n), &n],
-                )
-                .await?;
-            }
-            Ok::<_, harmonydb::Error>(())
-        }));
-    }
-    for w in workers {
-        w.await??;
-    }
-    Ok(counter.load(std::sync::atomic::Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    rate_in_flight(db, move |db, n| async move {
+        db.exec(INSERT, &[&(first_id + n), &n]).await.map(|_| ())
+    })
+    .await
 }
 
 async fn db_selects_concurrent(db: &Db) -> anyhow::Result<f64> {
-    let counter = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..IN_FLIGHT {
-        let (db, counter) = (db.clone(), counter.clone());
-        workers.push(tokio::spawn(async move {
-            while start.elapsed() < REFERENCE_TIME {
-                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _: Option<i64> = db
-                    .scalar_opt(
-                        "SELECT v FROM bench_rows WHERE id = $1",
-                        &[&(1_000_000_000 + n % 100)],
-                    )
-                    .await?;
-            }
-            Ok::<_, harmonydb::Error>(())
-        }));
-    }
-    for w in workers {
-        w.await??;
-    }
-    Ok(counter.load(std::sync::atomic::Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    rate_in_flight(db, |db, n| async move {
+        db.scalar_opt::<i64>(SELECT, &[&select_id(n)])
+            .await
+            .map(|_| ())
+    })
+    .await
 }

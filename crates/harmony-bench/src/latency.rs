@@ -109,11 +109,7 @@ async fn run_now_and_follow(fresh: &FreshDb, n: usize) -> anyhow::Result<Vec<Ben
         .register(single)
         .register(pred)
         .register(follow)
-        .config(EngineConfig {
-            host_and_port: format!("bench-latency-{}", std::process::id()),
-            budget: Some(Resources::new(2.0, 1 << 30, 0.0)),
-            ..EngineConfig::default()
-        })
+        .config(node_config())
         .start()
         .await?;
     let store = Store::new(db.clone());
@@ -151,6 +147,15 @@ async fn run_now_and_follow(fresh: &FreshDb, n: usize) -> anyhow::Result<Vec<Ben
     b.detail = "follower: predecessor's run returned to follower's start, same node".into();
     summarize(follow_ms, &mut b);
     Ok(vec![a, b])
+}
+
+/// The in-process node of the same-node measurements: default intervals, a small budget.
+fn node_config() -> EngineConfig {
+    EngineConfig {
+        host_and_port: format!("bench-latency-{}", std::process::id()),
+        budget: Some(Resources::new(2.0, 1 << 30, 0.0)),
+        ..EngineConfig::default()
+    }
 }
 
 fn micros_now() -> i64 {
@@ -194,11 +199,7 @@ async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
         .register(Probe {
             starts: starts.clone(),
         })
-        .config(EngineConfig {
-            host_and_port: format!("bench-latency-{}", std::process::id()),
-            budget: Some(Resources::new(2.0, 1 << 30, 0.0)),
-            ..EngineConfig::default()
-        })
+        .config(node_config())
         .start()
         .await?;
     // Warm-up, not measured: connections opened, statements prepared.

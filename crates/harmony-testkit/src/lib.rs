@@ -15,6 +15,33 @@ use std::time::{Duration, Instant};
 
 use harmonydb::{BackendConfig, Db, DbConfig, Executor};
 
+/// Runs each named `async fn(&TestDb)` twice, as `sqlite::NAME` on a fresh SQLite file and as
+/// `postgres::NAME` on a fresh Postgres schema (skipped, loudly, when Postgres is unavailable
+/// and not required). The calling crate needs `tokio` with its test macro.
+#[macro_export]
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let t = $crate::TestDb::sqlite().await;
+                    super::$case(&t).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(t) = $crate::TestDb::postgres(stringify!($case)).await else { return };
+                    super::$case(&t).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Default URL of the shared test server.
 pub const DEFAULT_TEST_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 

@@ -6,7 +6,6 @@
 //! The checks read `harmony_test_attempt`, which the built-in task behaviour writes itself at
 //! the start and end of every physical attempt, outside the engine's fencing.
 
-#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -16,7 +15,7 @@ use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
 use nix::sys::signal::Signal;
 
-both_backends!(
+harmony_testkit::both_backends!(
     three_nodes_share_2000_tasks,
     sigkill_loses_nothing,
     a_stopped_node_is_fenced_when_it_resumes,

@@ -7,7 +7,6 @@
 //! count, each with a deadline. Where a test must show that something happened *because of* a
 //! wake-up, the nodes poll once an hour, so only the wake-up path can explain a prompt result.
 
-#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use harmonydb::Executor;
 use harmonytask::store::Store;
 use nix::sys::signal::Signal;
 
-both_backends!(
+harmony_testkit::both_backends!(
     a_wake_up_reaches_the_node_that_runs_the_type,
     notify_off_nodes_find_work_by_polling,
     a_follower_chain_survives_sigkill,

@@ -17,30 +17,7 @@ use harmonytask::{
     TypeDetails,
 };
 
-macro_rules! both_backends {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let t = harmony_testkit::TestDb::sqlite().await;
-                    super::$case(&t).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
-                    super::$case(&t).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+harmony_testkit::both_backends!(
     a_task_added_elsewhere_wakes_the_node_that_runs_it,
     follower_chains_complete_exactly_once,
     followers_run_on_other_nodes,
@@ -651,15 +628,7 @@ async fn cordon_stops_claims_and_yields(t: &TestDb) {
         .start()
         .await
         .unwrap();
-    engine
-        .add_task("yielding", |_, _| async { Ok(true) })
-        .await
-        .unwrap();
-    eventually("the yielding task to run", Duration::from_secs(10), || {
-        let e = engine.clone();
-        async move { (e.status().await.ok()?.running.len() == 1).then_some(()) }
-    })
-    .await;
+    add_and_wait_running(&engine, "yielding").await;
     let store = Store::new(t.db.clone());
     assert!(
         store
@@ -731,15 +700,7 @@ async fn restart_drains_then_stops(t: &TestDb) {
         .start()
         .await
         .unwrap();
-    engine
-        .add_task("slowish", |_, _| async { Ok(true) })
-        .await
-        .unwrap();
-    eventually("the task to run", Duration::from_secs(10), || {
-        let e = engine.clone();
-        async move { (e.status().await.ok()?.running.len() == 1).then_some(()) }
-    })
-    .await;
+    add_and_wait_running(&engine, "slowish").await;
     let store = Store::new(t.db.clone());
     assert!(
         store

@@ -15,28 +15,11 @@ use harmonytask::{
     Blocked, Done, Engine, Limiter, Resources, RetryWait, TaskError, TaskId, TypeDetails,
 };
 
-macro_rules! both_backends {
+/// The suite on SQLite and Postgres, and again on Postgres with notifications off
+/// (YugabyteDB, CockroachDB, PgBouncer): correct on polling alone.
+macro_rules! engine_suite {
     ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let t = harmony_testkit::TestDb::sqlite().await;
-                    super::$case(&t).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
-                    super::$case(&t).await;
-                }
-            )*
-        }
-        /// The whole suite again with notifications off (YugabyteDB, CockroachDB, PgBouncer):
-        /// correct on polling alone.
+        harmony_testkit::both_backends!($($case),*);
         mod postgres_notify_off {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +33,7 @@ macro_rules! both_backends {
     };
 }
 
-both_backends!(
+engine_suite!(
     runs_and_records_tasks,
     retries_wait_then_succeed,
     permanent_failure_after_max_failures,

@@ -14,32 +14,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-/// Runs each named `async fn(&TestDb)` twice, as `sqlite::NAME` on a fresh SQLite file and as
-/// `postgres::NAME` on a fresh Postgres schema (skipped, loudly, when Postgres is unavailable
-/// and not required).
-macro_rules! both_backends {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let t = harmony_testkit::TestDb::sqlite().await;
-                    super::$case(&t).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
-                    super::$case(&t).await;
-                }
-            )*
-        }
-    };
-}
-
 /// The binary under test.
 pub const HARMONY: &str = env!("CARGO_BIN_EXE_harmony");
 

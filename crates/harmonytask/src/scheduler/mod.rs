@@ -37,7 +37,7 @@ use crate::resources::{Amounts, Resources};
 use crate::runner::{RunHandle, StopReason, run_one};
 use crate::status::{EngineStatus, RunningTask, TypeStatus};
 use crate::store::{Candidate, ClaimOutcome, TaskClaim};
-use crate::task::{EngineView, TaskId};
+use crate::task::{EngineView, TaskId, TypeDetails};
 
 use self::admission::{AdmitInput, Blocked, Victim, admit, pass_order, plan_preemption};
 use self::view::TypeView;
@@ -527,13 +527,7 @@ impl Scheduler {
                 t.blocked = next.map(|until| Blocked::RetryWait { until });
                 continue;
             }
-            let (limiter_max, limiter_used) = match &entry.details.max {
-                Some(l) => (
-                    l.max(),
-                    self.limiter_used.get(&l.key()).copied().unwrap_or(0),
-                ),
-                None => (0, 0),
-            };
+            let (limiter_max, limiter_used) = limiter_use(&entry.details, &self.limiter_used);
             let input = AdmitInput {
                 cordoned,
                 override_applies: entry
@@ -599,13 +593,7 @@ impl Scheduler {
             {
                 continue;
             }
-            let (limiter_max, limiter_used) = match &entry.details.max {
-                Some(l) => (
-                    l.max(),
-                    self.limiter_used.get(&l.key()).copied().unwrap_or(0),
-                ),
-                None => (0, 0),
-            };
+            let (limiter_max, limiter_used) = limiter_use(&entry.details, &self.limiter_used);
             let spare = admit(&AdmitInput {
                 cordoned,
                 override_applies: false,
@@ -783,6 +771,14 @@ impl Scheduler {
             running,
             types,
         }
+    }
+}
+
+/// A type's `max` limiter: its size and the slots in use here (0, 0 without one).
+fn limiter_use(details: &TypeDetails, used: &HashMap<usize, usize>) -> (usize, usize) {
+    match &details.max {
+        Some(l) => (l.max(), used.get(&l.key()).copied().unwrap_or(0)),
+        None => (0, 0),
     }
 }
 

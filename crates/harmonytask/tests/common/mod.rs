@@ -121,6 +121,19 @@ pub async fn drained(t: &TestDb, deadline: Duration) {
     .await;
 }
 
+/// Adds one task of `name` through `engine` and waits until it is the one task running there.
+pub async fn add_and_wait_running(engine: &Engine, name: &str) {
+    engine
+        .add_task(name, |_, _| async { Ok(true) })
+        .await
+        .unwrap();
+    eventually("the task to run", Duration::from_secs(10), || {
+        let e = engine.clone();
+        async move { (e.status().await.ok()?.running.len() == 1).then_some(()) }
+    })
+    .await;
+}
+
 pub async fn count(t: &TestDb, sql: &'static str) -> i64 {
     t.db.scalar(sql, &[]).await.unwrap()
 }
