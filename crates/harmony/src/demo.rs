@@ -350,7 +350,7 @@ async fn report(
 
 fn print_report(r: &Report) {
     let b = budget();
-    println!(
+    outln!(
         "{} items through a {}-stage pipeline on one node (cpu {}, ram {}, gpu {}) in {:.1}s{}",
         r.items,
         STAGES.len(),
@@ -360,7 +360,7 @@ fn print_report(r: &Report) {
         r.elapsed_ms as f64 / 1000.0,
         if r.interrupted { " (interrupted)" } else { "" },
     );
-    println!();
+    outln!();
     let mut t = Table::new(&[
         "TYPE",
         "COST",
@@ -384,11 +384,11 @@ fn print_report(r: &Report) {
         ]);
     }
     t.print();
-    println!();
-    println!(
+    outln!();
+    outln!(
         "RETRIES are failed attempts that were retried; FAILED are tasks that used up their {MAX_FAILURES} attempts."
     );
-    println!(
+    outln!(
         "Explore: harmony --db sqlite://{} task history --failed",
         r.database
     );

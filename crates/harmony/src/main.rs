@@ -1,12 +1,14 @@
 //! The `harmony` binary: parses flags, builds typed configs, installs logging and signal
 //! handling, and calls the libraries. No engine logic lives here.
 
+// First, so that its printing macros are in scope in every other module.
+#[macro_use]
+mod output;
 mod catalog;
 mod cli;
 mod command_task;
 mod commands;
 mod demo;
-mod output;
 mod taskfile;
 
 use std::process::ExitCode;
@@ -25,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("{}", one_line(&e.render().to_string()));
+            errln!("{}", one_line(&e.render().to_string()));
             return ExitCode::from(commands::EXIT_USAGE);
         }
     };
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(commands::EXIT_ERROR);
         }
     };
@@ -52,7 +54,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line, redacted: anyhow's `{:#}` joins the context chain with ": ".
-            eprintln!("error: {}", harmonydb::redact(&format!("{e:#}")));
+            errln!("error: {}", harmonydb::redact(&format!("{e:#}")));
             ExitCode::from(commands::exit_code_for(&e))
         }
     }
@@ -91,13 +93,14 @@ fn install_signal_handlers(shutdown: CancellationToken) {
                 _ = int.recv() => "SIGINT",
             };
             if n == 0 {
+                // Cancel before logging: whatever happens to the log, the signal is obeyed.
+                shutdown.cancel();
                 tracing::info!(
                     signal = name,
                     "shutting down gracefully (send it again to exit at once)"
                 );
-                shutdown.cancel();
             } else {
-                eprintln!("error: second {name}; exiting without a graceful shutdown");
+                errln!("error: second {name}; exiting without a graceful shutdown");
                 std::process::exit(i32::from(commands::EXIT_ERROR));
             }
         }
@@ -118,10 +121,13 @@ fn init_tracing(cli: &Cli) {
     };
     // Colours only on a terminal: a log redirected to a file or a collector stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // A closed log pipe (`harmony run 2>&1 | head -1`) must not panic or wedge the node: the
+    // writer drops what it cannot write, and tracing never reports its own write errors.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::LossyStderr)
+        .log_internal_errors(false)
         .with_target(false)
         .compact()
         .init();

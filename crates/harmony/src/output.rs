@@ -1,10 +1,59 @@
-//! Human tables and JSON output.
+//! Human tables and JSON output, and the printing macros every command uses.
+//!
+//! Nothing the binary prints may take a process down: `println!` panics when stdout is a
+//! closed pipe (`harmony task ls | head -1`), and a node whose log pipe closed must keep
+//! running and still obey signals. So the binary prints only through [`outln!`], [`out!`] and
+//! [`errln!`], which drop what cannot be written.
 
 use serde::Serialize;
 
+/// `println!` that ignores a closed or failing stdout.
+macro_rules! outln {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that ignores a closed or failing stdout.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed or failing stderr.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// A log writer over stderr that reports every write as done, so a closed log pipe neither
+/// panics a logging call nor makes `tracing` print its own complaint (to the same closed pipe).
+pub struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -62,7 +111,7 @@ impl Table {
 
     /// Prints the table to stdout.
     pub fn print(&self) {
-        print!("{}", self.render());
+        out!("{}", self.render());
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use harmony_testkit::TestDb;
+use harmonydb::Executor;
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,4 +539,45 @@ async fn demo_runs_and_prints_a_summary() {
 
     let out = harmony_in(Some(dir.path()), &["demo", "--scale", "0"]).await;
     out.assert_usage_error(&["--scale"]);
+}
+
+/// `harmony run … 2>&1 | head -1`: once the log pipe is closed every log write fails. The node
+/// must keep running its tasks and still stop gracefully on SIGTERM and on SIGINT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_output_pipe_closed_keeps_working_and_obeys_signals() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"quiet\"\ncommand = [\"true\"]\n",
+    );
+    let tasks = tasks.to_str().unwrap();
+    let mut done = 0;
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut args = vec!["--tasks", tasks];
+        args.extend_from_slice(FAST);
+        let mut node = Node::start_with_closed_output(db, dir.path(), &args);
+        let machine = node.machine_id(&t).await;
+        // Each attempt and its outcome are logged, into the closed pipe.
+        let out = harmony(&["--db", db, "task", "add", "quiet", "--count", "3"]).await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        done += 3;
+        wait_succeeded(&t, "quiet", done, Duration::from_secs(60)).await;
+        assert!(node.is_running(), "the node died after its log pipe closed");
+        node.signal(sig);
+        assert_eq!(
+            node.exit_code(Duration::from_secs(60)).await,
+            Some(0),
+            "{sig} must stop the node gracefully"
+        );
+        let left: i64 =
+            t.db.scalar(
+                "SELECT count(*) FROM harmony_machines WHERE id = $1",
+                &[&machine],
+            )
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "a graceful stop deregisters the machine");
+    }
 }

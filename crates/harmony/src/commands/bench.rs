@@ -39,10 +39,10 @@ pub async fn run(db: &str, json: bool, args: BenchArgs) -> anyhow::Result<u8> {
         let results = harmony_bench::run(&opts).await?;
         if json {
             for r in &results {
-                println!("{}", serde_json::to_string(r)?);
+                outln!("{}", serde_json::to_string(r)?);
             }
         } else {
-            print!("{}", harmony_bench::render_table(&results));
+            out!("{}", harmony_bench::render_table(&results));
         }
         if let Some(r) = results.iter().find(|r| r.double_runs.unwrap_or(0) > 0) {
             anyhow::bail!(

@@ -35,15 +35,15 @@ pub async fn run(url: &str, json: bool, cmd: DbCommand) -> anyhow::Result<u8> {
             if json {
                 output::json(&report)?;
             } else if report.up_to_date {
-                println!(
+                outln!(
                     "{shown}: schema is up to date (version {}); nothing to do",
                     report.schema_version.unwrap_or(0)
                 );
             } else {
                 for m in &report.applied {
-                    println!("applied {:04} {}", m.version, m.name);
+                    outln!("applied {:04} {}", m.version, m.name);
                 }
-                println!(
+                outln!(
                     "{shown}: schema now at version {}",
                     report.schema_version.unwrap_or(0)
                 );
@@ -55,27 +55,27 @@ pub async fn run(url: &str, json: bool, cmd: DbCommand) -> anyhow::Result<u8> {
             if json {
                 output::json(&status)?;
             } else {
-                println!("backend:         {}", status.backend);
-                println!("database:        {}", status.url);
-                println!("location:        {}", status.location);
+                outln!("backend:         {}", status.backend);
+                outln!("database:        {}", status.url);
+                outln!("location:        {}", status.location);
                 if let Some(i) = status.host_index {
-                    println!("host index:      {i}");
+                    outln!("host index:      {i}");
                 }
                 if let Some(s) = &status.schema {
-                    println!("schema:          {s}");
+                    outln!("schema:          {s}");
                 }
                 let m = &status.migrations;
-                println!(
+                outln!(
                     "schema version:  {} (latest {})",
                     m.current_version
                         .map_or("none".to_owned(), |v| v.to_string()),
                     m.latest_version
                 );
                 if m.pending.is_empty() {
-                    println!("pending:         none");
+                    outln!("pending:         none");
                 } else {
                     for p in &m.pending {
-                        println!("pending:         {:04} {}", p.version, p.name);
+                        outln!("pending:         {:04} {}", p.version, p.name);
                     }
                 }
             }

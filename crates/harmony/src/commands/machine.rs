@@ -74,7 +74,7 @@ pub async fn run(
                 ]);
             }
             if t.is_empty() {
-                println!("no machines registered");
+                outln!("no machines registered");
             } else {
                 t.print();
             }
@@ -164,18 +164,18 @@ async fn act(
     let who = format!("machine {} ({})", machine.id, machine.host_and_port);
     let already = if changed { "" } else { " (it already was)" };
     match action {
-        Action::Cordon => println!(
+        Action::Cordon => outln!(
             "{who} cordoned{already}: it claims no new tasks; running tasks finish, can_yield tasks give way"
         ),
         Action::Uncordon => {
-            println!("{who} uncordoned{already}: it claims tasks again")
+            outln!("{who} uncordoned{already}: it claims tasks again")
         }
-        Action::Restart => println!(
+        Action::Restart => outln!(
             "{who} asked to restart{already}: it claims nothing new and exits with code 100 once its running tasks have finished"
         ),
     }
     if !notify {
-        println!("(--notify off: the machine sees this at its next heartbeat)");
+        outln!("(--notify off: the machine sees this at its next heartbeat)");
     }
     Ok(EXIT_OK)
 }

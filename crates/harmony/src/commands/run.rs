@@ -68,7 +68,7 @@ pub async fn run(
             Ok(EXIT_OK)
         }
         Err(EngineError::Fenced(id)) => {
-            eprintln!(
+            errln!(
                 "error: node {host} (machine {id}) was declared dead by the cluster — it missed heartbeats for longer than dead-after — and stopped; its tasks run elsewhere, results it finished late were discarded"
             );
             Ok(EXIT_FENCED)

@@ -98,9 +98,9 @@ async fn add(db_url: &str, json: bool, notify: bool, a: TaskAddArgs) -> anyhow::
         })?;
     } else {
         match ids.as_slice() {
-            [] => println!("nothing added: the task was already queued"),
-            [one] => println!("added task {one} ({})", a.type_name),
-            [first, .., last] => println!(
+            [] => outln!("nothing added: the task was already queued"),
+            [one] => outln!("added task {one} ({})", a.type_name),
+            [first, .., last] => outln!(
                 "added {} tasks ({}): ids {first}…{last}",
                 ids.len(),
                 a.type_name
@@ -215,7 +215,7 @@ async fn ls(
         return Ok(EXIT_OK);
     }
     if rows.is_empty() {
-        println!("no pending or running tasks");
+        outln!("no pending or running tasks");
         return Ok(EXIT_OK);
     }
     let mut t = Table::new(&["ID", "TYPE", "STATE", "OWNER", "POSTED", "RETRIES"]);
@@ -235,7 +235,7 @@ async fn ls(
     }
     t.print();
     if rows.len() == limit {
-        println!("(first {limit}; raise --limit for more)");
+        outln!("(first {limit}; raise --limit for more)");
     }
     Ok(EXIT_OK)
 }
@@ -302,28 +302,28 @@ async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
         output::json(&shown)?;
         return Ok(EXIT_OK);
     }
-    println!("task:     {} ({})", shown.id, shown.type_name);
+    outln!("task:     {} ({})", shown.id, shown.type_name);
     match (&shown.owner_host, shown.owner_id) {
-        (Some(h), Some(m)) => println!("state:    {} on {h} (machine {m})", shown.state),
-        _ => println!("state:    {}", shown.state),
+        (Some(h), Some(m)) => outln!("state:    {} on {h} (machine {m})", shown.state),
+        _ => outln!("state:    {}", shown.state),
     }
     if let Some(p) = shown.posted {
-        println!("posted:   {}", when(p));
+        outln!("posted:   {}", when(p));
     }
     if let Some(r) = shown.retries {
-        println!("retries:  {r}");
+        outln!("retries:  {r}");
     }
     if shown.args.is_empty() {
-        println!("args:     none");
+        outln!("args:     none");
     } else {
         let kv: Vec<String> = shown.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("args:     {}", kv.join(" "));
+        outln!("args:     {}", kv.join(" "));
     }
     if shown.attempts.is_empty() {
-        println!("attempts: none finished yet");
+        outln!("attempts: none finished yet");
         return Ok(EXIT_OK);
     }
-    println!("attempts:");
+    outln!("attempts:");
     let mut t = Table::new(&["#", "START", "TOOK", "RESULT", "BY", "ERROR"]);
     for (i, a) in shown.attempts.iter().enumerate() {
         t.row(vec![
@@ -364,7 +364,7 @@ async fn history(
         return Ok(EXIT_OK);
     }
     if rows.is_empty() {
-        println!("no history");
+        outln!("no history");
         return Ok(EXIT_OK);
     }
     let mut t = Table::new(&["TASK", "TYPE", "RESULT", "ENDED", "TOOK", "BY", "ERROR"]);
@@ -390,7 +390,7 @@ async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Res
     if json {
         output::json(&serde_json::json!({ "restarted": id }))?;
     } else {
-        println!("task {id} re-queued");
+        outln!("task {id} re-queued");
     }
     Ok(EXIT_OK)
 }
@@ -418,15 +418,15 @@ async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::
         output::json(&serde_json::json!({ "run_now": name }))?;
     } else {
         if notify {
-            println!("{name}: run-now requested; a node that runs it as a singleton starts it now");
+            outln!("{name}: run-now requested; a node that runs it as a singleton starts it now");
         } else {
-            println!(
+            outln!(
                 "{name}: run-now requested; with --notify off the nodes see it at their next poll"
             );
         }
         if singleton.is_none() {
             // Known in the cluster but never scheduled as a singleton: maybe not one at all.
-            println!(
+            outln!(
                 "note: {name} has not run as a singleton yet; the request only has an effect if it is one"
             );
         }

@@ -116,21 +116,36 @@ impl Node {
     /// Starts `harmony run --db URL --listen 127.0.0.1:<free port> ARGS`, logging to a file in
     /// `dir`.
     pub fn start(db_url: &str, dir: &Path, args: &[&str]) -> Node {
+        Node::spawn(db_url, dir, args, true)
+    }
+
+    /// Like [`Node::start`], but its stdout and stderr are pipes whose reading ends are closed
+    /// at once, as when a node's output goes to `| head -1` that has exited.
+    pub fn start_with_closed_output(db_url: &str, dir: &Path, args: &[&str]) -> Node {
+        Node::spawn(db_url, dir, args, false)
+    }
+
+    fn spawn(db_url: &str, dir: &Path, args: &[&str], log_to_file: bool) -> Node {
         let listen = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("node-{}.log", listen.replace([':', '.'], "_")));
-        let file = std::fs::File::create(&log).expect("node log file");
-        let child = Command::new(HARMONY)
-            .args(["run", "--db", db_url, "--listen", &listen, "--log", "info"])
+        let mut cmd = Command::new(HARMONY);
+        cmd.args(["run", "--db", db_url, "--listen", &listen, "--log", "info"])
             .args(args)
             .env_remove("HARMONY_DB")
             .env_remove("HARMONY_LOG")
             .env_remove("HARMONY_NOTIFY")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn harmony run");
+            .kill_on_drop(true);
+        if log_to_file {
+            let file = std::fs::File::create(&log).expect("node log file");
+            cmd.stdout(Stdio::null()).stderr(file);
+        } else {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().expect("spawn harmony run");
+        // Dropping the reading ends closes them: every write of the node now fails (EPIPE).
+        drop(child.stdout.take());
+        drop(child.stderr.take());
         Node {
             child,
             listen,
