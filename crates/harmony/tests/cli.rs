@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use harmony_testkit::TestDb;
+use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
 use nix::sys::signal::Signal;
 
@@ -580,4 +580,77 @@ async fn a_node_whose_output_pipe_closed_keeps_working_and_obeys_signals() {
             .unwrap();
         assert_eq!(left, 0, "a graceful stop deregisters the machine");
     }
+}
+
+/// A second node with a live node's `--listen` refuses to start (exit 2, naming the address
+/// and the live machine) and leaves the live one alone; once the first is dead (SIGKILL, then
+/// silent for dead-after) a node at that address starts and takes over its tasks at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_nodes_address_is_never_taken_over() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", harmony_testkit::free_port());
+    let tasks = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"sleepy\"\nbuiltin = \"bench_sleep\"\n",
+    );
+    let mut args = vec!["--tasks", tasks.to_str().unwrap()];
+    args.extend_from_slice(FAST);
+    let mut first = Node::start_at(db, dir.path(), &listen, &args);
+    let machine = first.machine_id(&t).await;
+    let out = harmony(&["--db", db, "task", "add", "sleepy", "--arg", "ms=600000"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    running_on(&t, machine, 1).await;
+
+    let mut second = vec!["--db", db, "run", "--listen", &listen];
+    second.extend_from_slice(&args);
+    let out = harmony(&second).await;
+    out.assert_usage_error(&[
+        "--listen",
+        &listen,
+        &format!("in use by live machine {machine}"),
+        "own address",
+    ]);
+    assert!(first.is_running(), "the live node was evicted");
+    let owner: Option<i64> =
+        t.db.scalar("SELECT owner_id FROM harmony_task", &[])
+            .await
+            .unwrap();
+    assert_eq!(owner, Some(machine), "the live node still owns its task");
+
+    first.signal(Signal::SIGKILL);
+    first.exit_code(Duration::from_secs(30)).await;
+    // Once the dead node's heartbeat is older than dead-after (3 s), its address is free.
+    eventually("the dead node's heartbeat to age past dead-after", Duration::from_secs(60), || async {
+        let silent: i64 = t
+            .db
+            .scalar(
+                "SELECT count(*) FROM harmony_machines WHERE id = $1 AND last_contact < strftime('%Y-%m-%d %H:%M:%f', 'now', '-3.2 seconds')",
+                &[&machine],
+            )
+            .await
+            .ok()?;
+        (silent == 1).then_some(())
+    })
+    .await;
+    let _heir = Node::start_at(db, dir.path(), &listen, &args);
+    let heir = wait_count(
+        &t,
+        "a new machine at the dead node's address",
+        Duration::from_secs(30),
+        machine + 1,
+        "SELECT coalesce(max(id), 0) FROM harmony_machines WHERE host_and_port = $1",
+        &[&listen],
+    )
+    .await;
+    let dead: i64 =
+        t.db.scalar(
+            "SELECT count(*) FROM harmony_machines WHERE id = $1",
+            &[&machine],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "the dead incarnation's row is replaced");
+    running_on(&t, heir, 1).await;
 }

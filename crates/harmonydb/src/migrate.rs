@@ -61,6 +61,7 @@ migrations! {
     2 => "0002_task_args",
     3 => "0003_type_lock",
     4 => "0004_follow_preempt",
+    5 => "0005_machine_address_unique",
 }
 
 /// Serialises migrations across processes on Postgres (`pg_advisory_xact_lock` key).

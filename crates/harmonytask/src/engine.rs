@@ -693,6 +693,7 @@ impl EngineBuilder {
                 name: &machine_name,
                 version: &self.config.version,
                 now: self.clock.now(),
+                dead_after: self.config.dead_after,
             })
             .await?;
         if registered.released_tasks > 0 {

@@ -32,6 +32,21 @@ pub enum Error {
     /// because the tasks it was running now belong to other nodes.
     #[error("this node (machine {0}) was declared dead by the cluster and must stop")]
     Fenced(i64),
+    /// Another machine is alive at the address this node registers with (its `--listen`):
+    /// two live nodes never share an address, so this node does not start.
+    #[error(
+        "address {host_and_port} is in use by live machine {machine} (last heartbeat {seconds_since_contact:.1} s ago; a machine silent for dead-after, {dead_after:?}, is dead and frees its address); give this node its own address, or stop that node first"
+    )]
+    AddressInUse {
+        /// The address.
+        host_and_port: String,
+        /// The live machine registered there.
+        machine: i64,
+        /// Seconds since that machine's last heartbeat (database clock).
+        seconds_since_contact: f64,
+        /// This node's dead-after setting.
+        dead_after: std::time::Duration,
+    },
     /// An operator asked this node to restart; it has drained.
     #[error("restart requested")]
     RestartRequested,

@@ -68,6 +68,9 @@ pub struct MachineRegister<'a> {
     pub version: &'a str,
     /// Start time.
     pub now: Timestamp,
+    /// A machine silent for longer than this is dead; only such a row with the same address
+    /// may be replaced.
+    pub dead_after: Duration,
 }
 
 /// Result of registration.
@@ -316,27 +319,54 @@ impl Store {
 
     // ---- machines -------------------------------------------------------------------------
 
-    /// Registers this process: removes earlier incarnations with the same address (their
-    /// tasks are released by `ON DELETE SET NULL`), inserts the machine and its details.
+    /// Registers this process: removes earlier, dead incarnations with the same address
+    /// (their tasks are released by `ON DELETE SET NULL`), inserts the machine and its
+    /// details. A live machine with the address (heartbeat within `dead_after`) is never
+    /// replaced: registration fails with [`Error::AddressInUse`] and writes nothing.
     pub async fn machine_register(&self, p: &MachineRegister<'_>) -> Result<Registered> {
-        let insert = self.dialect().pick(
+        let dialect = self.dialect();
+        let insert = dialect.pick(
             "INSERT INTO harmony_machines (host_and_port, cpu, ram, gpu, last_contact) VALUES ($1, $2, $3, $4, strftime('%Y-%m-%d %H:%M:%f', 'now')) RETURNING id",
             "INSERT INTO harmony_machines (host_and_port, cpu, ram, gpu, last_contact) VALUES ($1, $2, $3, $4, now()) RETURNING id",
         );
-        let registered = self
+        let attempt = self
             .db
             .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
-                let released: i64 = tx
-                    .scalar(
-                        "SELECT count(*) FROM harmony_task t JOIN harmony_machines m ON t.owner_id = m.id WHERE m.host_and_port = $1",
-                        &[&p.host_and_port],
-                    )
-                    .await?;
-                tx.exec(
-                    "DELETE FROM harmony_machines WHERE host_and_port = $1",
-                    &[&p.host_and_port],
-                )
-                .await?;
+                let released: i64 = match dialect {
+                    Dialect::Sqlite => {
+                        let cutoff = sqlite_age_modifier(p.dead_after);
+                        let n = tx
+                            .scalar(
+                            "SELECT count(*) FROM harmony_task t JOIN harmony_machines m ON t.owner_id = m.id WHERE m.host_and_port = $1 AND m.last_contact < strftime('%Y-%m-%d %H:%M:%f', 'now', $2)",
+                            &[&p.host_and_port, &cutoff],
+                        )
+                        .await?;
+                        tx.exec(
+                            "DELETE FROM harmony_machines WHERE host_and_port = $1 AND last_contact < strftime('%Y-%m-%d %H:%M:%f', 'now', $2)",
+                            &[&p.host_and_port, &cutoff],
+                        )
+                        .await?;
+                        n
+                    }
+                    Dialect::Postgres => {
+                        let ms = millis(p.dead_after);
+                        let n = tx
+                            .scalar(
+                                "SELECT count(*) FROM harmony_task t JOIN harmony_machines m ON t.owner_id = m.id WHERE m.host_and_port = $1 AND m.last_contact < now() - ($2::bigint * interval '1 millisecond')",
+                                &[&p.host_and_port, &ms],
+                            )
+                            .await?;
+                        tx.exec(
+                            "DELETE FROM harmony_machines WHERE host_and_port = $1 AND last_contact < now() - ($2::bigint * interval '1 millisecond')",
+                            &[&p.host_and_port, &ms],
+                        )
+                        .await?;
+                        n
+                    }
+                };
+                if let Some(live) = machine_at(&tx, dialect, p.host_and_port).await? {
+                    return Ok(Some(Err(live)));
+                }
                 let id: i64 = tx
                     .scalar(insert, &[&p.host_and_port, &p.cpu, &p.ram, &p.gpu])
                     .await?;
@@ -345,13 +375,32 @@ impl Store {
                     &[&id, &p.tasks, &p.layers, &p.now, &p.name, &p.version],
                 )
                 .await?;
-                Ok(Some(Registered {
+                Ok(Some(Ok(Registered {
                     id: MachineId(id),
                     released_tasks: released,
-                }))
+                })))
             })
-            .await?;
-        registered.ok_or_else(|| Error::Task("machine registration rolled back".into()))
+            .await;
+        let live = match attempt {
+            Ok(Some(Ok(registered))) => return Ok(registered),
+            Ok(Some(Err(live))) => Some(live),
+            // Another node registered the address between our check and our insert (the
+            // unique index on host_and_port refused the second row).
+            Err(e) if e.kind() == harmonydb::ErrorKind::UniqueViolation => {
+                machine_at(&self.db, dialect, p.host_and_port).await?
+            }
+            Err(e) => return Err(e.into()),
+            Ok(None) => None,
+        };
+        Err(match live {
+            Some((machine, since)) => Error::AddressInUse {
+                host_and_port: p.host_and_port.to_owned(),
+                machine,
+                seconds_since_contact: since,
+                dead_after: p.dead_after,
+            },
+            None => Error::Task("machine registration rolled back".into()),
+        })
     }
 
     /// Bumps `last_contact`; returns the operator flags, or `None` when the row is gone
@@ -373,7 +422,7 @@ impl Store {
     pub async fn machine_reap(&self, dead_after: Duration) -> Result<Vec<(MachineId, String)>> {
         let rows: Vec<(i64, String)> = match self.dialect() {
             Dialect::Sqlite => {
-                let modifier = format!("-{:.3} seconds", dead_after.as_secs_f64());
+                let modifier = sqlite_age_modifier(dead_after);
                 self.db
                     .select(
                         "DELETE FROM harmony_machines WHERE last_contact < strftime('%Y-%m-%d %H:%M:%f', 'now', $1) RETURNING id, host_and_port",
@@ -382,7 +431,7 @@ impl Store {
                     .await?
             }
             Dialect::Postgres => {
-                let ms = i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX);
+                let ms = millis(dead_after);
                 self.db
                     .select(
                         "DELETE FROM harmony_machines WHERE last_contact < now() - ($1::bigint * interval '1 millisecond') RETURNING id, host_and_port",
@@ -1525,4 +1574,28 @@ async fn enqueue_follow_ups(tx: &Tx, done: &[(&Outcome, i64)]) -> harmonydb::Res
     types.sort();
     types.dedup();
     Ok(types)
+}
+
+/// The machine registered at `host_and_port` and the seconds since its last heartbeat
+/// (server clock), if there is one.
+async fn machine_at<E: Executor>(
+    ex: &E,
+    dialect: Dialect,
+    host_and_port: &str,
+) -> harmonydb::Result<Option<(i64, f64)>> {
+    let sql = dialect.pick(
+        "SELECT id, (julianday('now') - julianday(last_contact)) * 86400.0 FROM harmony_machines WHERE host_and_port = $1",
+        "SELECT id, EXTRACT(EPOCH FROM now() - last_contact)::float8 FROM harmony_machines WHERE host_and_port = $1",
+    );
+    ex.query_opt(sql, &[&host_and_port]).await
+}
+
+/// A SQLite `strftime` modifier for `age` ago: `-30.000 seconds`.
+fn sqlite_age_modifier(age: Duration) -> String {
+    format!("-{:.3} seconds", age.as_secs_f64())
+}
+
+/// Whole milliseconds of `d`, saturating, for Postgres interval arithmetic.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

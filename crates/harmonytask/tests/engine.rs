@@ -49,6 +49,7 @@ engine_suite!(
     a_fenced_node_discards_its_result_and_stops,
     shutdown_releases_running_tasks,
     bad_declarations_are_refused,
+    one_address_one_live_machine,
 );
 
 fn quick(name: &str) -> TypeDetails {
@@ -858,4 +859,46 @@ async fn bad_declarations_are_refused(t: &TestDb) {
         0,
         "nothing registered"
     );
+}
+
+/// Engines starting at the same time at one address: exactly one registers, the others are
+/// refused with `AddressInUse` naming the winner; the winner keeps running.
+async fn one_address_one_live_machine(t: &TestDb) {
+    let cfg = config(big_budget());
+    let starts = (0..4).map(|_| {
+        let db = t.db.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            Engine::builder(db)
+                .config(cfg)
+                .register(Probe::new(quick("addr_t"), |_, _| async { Ok(Done(true)) }))
+                .start()
+                .await
+        })
+    });
+    let mut started = Vec::new();
+    let mut refused = Vec::new();
+    for s in starts {
+        match s.await.unwrap() {
+            Ok(e) => started.push(e),
+            Err(e) => refused.push(e),
+        }
+    }
+    assert_eq!(started.len(), 1, "refusals: {refused:?}");
+    let winner = started[0].machine_id().0;
+    for e in &refused {
+        match e {
+            harmonytask::Error::AddressInUse {
+                host_and_port,
+                machine,
+                ..
+            } => {
+                assert_eq!(host_and_port, &cfg.host_and_port);
+                assert_eq!(*machine, winner);
+            }
+            other => panic!("expected AddressInUse, got {other:?}"),
+        }
+    }
+    assert_eq!(count(t, "SELECT count(*) FROM harmony_machines").await, 1);
+    shutdown(&started[0]).await;
 }

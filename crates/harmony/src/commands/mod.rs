@@ -58,7 +58,8 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
             | harmonytask::Error::FollowCycle(_)
             | harmonytask::Error::UnknownType(_)
             | harmonytask::Error::Task(_)
-            | harmonytask::Error::Config(_) => EXIT_USAGE,
+            | harmonytask::Error::Config(_)
+            | harmonytask::Error::AddressInUse { .. } => EXIT_USAGE,
             _ => EXIT_ERROR,
         };
     }

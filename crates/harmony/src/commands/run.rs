@@ -45,10 +45,10 @@ pub async fn run(
     for t in tasks {
         builder = builder.register_arc(t);
     }
-    let engine = builder
-        .start()
-        .await
-        .map_err(|e| anyhow::Error::new(e).context(format!("starting node {host}")))?;
+    let engine = builder.start().await.map_err(|e| match e {
+        EngineError::AddressInUse { .. } => UsageError(format!("--listen: {e}")).into(),
+        e => anyhow::Error::new(e).context(format!("starting node {host}")),
+    })?;
     tracing::info!(
         machine = %engine.machine_id(),
         host = %host,

@@ -116,20 +116,26 @@ impl Node {
     /// Starts `harmony run --db URL --listen 127.0.0.1:<free port> ARGS`, logging to a file in
     /// `dir`.
     pub fn start(db_url: &str, dir: &Path, args: &[&str]) -> Node {
-        Node::spawn(db_url, dir, args, true)
+        let listen = format!("127.0.0.1:{}", free_port());
+        Node::spawn(db_url, dir, &listen, args, true)
+    }
+
+    /// Like [`Node::start`], at the address `listen`.
+    pub fn start_at(db_url: &str, dir: &Path, listen: &str, args: &[&str]) -> Node {
+        Node::spawn(db_url, dir, listen, args, true)
     }
 
     /// Like [`Node::start`], but its stdout and stderr are pipes whose reading ends are closed
     /// at once, as when a node's output goes to `| head -1` that has exited.
     pub fn start_with_closed_output(db_url: &str, dir: &Path, args: &[&str]) -> Node {
-        Node::spawn(db_url, dir, args, false)
+        let listen = format!("127.0.0.1:{}", free_port());
+        Node::spawn(db_url, dir, &listen, args, false)
     }
 
-    fn spawn(db_url: &str, dir: &Path, args: &[&str], log_to_file: bool) -> Node {
-        let listen = format!("127.0.0.1:{}", free_port());
+    fn spawn(db_url: &str, dir: &Path, listen: &str, args: &[&str], log_to_file: bool) -> Node {
         let log = dir.join(format!("node-{}.log", listen.replace([':', '.'], "_")));
         let mut cmd = Command::new(HARMONY);
-        cmd.args(["run", "--db", db_url, "--listen", &listen, "--log", "info"])
+        cmd.args(["run", "--db", db_url, "--listen", listen, "--log", "info"])
             .args(args)
             .env_remove("HARMONY_DB")
             .env_remove("HARMONY_LOG")
@@ -148,7 +154,7 @@ impl Node {
         drop(child.stderr.take());
         Node {
             child,
-            listen,
+            listen: listen.to_owned(),
             log,
             exited: None,
         }
