@@ -190,7 +190,11 @@ async fn machine_and_run_now_refuse_unknown_targets() {
     let out = harmony(&["--db", db, "machine", "cordon", "1", "--self"]).await;
     out.assert_usage_error(&["cannot be used with"]);
     let out = harmony(&["--db", db, "task", "run-now", "nope"]).await;
-    out.assert_usage_error(&["unknown task type \"nope\"", "no running node runs it"]);
+    out.assert_usage_error(&[
+        "\"nope\" is not a singleton",
+        "run-now only applies to singleton types",
+        "singleton types: none",
+    ]);
     let out = harmony(&["--db", db, "task", "run-now", "x');DROP--"]).await;
     out.assert_usage_error(&["contains '\\''"]);
     let out = harmony(&["--db", db, "--notify", "maybe", "task", "ls"]).await;
@@ -653,4 +657,33 @@ async fn a_live_nodes_address_is_never_taken_over() {
         .unwrap();
     assert_eq!(dead, 0, "the dead incarnation's row is replaced");
     running_on(&t, heir, 1).await;
+}
+
+/// `task run-now` on a type a node runs that is not a singleton is refused and writes nothing;
+/// on a registered singleton it is accepted even before its first run finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_now_refuses_a_type_that_is_not_a_singleton() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"tick\"\nbuiltin = \"bench_noop\"\nsingleton = \"1h\"\n\n[[task]]\nname = \"plain\"\nbuiltin = \"bench_noop\"\n",
+    );
+    let node = Node::start(db, dir.path(), &["--tasks", tasks.to_str().unwrap()]);
+    node.machine_id(&t).await;
+
+    let out = harmony(&["--db", db, "task", "run-now", "plain"]).await;
+    out.assert_usage_error(&["\"plain\" is not a singleton", "singleton types: tick"]);
+    let stray: i64 =
+        t.db.scalar(
+            "SELECT count(*) FROM harmony_task_singletons WHERE task_name = $1",
+            &[&"plain"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stray, 0, "a refused run-now writes nothing");
+
+    let out = harmony(&["--db", db, "--json", "task", "run-now", "tick"]).await;
+    assert_eq!(out.json()["run_now"], "tick");
 }

@@ -380,7 +380,8 @@ impl Client {
         self
     }
 
-    /// Asks a singleton type to run now.
+    /// Asks a singleton type to run now. A type that no node registered as a singleton is
+    /// refused with [`Error::NotSingleton`] and nothing is written.
     pub async fn run_now(&self, name: &str) -> Result<()> {
         validate_name(name)?;
         Store::new(self.db.clone())
@@ -708,6 +709,12 @@ impl EngineBuilder {
         for d in &details {
             for f in &d.follows {
                 store.follow_register(&f.from, &d.name).await?;
+            }
+            if d.iambored
+                .as_ref()
+                .is_some_and(|b| b.singleton_interval().is_some())
+            {
+                store.singleton_register(&d.name).await?;
             }
         }
         tracing::info!(machine = %machine, host = %self.config.host_and_port, budget = %budget, "node registered");

@@ -25,6 +25,11 @@ pub enum Error {
     /// A type is used that no node (or this node) runs.
     #[error("unknown task type {0:?}")]
     UnknownType(String),
+    /// A run-now request for a type that no node registered as a singleton.
+    #[error(
+        "task type {0:?} is not a singleton (no node has registered it as one); run-now only applies to singleton types"
+    )]
+    NotSingleton(String),
     /// A task does not exist or is not in the state the operation needs.
     #[error("{0}")]
     Task(String),

@@ -1111,22 +1111,52 @@ impl Store {
         Ok(true)
     }
 
-    /// Asks for a singleton to run now (and wakes the nodes on Postgres).
+    /// Records that `name` is a singleton type (at registration of a node that runs it), so
+    /// that run-now requests for it are accepted before its first run.
+    pub async fn singleton_register(&self, name: &str) -> Result<()> {
+        self.db
+            .exec(
+                "INSERT INTO harmony_task_singletons (task_name, run_now_request) VALUES ($1, $2)
+                 ON CONFLICT (task_name) DO NOTHING",
+                &[&name, &false],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The names of every type registered as a singleton, sorted.
+    pub async fn singleton_names(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = self
+            .db
+            .select(
+                "SELECT task_name FROM harmony_task_singletons ORDER BY task_name",
+                &[],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Asks for a singleton to run now (and wakes the nodes on Postgres). A type that no node
+    /// ever registered as a singleton is refused with [`Error::NotSingleton`], writing nothing.
     pub async fn singleton_run_now(&self, name: &str, notify: bool) -> Result<()> {
         let hint = crate::notify::Hint::RunNow {
             name: name.to_owned(),
         }
         .payload(MachineId(0));
-        self.db
+        let requested = self
+            .db
             .transaction_with(harmonydb::TxOptions::retry(), |tx| {
                 let hint = &hint;
                 async move {
-                    tx.exec(
-                        "INSERT INTO harmony_task_singletons (task_name, run_now_request) VALUES ($1, $2)
-                         ON CONFLICT (task_name) DO UPDATE SET run_now_request = $2",
-                        &[&name, &true],
-                    )
-                    .await?;
+                    let n = tx
+                        .exec(
+                            "UPDATE harmony_task_singletons SET run_now_request = $2 WHERE task_name = $1",
+                            &[&name, &true],
+                        )
+                        .await?;
+                    if n == 0 {
+                        return Ok(false);
+                    }
                     if notify {
                         Store::notify_in(&tx, hint).await?;
                     }
@@ -1134,7 +1164,11 @@ impl Store {
                 }
             })
             .await?;
-        Ok(())
+        if requested {
+            Ok(())
+        } else {
+            Err(Error::NotSingleton(name.to_owned()))
+        }
     }
 
     /// Which of `names` have a pending run-now request.

@@ -59,7 +59,8 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
             | harmonytask::Error::UnknownType(_)
             | harmonytask::Error::Task(_)
             | harmonytask::Error::Config(_)
-            | harmonytask::Error::AddressInUse { .. } => EXIT_USAGE,
+            | harmonytask::Error::AddressInUse { .. }
+            | harmonytask::Error::NotSingleton(_) => EXIT_USAGE,
             _ => EXIT_ERROR,
         };
     }

@@ -395,41 +395,34 @@ async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Res
     Ok(EXIT_OK)
 }
 
-/// `task run-now`: the type must be one a live node runs, or a singleton that has run before.
+/// `task run-now`: the type must be one that a node registered as a singleton; anything
+/// else is refused and writes nothing.
 async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::Result<u8> {
     check_type_name("NAME", name)?;
     let db = open_existing(db_url).await?;
     let store = Store::new(db.clone());
-    let running = store.types_in_cluster().await?;
-    let singleton = store.singleton_get(name).await?;
-    if singleton.is_none() && !running.iter().any(|t| t == name) {
-        return Err(UsageError(format!(
-            "unknown task type {name:?}: no running node runs it and it never ran as a singleton; types running now: {}",
-            if running.is_empty() {
-                "none".to_owned()
-            } else {
-                running.join(", ")
-            }
-        ))
-        .into());
+    match Client::new(db).with_notify(notify).run_now(name).await {
+        Ok(()) => {}
+        Err(e @ harmonytask::Error::NotSingleton(_)) => {
+            let singletons = store.singleton_names().await?;
+            return Err(UsageError(format!(
+                "{e}; singleton types: {}",
+                if singletons.is_empty() {
+                    "none".to_owned()
+                } else {
+                    singletons.join(", ")
+                }
+            ))
+            .into());
+        }
+        Err(e) => return Err(e.into()),
     }
-    Client::new(db).with_notify(notify).run_now(name).await?;
     if json {
         output::json(&serde_json::json!({ "run_now": name }))?;
+    } else if notify {
+        outln!("{name}: run-now requested; a node that runs it starts it now");
     } else {
-        if notify {
-            outln!("{name}: run-now requested; a node that runs it as a singleton starts it now");
-        } else {
-            outln!(
-                "{name}: run-now requested; with --notify off the nodes see it at their next poll"
-            );
-        }
-        if singleton.is_none() {
-            // Known in the cluster but never scheduled as a singleton: maybe not one at all.
-            outln!(
-                "note: {name} has not run as a singleton yet; the request only has an effect if it is one"
-            );
-        }
+        outln!("{name}: run-now requested; with --notify off the nodes see it at their next poll");
     }
     Ok(EXIT_OK)
 }
