@@ -685,7 +685,7 @@ impl EngineBuilder {
         let registered = store
             .machine_register(&MachineRegister {
                 host_and_port: &self.config.host_and_port,
-                cpu: budget.cpu.round() as i64,
+                cpu: budget.cpu,
                 ram: i64::try_from(budget.ram).unwrap_or(i64::MAX),
                 gpu: budget.gpu,
                 tasks: &names.join(","),
