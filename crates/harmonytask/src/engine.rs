@@ -53,6 +53,9 @@ pub(crate) enum Event {
         reason: StopReason,
         include_protected: bool,
     },
+    /// The heartbeat saw this node become cordoned: running attempts of `can_yield` types
+    /// give way.
+    Cordoned,
     /// Another node hinted at new or released work of a type: poll it.
     Wake { ty: usize },
     /// Call the type's IAmBored now (run-now request).
