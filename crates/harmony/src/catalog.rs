@@ -71,11 +71,10 @@ pub fn build(db: &Db, specs: &[TaskSpec]) -> Vec<Arc<dyn Task>> {
     let mut tasks = base.clone();
     for spec in specs {
         let task: Arc<dyn Task> = match &spec.kind {
-            TaskKind::Command(argv) => Arc::new(CommandTask::new(
-                spec.details.clone(),
-                argv.clone(),
-                spec.env.clone(),
-            )),
+            TaskKind::Command(argv) => Arc::new(
+                CommandTask::new(spec.details.clone(), argv.clone(), spec.env.clone())
+                    .with_kill_grace(spec.kill_grace),
+            ),
             TaskKind::Builtin(name) => {
                 let inner = base
                     .iter()

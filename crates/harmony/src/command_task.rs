@@ -2,19 +2,28 @@
 //! substituted into its argv. Exit status 0 is success; anything else is a failed attempt whose
 //! error is the end of the program's standard error.
 //!
-//! The child is killed when the attempt is cancelled (timeout, shutdown, preemption, loss of
-//! ownership) and when the attempt's future is dropped (`kill_on_drop`). Only the child itself is
-//! killed, not processes it started in turn.
+//! When the attempt is cancelled (shutdown, preemption, a cordon for a `can_yield` type, loss
+//! of ownership) the child gets SIGTERM, so that it can stop cleanly, and SIGKILL if it has not
+//! exited within the type's kill grace. When the attempt's future is dropped (its timeout, or
+//! the node exiting) the child is killed at once (`kill_on_drop`). Only the child itself gets
+//! the signals, not processes it started in turn.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
+use std::time::Duration;
 
 use harmonytask::{Done, RunContext, Task, TaskError, TaskId, TypeDetails, async_trait};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 /// How much of a failed command's standard error is kept as the attempt's error.
 pub const STDERR_TAIL_BYTES: usize = 2048;
+
+/// How long a cancelled command has after SIGTERM before it gets SIGKILL, unless its type sets
+/// `kill_grace`.
+pub const KILL_GRACE_DEFAULT: Duration = Duration::from_secs(10);
 
 /// One piece of an argv template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,13 +148,26 @@ pub struct CommandTask {
     details: TypeDetails,
     argv: Vec<Template>,
     env: BTreeMap<String, String>,
+    kill_grace: Duration,
 }
 
 impl CommandTask {
     /// A command type with these details, argv templates (program first, non-empty) and extra
-    /// environment.
+    /// environment; a cancelled command gets [`KILL_GRACE_DEFAULT`] between SIGTERM and
+    /// SIGKILL.
     pub fn new(details: TypeDetails, argv: Vec<Template>, env: BTreeMap<String, String>) -> Self {
-        CommandTask { details, argv, env }
+        CommandTask {
+            details,
+            argv,
+            env,
+            kill_grace: KILL_GRACE_DEFAULT,
+        }
+    }
+
+    /// Sets the time between SIGTERM and SIGKILL when an attempt is cancelled.
+    pub fn with_kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
     }
 }
 
@@ -193,9 +215,9 @@ impl Task for CommandTask {
         let status = tokio::select! {
             status = child.wait() => status,
             () = ctx.cancelled().cancelled() => {
-                // SIGKILL and reap; the engine records the cancellation reason.
-                let _ = child.kill().await;
-                return Err(TaskError::new(format!("cancelled; killed {program:?}")));
+                // The engine records the cancellation reason; this text only reaches the log.
+                let how = stop(&mut child, task, program, self.kill_grace).await;
+                return Err(TaskError::new(format!("cancelled; {how}")));
             }
         }
         .map_err(|e| TaskError::new(format!("waiting for {program:?}: {e}")))?;
@@ -222,6 +244,42 @@ impl Task for CommandTask {
             format!("{how}: {tail}")
         }))
     }
+}
+
+/// Stops the child of a cancelled attempt: SIGTERM, up to `grace` to exit, then SIGKILL; it is
+/// reaped either way. Says how it ended.
+async fn stop(child: &mut Child, task: TaskId, program: &str, grace: Duration) -> String {
+    // `id` is None only once the child was reaped, which only `wait` below does. Until then
+    // the pid is still this child's (at worst a zombie), so signalling it cannot hit another
+    // process.
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    if let Some(pid) = pid {
+        match kill(pid, Signal::SIGTERM) {
+            Ok(()) => match tokio::time::timeout(grace, child.wait()).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(task = %task, program, "cancelled command stopped after SIGTERM");
+                    return format!("stopped {program:?} with SIGTERM");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(task = %task, program, error = %e, "waiting for a cancelled command failed; sending SIGKILL");
+                }
+                Err(_) => tracing::info!(
+                    task = %task,
+                    program,
+                    kill_grace = ?grace,
+                    "cancelled command ignored SIGTERM for its kill grace; sending SIGKILL"
+                ),
+            },
+            Err(e) => {
+                tracing::warn!(task = %task, program, error = %e, "could not send SIGTERM; sending SIGKILL");
+            }
+        }
+    }
+    let _ = child.kill().await;
+    format!("killed {program:?} with SIGKILL after a grace of {grace:?}")
 }
 
 /// Reads `r` to the end, keeping only the last `max` bytes (cut at a character boundary).

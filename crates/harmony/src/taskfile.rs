@@ -11,6 +11,7 @@
 //! retry_wait = "10s"        # or { initial = "1s", factor = 2.0, max = "1m" }
 //! timeout = "5m"
 //! env = { KEY = "value" }
+//! kill_grace = "30s"        # SIGTERM first when cancelled; SIGKILL after this (default 10s)
 //!
 //! [[task]]
 //! name = "thumbnail"
@@ -43,7 +44,7 @@ use harmonytask::{ByteSize, Follow, Limiter, Resources, RetryWait, TypeDetails, 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::command_task::Template;
+use crate::command_task::{KILL_GRACE_DEFAULT, Template};
 
 /// Largest per-node or cluster-wide concurrency limit accepted (anything above is a typo).
 const LIMIT_MAX: i64 = 1_000_000;
@@ -53,6 +54,8 @@ const RAM_MAX: u64 = 1 << 60;
 const TASKS_MAX: usize = 1000;
 /// Largest tasks file read.
 const FILE_BYTES_MAX: u64 = 4 << 20;
+/// Longest `kill_grace` accepted: a node's shutdown waits this long for such a command.
+const KILL_GRACE_MAX: Duration = Duration::from_secs(3600);
 
 /// A tasks file that cannot be used; the message names file, line, task and field.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,8 @@ pub struct TaskSpec {
     pub details: TypeDetails,
     /// Extra environment for commands.
     pub env: BTreeMap<String, String>,
+    /// Commands: how long a cancelled attempt's program has between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
     /// Line of the `[[task]]` entry, for messages.
     pub line: usize,
 }
@@ -126,6 +131,7 @@ struct RawTask {
     retry_wait: Option<Spanned<RawRetryWait>>,
     timeout: Option<Spanned<String>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
+    kill_grace: Option<Spanned<String>>,
     follows: Option<Spanned<Vec<Spanned<String>>>>,
     may_follow: Option<Spanned<Vec<Spanned<String>>>>,
     singleton: Option<Spanned<String>>,
@@ -576,6 +582,29 @@ fn task_spec(
             env.insert(k, v);
         }
     }
+    let mut kill_grace = KILL_GRACE_DEFAULT;
+    if let Some(g) = t.kill_grace {
+        let s = g.span();
+        if let TaskKind::Builtin(_) = kind {
+            return Err(err(
+                s,
+                "kill_grace",
+                "only command types run a program to signal; remove it".into(),
+            ));
+        }
+        kill_grace = duration(g.get_ref()).map_err(|e| err(s.clone(), "kill_grace", e))?;
+        if kill_grace > KILL_GRACE_MAX {
+            return Err(err(
+                s,
+                "kill_grace",
+                format!(
+                    "{} is absurdly long (the limit is {}; a node's shutdown waits this long)",
+                    humantime::format_duration(kill_grace),
+                    humantime::format_duration(KILL_GRACE_MAX)
+                ),
+            ));
+        }
+    }
     let mut refs = Refs::default();
     if let Some(list) = t.follows {
         refs.follows = names(src, task, "follows", list)?;
@@ -639,6 +668,7 @@ fn task_spec(
         kind,
         details,
         env,
+        kill_grace,
         line: src.line(span.start),
     };
     Ok((spec, refs))
@@ -799,6 +829,7 @@ retry_wait = "10s"
         assert_eq!(t.env.get("KEY").map(String::as_str), Some("value"));
         assert!(matches!(&t.kind, TaskKind::Command(c) if c.len() == 4));
         let s = &specs[1];
+        assert_eq!(t.kill_grace, KILL_GRACE_DEFAULT);
         assert!(matches!(s.kind, TaskKind::Builtin("bench_sleep")));
         assert_eq!(s.details.max_cluster, 2);
         assert_eq!(s.details.retry_wait.wait(1), Duration::from_secs(10));
@@ -960,6 +991,35 @@ singleton = "1s"
             "[[task]]\nname = \"a\"\ncommand = [\"echo\", \"{arg.x}\"]\nfollows = [\"bench_noop\"]\n",
         );
         assert!(e.contains("follows: the command uses {arg.x}"), "{e}");
+    }
+
+    #[test]
+    fn kill_grace() {
+        let specs = parse(
+            "tasks.toml",
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\nkill_grace = \"1500ms\"\n[[task]]\nname = \"b\"\ncommand = [\"true\"]\nkill_grace = \"0s\"\n",
+        )
+        .unwrap();
+        assert_eq!(specs[0].kill_grace, Duration::from_millis(1500));
+        assert_eq!(specs[1].kill_grace, Duration::ZERO);
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"true\"]\nkill_grace = \"soon\"\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": kill_grace: "),
+            "{e}"
+        );
+        assert!(e.contains("not a duration"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"true\"]\nkill_grace = \"2h\"\n");
+        assert!(e.contains("kill_grace: 2h is absurdly long"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"true\"]\nkill_grace = 10\n");
+        assert!(
+            e.starts_with("tasks.toml line 4: task \"a\": kill_grace: "),
+            "{e}"
+        );
+        let e = err("[[task]]\nname = \"a\"\nbuiltin = \"bench_sleep\"\nkill_grace = \"1s\"\n");
+        assert!(
+            e.contains("task \"a\": kill_grace: only command types run a program"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@ use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
 use nix::sys::signal::Signal;
 
+harmony_testkit::both_backends!(machine_ls_shows_the_cpu_budget_as_given);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_task_add_input_is_refused_and_writes_nothing() {
     let t = TestDb::sqlite().await;
@@ -486,6 +488,70 @@ command = ["sh", "-c", "echo $$ > \"$0\"; exec sleep 30", "{arg.pidfile}"]
         .await
         .json();
     assert!(machines.as_array().unwrap().is_empty());
+}
+
+/// `--cpu 1.5` is stored, listed and printed as 1.5 (the engine schedules with 1.5; it was
+/// once stored as an integer and shown as 2), and a whole number stays whole.
+async fn machine_ls_shows_the_cpu_budget_as_given(t: &TestDb) {
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let budget = |cpu| {
+        [
+            "--types",
+            "bench_noop",
+            "--cpu",
+            cpu,
+            "--ram",
+            "1GiB",
+            "--gpu",
+            "0",
+        ]
+    };
+    let half = Node::start(db, dir.path(), &budget("1.5"));
+    let whole = Node::start(db, dir.path(), &budget("4"));
+    let half_id = half.machine_id(t).await;
+    let whole_id = whole.machine_id(t).await;
+
+    let machines = harmony(&["--db", db, "--json", "machine", "ls"])
+        .await
+        .json();
+    let cpu_of = |id: i64| {
+        machines
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("machine {id} not listed: {machines}"))["cpu"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("cpu is not a number: {machines}"))
+    };
+    assert_eq!(cpu_of(half_id), 1.5);
+    assert_eq!(cpu_of(whole_id), 4.0);
+
+    let out = harmony(&["--db", db, "machine", "ls"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let header: Vec<&str> = out
+        .stdout
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let cpu_col = header.iter().position(|h| *h == "CPU").expect("CPU column");
+    for (node, shown) in [(&half, "1.5"), (&whole, "4")] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.contains(&node.listen))
+            .unwrap_or_else(|| panic!("{} not listed: {}", node.listen, out.stdout));
+        // Every column before TASKS is one word (the name is the host part of the address).
+        assert_eq!(
+            line.split_whitespace().nth(cpu_col),
+            Some(shown),
+            "{}",
+            out.stdout
+        );
+    }
 }
 
 /// Waits until the process whose pid is in `pid_file` has exited (gone, or a zombie awaiting

@@ -25,6 +25,7 @@ harmony_testkit::both_backends!(
     a_follower_chain_survives_sigkill,
     a_singleton_never_overlaps_and_runs_now_on_request,
     cordon_stops_new_claims_until_uncordon,
+    cordon_stops_can_yield_commands_with_sigterm_then_sigkill,
     restart_exits_100_only_after_the_running_task,
 );
 
@@ -556,6 +557,126 @@ async fn cordon_stops_new_claims_until_uncordon(t: &TestDb) {
             "task {id} started before the node was uncordoned"
         );
     }
+}
+
+/// Two `can_yield` command types; `{arg.dir}` is where they leave their marks. The first run
+/// of each waits, the second (after the yield) exits 0 at once. `polite` traps TERM and says
+/// so in a file; `stubborn` ignores TERM (the disposition survives `exec`, so the sleep that
+/// replaces the shell ignores it too) and writes its pid.
+const YIELD_TASKS: &str = r#"
+[[task]]
+name = "polite"
+command = ["sh", "-c", """
+d=$0
+if [ -e "$d/polite.started" ]; then exit 0; fi
+trap 'echo "$HARMONY_TASK_RETRIES" > "$d/polite.term"; kill $p; exit 0' TERM
+sleep 60 & p=$!
+echo started > "$d/polite.started"
+wait $p
+""", "{arg.dir}"]
+can_yield = true
+
+[[task]]
+name = "stubborn"
+command = ["sh", "-c", """
+d=$0
+if [ -e "$d/stubborn.pid" ]; then exit 0; fi
+trap '' TERM
+echo $$ > "$d/stubborn.tmp" && mv "$d/stubborn.tmp" "$d/stubborn.pid"
+exec sleep 60
+""", "{arg.dir}"]
+can_yield = true
+kill_grace = "500ms"
+"#;
+
+/// `machine cordon` (the CLI) stops running `can_yield` commands: one that handles SIGTERM
+/// gets it and exits; one that ignores it is SIGKILLed once its `kill_grace` is over. Both are
+/// released with their retries unchanged (history `yielded`), wait while the node is cordoned,
+/// and run again after uncordon.
+async fn cordon_stops_can_yield_commands_with_sigterm_then_sigkill(t: &TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = tempfile::tempdir().unwrap();
+    let file = tasks_file(dir.path(), YIELD_TASKS);
+    let file = file.to_str().unwrap();
+    let db = t.url.as_str();
+    let node = Node::start(
+        db,
+        dir.path(),
+        &node_args(file, &[&["--types", "polite,stubborn"][..], FAST].concat()),
+    );
+    let id = node.machine_id(t).await;
+    let dir_arg = format!("dir={}", marks.path().display());
+    let polite = add(db, "polite", &["--arg", &dir_arg]).await[0];
+    let stubborn = add(db, "stubborn", &["--arg", &dir_arg]).await[0];
+    let mark = |name: &str| marks.path().join(name);
+    eventually("both commands to start", Duration::from_secs(30), || {
+        let ready = mark("polite.started").exists() && mark("stubborn.pid").exists();
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let stubborn_pid = std::fs::read_to_string(mark("stubborn.pid")).unwrap();
+    let stubborn_pid = stubborn_pid.trim().to_owned();
+
+    let out = ok_json(db, &["machine", "cordon", &id.to_string()]).await;
+    assert_eq!(out["changed"], true);
+    wait_count(
+        t,
+        "both tasks to yield",
+        Duration::from_secs(30),
+        2,
+        "SELECT count(*) FROM harmony_task_history WHERE err = 'yielded'",
+        &[],
+    )
+    .await;
+    // SIGTERM reached the polite command, which stopped by itself; the stubborn one was
+    // killed once its grace was over, and is gone.
+    let term = std::fs::read_to_string(mark("polite.term"))
+        .unwrap_or_else(|e| panic!("the polite command's TERM trap did not run: {e}"));
+    assert_eq!(term.trim(), "0", "HARMONY_TASK_RETRIES seen by the trap");
+    node.wait_log(&[
+        "cancelled command stopped after SIGTERM",
+        &format!("task={polite}"),
+    ])
+    .await;
+    node.wait_log(&[
+        "cancelled command ignored SIGTERM for its kill grace; sending SIGKILL",
+        &format!("task={stubborn}"),
+        "kill_grace=500ms",
+    ])
+    .await;
+    assert!(
+        !std::path::Path::new(&format!("/proc/{stubborn_pid}")).exists(),
+        "the stubborn command (pid {stubborn_pid}) still runs"
+    );
+    // Released, not failed, and not taken back by the cordoned node.
+    let rows: Vec<(i64, Option<i64>, i64)> =
+        t.db.select(
+            "SELECT id, owner_id, retries FROM harmony_task ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows, [(polite, None, 0), (stubborn, None, 0)]);
+    let history: Vec<(i64, bool, String)> =
+        t.db.select(
+            "SELECT task_id, result, err FROM harmony_task_history ORDER BY task_id, id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        history,
+        [
+            (polite, false, "yielded".to_owned()),
+            (stubborn, false, "yielded".to_owned())
+        ]
+    );
+
+    ok_json(db, &["machine", "uncordon", &id.to_string()]).await;
+    all_done(t, 2, Duration::from_secs(30)).await;
+    let s = successes(t).await;
+    assert_eq!(s.get(&polite), Some(&(1, node.listen.clone())));
+    assert_eq!(s.get(&stubborn), Some(&(1, node.listen.clone())));
 }
 
 /// `machine restart`: the node drains, keeps running its task to the end, starts nothing new,

@@ -61,7 +61,8 @@ migrations! {
     2 => "0002_task_args",
     3 => "0003_type_lock",
     4 => "0004_follow_preempt",
-    5 => "0005_machine_address_unique",
+    5 => "0005_machine_cpu_fraction",
+    6 => "0006_machine_address_unique",
 }
 
 /// Serialises migrations across processes on Postgres (`pg_advisory_xact_lock` key).
@@ -199,6 +200,12 @@ fn short(checksum: &str) -> &str {
 
 /// Applies every pending migration; returns those this call applied.
 pub(crate) async fn apply(db: &Db) -> Result<Vec<MigrationInfo>> {
+    apply_through(db, i64::MAX).await
+}
+
+/// Applies the pending migrations up to and including version `last`. Only tests stop short
+/// of the newest version: they build a database as an older binary left it, then upgrade it.
+async fn apply_through(db: &Db, last: i64) -> Result<Vec<MigrationInfo>> {
     let dialect = db.dialect();
     ensure_ledger(db).await.map_err(as_migration)?;
     let applied = ledger(db).await.map_err(as_migration)?;
@@ -206,7 +213,7 @@ pub(crate) async fn apply(db: &Db) -> Result<Vec<MigrationInfo>> {
     let mut done = Vec::new();
     for m in MIGRATIONS
         .iter()
-        .filter(|m| !applied.iter().any(|a| a.version == m.version))
+        .filter(|m| m.version <= last && !applied.iter().any(|a| a.version == m.version))
     {
         let m = *m;
         let ran = db
@@ -322,6 +329,74 @@ mod tests {
                 files, listed,
                 "{dialect} migrations differ from the embedded list"
             );
+        }
+    }
+
+    /// A database left at version 4 by an older binary, whose machine rows have whole-number
+    /// CPU budgets, is upgraded: the values survive, and fractional ones are stored exactly
+    /// from then on.
+    async fn cpu_budgets_survive_the_fractional_upgrade(url: &str) {
+        let mut cfg = crate::DbConfig::from_url(url).unwrap();
+        cfg.migrate_on_open = false;
+        let old = Db::open(cfg).await.unwrap();
+        apply_through(&old, 4).await.unwrap();
+        old.exec(
+            "INSERT INTO harmony_machines (host_and_port, cpu, ram, gpu) VALUES ($1, $2, $3, $4)",
+            &[&"old:1", &4i64, &(1i64 << 30), &0.5f64],
+        )
+        .await
+        .unwrap();
+        drop(old);
+        // A newer binary opens it (its own connections: the old ones cached statements typed
+        // for the integer column) and migrates on open.
+        let db = Db::open(crate::DbConfig::from_url(url).unwrap())
+            .await
+            .unwrap();
+        let status = db.migration_status().await.unwrap();
+        assert!(status.latest_version >= 5);
+        assert_eq!(status.current_version, Some(status.latest_version));
+        db.exec(
+            "INSERT INTO harmony_machines (host_and_port, cpu, ram, gpu) VALUES ($1, $2, $3, $4)",
+            &[&"new:1", &1.5f64, &(1i64 << 30), &0.0f64],
+        )
+        .await
+        .unwrap();
+        let rows: Vec<(String, f64)> = db
+            .select(
+                "SELECT host_and_port, cpu FROM harmony_machines ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows, [("old:1".to_owned(), 4.0), ("new:1".to_owned(), 1.5)]);
+    }
+
+    #[tokio::test]
+    async fn sqlite_cpu_budgets_survive_the_fractional_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        cpu_budgets_survive_the_fractional_upgrade(&url).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_cpu_budgets_survive_the_fractional_upgrade() {
+        let test = "postgres_cpu_budgets_survive_the_fractional_upgrade";
+        if !harmony_testkit::postgres_or_skip(test).await {
+            return;
+        }
+        let base = harmony_testkit::pg_base_url();
+        let schema = format!("t_{}", harmony_testkit::unique_suffix());
+        let url = harmony_testkit::with_option(&base, "schema", &schema);
+        // Run on its own task so that the schema is dropped even when an assertion fails.
+        let outcome = tokio::spawn(async move {
+            cpu_budgets_survive_the_fractional_upgrade(&url).await;
+        })
+        .await;
+        std::thread::spawn(move || harmony_testkit::drop_schema(&base, &schema))
+            .join()
+            .unwrap();
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
         }
     }
 

@@ -53,6 +53,9 @@ pub(crate) enum Event {
         reason: StopReason,
         include_protected: bool,
     },
+    /// The heartbeat saw this node become cordoned: running attempts of `can_yield` types
+    /// give way.
+    Cordoned,
     /// Another node hinted at new or released work of a type: poll it.
     Wake { ty: usize },
     /// Call the type's IAmBored now (run-now request).
@@ -686,7 +689,7 @@ impl EngineBuilder {
         let registered = store
             .machine_register(&MachineRegister {
                 host_and_port: &self.config.host_and_port,
-                cpu: budget.cpu.round() as i64,
+                cpu: budget.cpu,
                 ram: i64::try_from(budget.ram).unwrap_or(i64::MAX),
                 gpu: budget.gpu,
                 tasks: &names.join(","),

@@ -7,6 +7,10 @@
 //! tasks in the same statement. A node that finds its own row gone (heartbeat updates nothing,
 //! or a claim violates the owner foreign key) was declared dead: it stops at once, because its
 //! tasks already belong to others.
+//!
+//! Cordon: the heartbeat reads `unschedulable`; the scheduler then claims nothing new (overrides
+//! aside) and stops the running attempts of `can_yield` types, which are released with their
+//! retries unchanged, so that other nodes take them at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,9 +92,14 @@ impl Heartbeat {
             }
             match s.store.machine_heartbeat(s.machine).await {
                 Ok(Some(flags)) => {
+                    // The flag is set before the scheduler hears of it, so an attempt it starts
+                    // in between sees the flag and yields at once (see `Scheduler::start`).
                     let was = s.flags.cordoned.swap(flags.unschedulable, Ordering::AcqRel);
                     if was != flags.unschedulable {
                         tracing::info!(cordoned = flags.unschedulable, "scheduling flag changed");
+                        if flags.unschedulable {
+                            s.send(crate::engine::Event::Cordoned).await;
+                        }
                         s.nudge();
                     }
                     if flags.restart_requested

@@ -23,6 +23,8 @@ pub(crate) enum StopReason {
     Shutdown = 1,
     Preempted = 2,
     Fenced = 3,
+    /// The node was cordoned and the type is `can_yield`: it gives way to other nodes.
+    Yielded = 4,
 }
 
 impl StopReason {
@@ -31,6 +33,7 @@ impl StopReason {
             1 => StopReason::Shutdown,
             2 => StopReason::Preempted,
             3 => StopReason::Fenced,
+            4 => StopReason::Yielded,
             _ => StopReason::None,
         }
     }
@@ -215,6 +218,7 @@ fn classify(
         Attempt::Returned(Ok(Done(true))) => return (Fate::Done, String::new()),
         _ if reason == StopReason::Shutdown => return (Fate::Release, "shutdown".into()),
         _ if reason == StopReason::Preempted => return (Fate::Release, "preempted".into()),
+        _ if reason == StopReason::Yielded => return (Fate::Release, "yielded".into()),
         Attempt::Returned(Ok(Done(false))) => "not done (the task returned Done(false))".to_owned(),
         Attempt::Returned(Err(e)) => e.message().to_owned(),
         Attempt::Panicked(msg) => format!("panic: {msg}"),
@@ -274,6 +278,20 @@ mod tests {
         assert_eq!(
             classify(err(), StopReason::Shutdown, 0, 1),
             (Fate::Release, "shutdown".into())
+        );
+        // A yield is not a failure, however the attempt ended, even on its last attempt.
+        assert_eq!(
+            classify(err(), StopReason::Yielded, 2, 3),
+            (Fate::Release, "yielded".into())
+        );
+        assert_eq!(
+            classify(
+                Attempt::Returned(Ok(Done(false))),
+                StopReason::Yielded,
+                0,
+                1
+            ),
+            (Fate::Release, "yielded".into())
         );
         let (f, e) = classify(Attempt::Panicked("oops".into()), StopReason::None, 0, 0);
         assert_eq!((f, e.as_str()), (Fate::Retry, "panic: oops"));

@@ -52,8 +52,8 @@ impl FromRow for Candidate {
 pub struct MachineRegister<'a> {
     /// Advertised address, also the node's identity across restarts.
     pub host_and_port: &'a str,
-    /// Budget.
-    pub cpu: i64,
+    /// Budget, as given (fractional CPUs are kept, not rounded).
+    pub cpu: f64,
     /// Budget, bytes.
     pub ram: i64,
     /// Budget.
@@ -100,8 +100,8 @@ pub struct MachineRow {
     pub host_and_port: String,
     /// Display name.
     pub name: String,
-    /// Budget.
-    pub cpu: i64,
+    /// Budget (may be fractional).
+    pub cpu: f64,
     /// Budget, bytes.
     pub ram: i64,
     /// Budget.

@@ -261,7 +261,10 @@ pub struct TypeDetails {
     pub time_sensitive: bool,
     /// Never preempted; awaited at shutdown.
     pub uninterruptible: bool,
-    /// Gives way (sees `still_owned() == false`) while the node is cordoned.
+    /// Gives way when the node is cordoned: the engine cancels its running attempts (the
+    /// cancellation token fires, `still_owned()` is false) and releases them with retries
+    /// unchanged (history `err = "yielded"`), and claims none on a cordoned node, whatever
+    /// `scheduling_overrides` say.
     pub can_yield: bool,
     /// Types whose waiting work lets this type be claimed even on a cordoned node.
     pub scheduling_overrides: Vec<String>,
@@ -402,8 +405,8 @@ impl RunContext {
         &self.db
     }
 
-    /// Fired when the attempt must stop: preemption, shutdown, timeout, or loss of ownership
-    /// found by the engine.
+    /// Fired when the attempt must stop: preemption, shutdown, a cordon (for a `can_yield`
+    /// type), timeout, or loss of ownership found by the engine.
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancel
     }

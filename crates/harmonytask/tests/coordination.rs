@@ -13,8 +13,8 @@ use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
 use harmonytask::store::Store;
 use harmonytask::{
-    Blocked, Client, Done, Engine, EngineConfig, IAmBored, Limiter, Resources, TaskError,
-    TypeDetails,
+    Blocked, Client, Done, Engine, EngineConfig, IAmBored, Limiter, MachineId, Resources,
+    TaskError, TypeDetails,
 };
 
 harmony_testkit::both_backends!(
@@ -28,6 +28,7 @@ harmony_testkit::both_backends!(
     preemption_frees_the_cheapest_victim,
     preemption_across_nodes_is_done_by_one_node,
     cordon_stops_claims_and_yields,
+    cordon_releases_can_yield_tasks_that_never_ask,
     restart_drains_then_stops,
     notify_off_still_works_by_polling,
 );
@@ -683,6 +684,103 @@ async fn cordon_stops_claims_and_yields(t: &TestDb) {
     );
     drained(t, Duration::from_secs(30)).await;
     engine.shutdown().await.unwrap();
+}
+
+/// A `can_yield` task that never calls `still_owned` (it only honours its cancellation token,
+/// as built-ins and commands do) gives way when its node is cordoned: the engine stops it,
+/// writes a "yielded" history row and releases it with retries unchanged — with
+/// `max_failures = 1`, counting the yield as a failure would end the task for good — and
+/// another node runs it at once.
+async fn cordon_releases_can_yield_tasks_that_never_ask(t: &TestDb) {
+    // Each attempt: (machine, retries). The first one runs until cancelled.
+    let runs = Arc::new(Mutex::new(Vec::<(MachineId, u32)>::new()));
+    let polite = |runs: Arc<Mutex<Vec<(MachineId, u32)>>>| {
+        let mut d = TypeDetails::new("polite");
+        d.can_yield = true;
+        d.max_failures = 1;
+        Probe::new(d, move |_, ctx| {
+            let runs = runs.clone();
+            async move {
+                let first = {
+                    let mut r = runs.lock().unwrap();
+                    r.push((ctx.machine_id(), ctx.retries()));
+                    r.len() == 1
+                };
+                if first {
+                    ctx.cancelled().cancelled().await;
+                    return Err(TaskError::new("stopped"));
+                }
+                Ok(Done(true))
+            }
+        })
+    };
+    let a = Engine::builder(t.db.clone())
+        .register(polite(runs.clone()))
+        .config(config(big_budget()))
+        .start()
+        .await
+        .unwrap();
+    add_and_wait_running(&a, "polite").await;
+    let task: i64 =
+        t.db.scalar("SELECT id FROM harmony_task WHERE name = 'polite'", &[])
+            .await
+            .unwrap();
+    let store = Store::new(t.db.clone());
+    assert!(
+        store
+            .machine_set_unschedulable(a.machine_id(), true, true)
+            .await
+            .unwrap()
+    );
+    let history = |t: &TestDb| {
+        let db = t.db.clone();
+        async move {
+            db.select::<(bool, String, String)>(
+                "SELECT result, err, completed_by_host_and_port FROM harmony_task_history WHERE task_id = $1 ORDER BY id",
+                &[&task],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let rows = eventually("the task to yield", Duration::from_secs(30), || {
+        let rows = history(t);
+        async move {
+            let rows = rows.await;
+            (!rows.is_empty()).then_some(rows)
+        }
+    })
+    .await;
+    let a_host = a.status().await.unwrap().host_and_port;
+    assert_eq!(rows, [(false, "yielded".to_owned(), a_host)]);
+    // Released, not failed: waiting again, owned by nobody, retries unchanged; and the
+    // cordoned node does not take it back.
+    let (owner, retries): (Option<i64>, i64) =
+        t.db.query_row(
+            "SELECT owner_id, retries FROM harmony_task WHERE id = $1",
+            &[&task],
+        )
+        .await
+        .unwrap();
+    assert_eq!((owner, retries), (None, 0));
+    let st = a.status().await.unwrap();
+    assert!(st.running.is_empty(), "{:?}", st.running);
+
+    let b = Engine::builder(t.open_another().await)
+        .register(polite(runs.clone()))
+        .config(config(big_budget()))
+        .start()
+        .await
+        .unwrap();
+    drained(t, Duration::from_secs(30)).await;
+    let b_host = b.status().await.unwrap().host_and_port;
+    assert_eq!(history(t).await[1..], [(true, String::new(), b_host)]);
+    assert_eq!(
+        *runs.lock().unwrap(),
+        [(a.machine_id(), 0), (b.machine_id(), 0)]
+    );
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
 }
 
 async fn restart_drains_then_stops(t: &TestDb) {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use harmonytask::resources::UNITS_MAX;
 use harmonytask::{Engine, EngineConfig, Error as EngineError, Resources, Task};
@@ -14,6 +15,10 @@ use crate::commands::{
     EXIT_FENCED, EXIT_OK, EXIT_RESTART, UsageError, check_type_name, open_migrated,
 };
 use crate::taskfile;
+
+/// Time allowed, beyond the longest kill grace, for a SIGKILLed command to be reaped and its
+/// attempt to return.
+const KILL_REAP_MARGIN: Duration = Duration::from_secs(1);
 
 /// Starts a node and runs it until a signal (exit 0), fencing (exit 4) or a restart request
 /// (exit 100). `notify` turns wake-up notifications on or off (`--notify`).
@@ -29,7 +34,18 @@ pub async fn run(
     };
     let known = catalog::known_names(&specs);
     let selected = selected_types(args.types.as_deref(), &known)?;
-    let config = engine_config(&args, notify)?;
+    let mut config = engine_config(&args, notify)?;
+    // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must get
+    // its whole kill grace in it, or it would be killed at exit before the SIGKILL was due.
+    let kill_grace_max = specs
+        .iter()
+        .filter(|s| matches!(s.kind, taskfile::TaskKind::Command(_)))
+        .filter(|s| selected.as_ref().is_none_or(|sel| sel.contains(s.name())))
+        .map(|s| s.kill_grace)
+        .max();
+    if let Some(grace) = kill_grace_max {
+        config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
+    }
     let host = config.host_and_port.clone();
 
     let db = open_migrated(db_url).await?;

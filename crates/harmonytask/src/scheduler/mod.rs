@@ -258,6 +258,7 @@ impl Scheduler {
                     }
                 }
             }
+            Event::Cordoned => self.yield_running(),
         }
     }
 
@@ -404,7 +405,31 @@ impl Scheduler {
         self.types[ty].running += 1;
         self.shared.types[ty].metrics.running.inc();
         let shared = Arc::clone(&self.shared);
-        self.shared.runs.spawn(run_one(shared, ty, c, handle));
+        self.shared
+            .runs
+            .spawn(run_one(shared, ty, c, handle.clone()));
+        // Claimed just before the cordon was seen: give way at once, like the attempts that
+        // were already running when it came.
+        if self.shared.types[ty].details.can_yield && self.shared.flags.cordoned() {
+            handle.stop(StopReason::Yielded);
+        }
+    }
+
+    /// The node is cordoned: every running attempt of a `can_yield` type stops and is
+    /// released with its retries unchanged (history `err = "yielded"`). The engine does this
+    /// itself, so that task code that never calls `still_owned` gives way too.
+    fn yield_running(&self) {
+        if !self.shared.flags.cordoned() {
+            // Uncordoned again before this event was handled.
+            return;
+        }
+        for (id, h) in &self.running {
+            let entry = &self.shared.types[h.ty];
+            if entry.details.can_yield {
+                tracing::info!(task = %id, task_type = %entry.name, "node cordoned: the task yields");
+                h.stop(StopReason::Yielded);
+            }
+        }
     }
 
     fn polled(&mut self, p: PollResult) {
@@ -530,11 +555,14 @@ impl Scheduler {
             let (limiter_max, limiter_used) = limiter_use(&entry.details, &self.limiter_used);
             let input = AdmitInput {
                 cordoned,
-                override_applies: entry
-                    .details
-                    .scheduling_overrides
-                    .iter()
-                    .any(|o| waiting.contains(o.as_str())),
+                // A `can_yield` type would give way as soon as it started: never claim it on a
+                // cordoned node, overrides or not.
+                override_applies: !entry.details.can_yield
+                    && entry
+                        .details
+                        .scheduling_overrides
+                        .iter()
+                        .any(|o| waiting.contains(o.as_str())),
                 limiter_max,
                 limiter_used,
                 cost: entry.cost,

@@ -1,0 +1,13 @@
+-- A node's CPU budget may be fractional (`harmony run --cpu 1.5`); Postgres changes
+-- harmony_machines.cpu from BIGINT to DOUBLE PRECISION in this version. SQLite needs no change
+-- to store it: a column declared INTEGER has INTEGER affinity, which converts a REAL value to
+-- an integer only when that is lossless, so 1.5 is stored as the REAL 1.5 and 4.0 as the
+-- integer 4, and reading either as a float gives the value back exactly. The fault was in the
+-- code (it bound the rounded value as an integer), not in the column.
+--
+-- The table is deliberately not rebuilt to declare REAL: with foreign keys on (the pragma
+-- cannot be changed inside the migration's transaction) dropping harmony_machines would
+-- delete its rows first and fire the ON DELETE actions of harmony_task.owner_id and the other
+-- tables that reference it, releasing owned tasks and deleting machine details.
+--
+-- The file exists, with no statement, so that both dialects keep one version list.
