@@ -28,6 +28,7 @@ impl NodeProcess {
             .arg("run")
             .arg("--listen")
             .arg(&listen)
+            .arg("--builtin")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -54,21 +54,27 @@ impl Task for Renamed {
     }
 }
 
-/// Names of every type the binary knows without asking the database: the built-ins and the
-/// tasks file's.
-pub fn known_names(specs: &[TaskSpec]) -> Vec<String> {
+/// Names of the types the binary knows without asking the database: the tasks file's, after
+/// the built-ins when `with_builtins`.
+pub fn known_names(specs: &[TaskSpec], with_builtins: bool) -> Vec<String> {
     BUILTIN_TYPES
         .iter()
+        .filter(|_| with_builtins)
         .map(|s| (*s).to_owned())
         .chain(specs.iter().map(|s| s.name().to_owned()))
         .collect()
 }
 
-/// Builds the task objects: the built-ins (free of cost) and one per tasks-file entry, in that
-/// order. All built-in behaviour shares one attempt log. Needs a tokio runtime.
-pub fn build(db: &Db, specs: &[TaskSpec]) -> Vec<Arc<dyn Task>> {
+/// Builds the task objects: the built-ins (free of cost) when `with_builtins`, then one per
+/// tasks-file entry. All built-in behaviour, whether under its own name or renamed by a
+/// tasks-file entry, shares one attempt log. Needs a tokio runtime.
+pub fn build(db: &Db, specs: &[TaskSpec], with_builtins: bool) -> Vec<Arc<dyn Task>> {
     let base = builtins(db, Resources::default());
-    let mut tasks = base.clone();
+    let mut tasks = if with_builtins {
+        base.clone()
+    } else {
+        Vec::new()
+    };
     for spec in specs {
         let task: Arc<dyn Task> = match &spec.kind {
             TaskKind::Command(argv) => Arc::new(

@@ -123,7 +123,12 @@ pub struct RunArgs {
     /// TOML file of command task types.
     #[arg(long, value_name = "FILE")]
     pub tasks: Option<PathBuf>,
-    /// Run only these types (comma-separated; default: all built-in and tasks-file types).
+    /// Also run the built-in test and benchmark types (bench_noop, bench_sleep, bench_fail).
+    /// Off by default: they write an attempt log that production nodes have no use for.
+    #[arg(long)]
+    pub builtin: bool,
+    /// Run only these types (comma-separated; default: every tasks-file type, and the
+    /// built-ins with --builtin).
     #[arg(long, value_delimiter = ',', value_name = "A,B")]
     pub types: Option<Vec<String>>,
     /// Safety-net database poll interval while notifications work, e.g. 30s.

@@ -68,7 +68,7 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
     out.assert_usage_error(&["--gpu", "absurdly large"]);
     let out = harmony(&["--db", db, "run", "--ram", "99999999TiB"]).await;
     out.assert_usage_error(&["--ram", "out of range"]);
-    let out = harmony(&["--db", db, "run", "--types", "bench_noop,nope"]).await;
+    let out = harmony(&["--db", db, "run", "--builtin", "--types", "bench_noop,nope"]).await;
     out.assert_usage_error(&["--types", "\"nope\"", "bench_sleep"]);
     let out = harmony(&["--db", db, "run", "--listen", "nowhere"]).await;
     out.assert_usage_error(&["--listen", "HOST:PORT"]);
@@ -752,4 +752,44 @@ async fn run_now_refuses_a_type_that_is_not_a_singleton() {
 
     let out = harmony(&["--db", db, "--json", "task", "run-now", "tick"]).await;
     assert_eq!(out.json()["run_now"], "tick");
+}
+
+/// A plain `harmony run` registers only its tasks file's types; the benchmark built-ins (and
+/// their attempt log) only with `--builtin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_types_run_only_when_asked() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = tasks_file(
+        dir.path(),
+        "[[task]]\nname = \"quiet\"\ncommand = [\"true\"]\n",
+    );
+    let tasks = tasks.to_str().unwrap();
+    let types_of = |id: i64| {
+        let db = t.db.clone();
+        async move {
+            db.scalar::<String>(
+                "SELECT tasks FROM harmony_machine_details WHERE machine_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let plain = Node::start_plain(db, dir.path(), &["--tasks", tasks]);
+    assert_eq!(types_of(plain.machine_id(&t).await).await, "quiet");
+    let with = Node::start_plain(db, dir.path(), &["--tasks", tasks, "--builtin"]);
+    assert_eq!(
+        types_of(with.machine_id(&t).await).await,
+        "bench_noop,bench_sleep,bench_fail,quiet"
+    );
+
+    let out = harmony(&["--db", db, "run", "--types", "bench_noop"]).await;
+    out.assert_usage_error(&[
+        "--types",
+        "\"bench_noop\"",
+        "this node can run: none",
+        "--builtin",
+    ]);
 }

@@ -32,7 +32,7 @@ pub async fn run(
         Some(path) => taskfile::load(path)?,
         None => Vec::new(),
     };
-    let known = catalog::known_names(&specs);
+    let known = catalog::known_names(&specs, args.builtin);
     let selected = selected_types(args.types.as_deref(), &known)?;
     let mut config = engine_config(&args, notify)?;
     // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must get
@@ -49,7 +49,7 @@ pub async fn run(
     let host = config.host_and_port.clone();
 
     let db = open_migrated(db_url).await?;
-    let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs)
+    let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs, args.builtin)
         .into_iter()
         .filter(|t| {
             selected
@@ -65,6 +65,11 @@ pub async fn run(
         EngineError::AddressInUse { .. } => UsageError(format!("--listen: {e}")).into(),
         e => anyhow::Error::new(e).context(format!("starting node {host}")),
     })?;
+    if engine.task_types().is_empty() {
+        tracing::warn!(
+            "this node runs no task types: give it --tasks FILE (or --builtin for the test types)"
+        );
+    }
     tracing::info!(
         machine = %engine.machine_id(),
         host = %host,
@@ -108,8 +113,13 @@ fn selected_types(
         check_type_name("--types", t)?;
         if !known.iter().any(|k| k == t) {
             return Err(UsageError(format!(
-                "--types: unknown task type {t:?}; this node can run: {} (add types with --tasks FILE)",
-                known.join(", ")
+                "--types: unknown task type {t:?}; this node can run: {} (add types with --tasks FILE; the built-ins {} need --builtin)",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                },
+                harmonytask::builtin::BUILTIN_TYPES.join(", ")
             ))
             .into());
         }

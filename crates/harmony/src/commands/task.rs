@@ -68,7 +68,8 @@ async fn add(db_url: &str, json: bool, notify: bool, a: TaskAddArgs) -> anyhow::
     };
     let db = open_migrated(db_url).await?;
     if !a.force {
-        let mut known: BTreeSet<String> = catalog::known_names(&specs).into_iter().collect();
+        // The built-ins count as known: any node started with --builtin runs them.
+        let mut known: BTreeSet<String> = catalog::known_names(&specs, true).into_iter().collect();
         known.extend(Store::new(db.clone()).types_in_cluster().await?);
         if !known.contains(&a.type_name) {
             return Err(UsageError(format!(

@@ -115,14 +115,21 @@ pub struct Node {
 impl Node {
     /// Starts `harmony run --db URL --listen 127.0.0.1:<free port> ARGS`, logging to a file in
     /// `dir`.
+    /// The node also runs the built-in types (`--builtin`), which most tests use.
     pub fn start(db_url: &str, dir: &Path, args: &[&str]) -> Node {
         let listen = format!("127.0.0.1:{}", free_port());
-        Node::spawn(db_url, dir, &listen, args, true)
+        Node::spawn(db_url, dir, &listen, &with_builtins(args), true)
     }
 
     /// Like [`Node::start`], at the address `listen`.
     pub fn start_at(db_url: &str, dir: &Path, listen: &str, args: &[&str]) -> Node {
-        Node::spawn(db_url, dir, listen, args, true)
+        Node::spawn(db_url, dir, listen, &with_builtins(args), true)
+    }
+
+    /// `harmony run` with exactly `args`: no built-ins unless they ask for them.
+    pub fn start_plain(db_url: &str, dir: &Path, args: &[&str]) -> Node {
+        let listen = format!("127.0.0.1:{}", free_port());
+        Node::spawn(db_url, dir, &listen, args, true)
     }
 
     /// Like [`Node::start`], but its stdout and stderr are pipes whose reading ends are closed
@@ -253,6 +260,12 @@ impl Drop for Node {
             eprintln!("----- log of node {} -----\n{}", self.listen, self.log());
         }
     }
+}
+
+fn with_builtins<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--builtin"];
+    all.extend_from_slice(args);
+    all
 }
 
 /// Writes a tasks file into `dir`.
