@@ -69,25 +69,68 @@ pub fn with_option(url: &str, key: &str, value: &str) -> String {
     format!("{url}{sep}{key}={value}")
 }
 
+/// Environment variable naming a file where every Postgres test appends whether it ran or
+/// was skipped and why; `scripts/test` sets it and prints one summary line from it, because
+/// cargo hides what passing tests print.
+pub const PG_TALLY_ENV: &str = "HARMONY_PG_TALLY";
+
 /// Whether the shared Postgres server answers. When it does not: fails the test if
-/// `HARMONY_REQUIRE_PG=1`, else prints the skip line and returns false.
+/// `HARMONY_REQUIRE_PG=1`, else prints the skip line and returns false. Either way the outcome
+/// is appended to the file named by [`PG_TALLY_ENV`], when set.
 pub async fn postgres_or_skip(test: &str) -> bool {
     let url = with_option(&pg_base_url(), "migrate", "false");
     let cfg = DbConfig::from_url(&url).expect("HARMONY_TEST_PG is a valid URL");
-    let reachable = match Db::open(cfg).await {
-        Ok(db) => db.scalar::<i64>("SELECT 1", &[]).await.is_ok(),
-        Err(_) => false,
+    let problem = match Db::open(cfg).await {
+        Ok(db) => db
+            .scalar::<i64>("SELECT 1", &[])
+            .await
+            .err()
+            .map(|e| e.to_string()),
+        Err(e) => Some(e.to_string()),
     };
-    if !reachable {
-        if pg_required() {
-            panic!(
-                "{test}: Postgres at {} is unreachable and HARMONY_REQUIRE_PG=1",
+    if let Some(path) = std::env::var_os(PG_TALLY_ENV) {
+        let why = problem.as_ref().map(|p| {
+            format!(
+                "Postgres at {} is unreachable: {p}",
                 harmonydb::redact(&pg_base_url())
-            );
-        }
-        eprintln!("*** {test}: SKIPPED (no postgres) — set HARMONY_TEST_PG to run it ***");
+            )
+        });
+        append_pg_tally(Path::new(&path), test, why.as_deref());
     }
-    reachable
+    let Some(problem) = problem else {
+        return true;
+    };
+    if pg_required() {
+        panic!(
+            "{test}: Postgres at {} is unreachable and HARMONY_REQUIRE_PG=1: {problem}",
+            harmonydb::redact(&pg_base_url())
+        );
+    }
+    eprintln!("*** {test}: SKIPPED (no postgres) — set HARMONY_TEST_PG to run it ***");
+    false
+}
+
+/// Appends one line to the tally file: `ran<TAB>TEST`, or `skipped<TAB>TEST<TAB>WHY` when
+/// `skipped_because` is given. Tests run in many processes at once; each line is one
+/// `O_APPEND` write, so lines never interleave.
+pub fn append_pg_tally(path: &Path, test: &str, skipped_because: Option<&str>) {
+    use std::io::Write as _;
+    let one_line = |s: &str| s.replace(['\t', '\n', '\r'], " ");
+    let line = match skipped_because {
+        None => format!("ran\t{}\n", one_line(test)),
+        Some(why) => format!("skipped\t{}\t{}\n", one_line(test), one_line(why)),
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "cannot append to {PG_TALLY_ENV} file {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// Which backend a test runs on.
@@ -496,4 +539,26 @@ fn run_ok(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tally_has_one_line_per_test() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally");
+        append_pg_tally(&path, "a", None);
+        append_pg_tally(
+            &path,
+            "b",
+            Some("Postgres at x is unreachable:\nconnection refused"),
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            "ran\ta\nskipped\tb\tPostgres at x is unreachable: connection refused\n"
+        );
+    }
 }
