@@ -354,8 +354,13 @@ command = ["sh", "-c", "echo $$ > \"$0\"; exec sleep 30", "{arg.pidfile}"]
 
     let s = show(grumpy).await;
     assert_eq!(s["state"], "failed", "{s}");
+    assert_eq!(
+        s["retries"], 2,
+        "a failed task's retries come from its history: {s}"
+    );
     let attempts = s["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "max_failures = 2 means two attempts");
+    assert!(attempts.iter().all(|a| a["outcome"] == "failed"), "{s}");
     let err = attempts[0]["err"].as_str().unwrap();
     assert!(err.starts_with("exit status 3: "), "{err}");
     assert!(
@@ -483,7 +488,22 @@ command = ["sh", "-c", "echo $$ > \"$0\"; exec sleep 30", "{arg.pidfile}"]
     wait_process_gone(&hang_pid).await;
     let s = show(hang).await;
     assert_eq!(s["state"], "pending", "{s}");
+    assert_eq!(s["retries"], 0, "a shutdown costs no retry: {s}");
     assert_eq!(s["attempts"][0]["err"], "shutdown", "{s}");
+    assert_eq!(s["attempts"][0]["outcome"], "shutdown", "{s}");
+    // Tables say what happened: a released attempt is not shown as a failure.
+    let out = harmony(&["--db", db, "task", "history", "--type", "hang"]).await;
+    let row = out.stdout.lines().nth(1).unwrap_or_default().to_owned();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells.get(2), Some(&"shutdown"), "{}", out.stdout);
+    let out = harmony(&["--db", db, "task", "show", &hang.to_string()]).await;
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("1 ") && l.contains(" shutdown ")),
+        "{}",
+        out.stdout
+    );
     let machines = harmony(&["--db", db, "--json", "machine", "ls"])
         .await
         .json();

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Event, Shared};
 use crate::recorder::{Request, Verdict};
-use crate::store::{Candidate, Fate, Outcome};
+use crate::store::{AttemptResult, Candidate, Fate, Outcome};
 use crate::task::{Done, RunContext, TaskError};
 
 /// Why an attempt's cancellation token fired.
@@ -216,9 +216,9 @@ fn classify(
 ) -> (Fate, String) {
     let failure = match attempt {
         Attempt::Returned(Ok(Done(true))) => return (Fate::Done, String::new()),
-        _ if reason == StopReason::Shutdown => return (Fate::Release, "shutdown".into()),
-        _ if reason == StopReason::Preempted => return (Fate::Release, "preempted".into()),
-        _ if reason == StopReason::Yielded => return (Fate::Release, "yielded".into()),
+        _ if reason == StopReason::Shutdown => return release(AttemptResult::Shutdown),
+        _ if reason == StopReason::Preempted => return release(AttemptResult::Preempted),
+        _ if reason == StopReason::Yielded => return release(AttemptResult::Yielded),
         Attempt::Returned(Ok(Done(false))) => "not done (the task returned Done(false))".to_owned(),
         Attempt::Returned(Err(e)) => e.message().to_owned(),
         Attempt::Panicked(msg) => format!("panic: {msg}"),
@@ -231,6 +231,11 @@ fn classify(
         Fate::Retry
     };
     (fate, bounded(failure))
+}
+
+/// A release with retries unchanged; `task history` reads the kind back from the text.
+fn release(kind: AttemptResult) -> (Fate, String) {
+    (Fate::Release, kind.release_text().to_owned())
 }
 
 fn bounded(mut s: String) -> String {

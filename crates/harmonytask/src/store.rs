@@ -272,6 +272,63 @@ pub struct HistoryRow {
     pub completed_by_host_and_port: String,
 }
 
+/// How an attempt ended, as its history row records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptResult {
+    /// The task succeeded.
+    Ok,
+    /// A failed attempt: it counts against `max_failures`.
+    Failed,
+    /// Released because its node shut down; retries unchanged.
+    Shutdown,
+    /// Released for a time-sensitive task; retries unchanged.
+    Preempted,
+    /// Released because its node was cordoned (`can_yield`); retries unchanged.
+    Yielded,
+}
+
+impl AttemptResult {
+    /// The word shown in tables and JSON: `ok`, `failed`, `shutdown`, `preempted`, `yielded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Ok => "ok",
+            AttemptResult::Failed => "failed",
+            AttemptResult::Shutdown => "shutdown",
+            AttemptResult::Preempted => "preempted",
+            AttemptResult::Yielded => "yielded",
+        }
+    }
+
+    /// Whether the attempt counted as a failure (a retry used up).
+    pub fn is_failure(self) -> bool {
+        self == AttemptResult::Failed
+    }
+
+    /// The history `err` text the engine writes for a release of this kind.
+    pub(crate) fn release_text(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl HistoryRow {
+    /// How this attempt ended. A release writes `result = false` with one of the release
+    /// texts as its error (the schema has no other column for it, as upstream).
+    pub fn attempt_result(&self) -> AttemptResult {
+        if self.result {
+            return AttemptResult::Ok;
+        }
+        [
+            AttemptResult::Shutdown,
+            AttemptResult::Preempted,
+            AttemptResult::Yielded,
+        ]
+        .into_iter()
+        .find(|r| r.release_text() == self.err)
+        .unwrap_or(AttemptResult::Failed)
+    }
+}
+
 /// Filter of [`Store::history`].
 #[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use harmonydb::Timestamp;
-use harmonytask::store::{HistoryQuery, HistoryRow, Store, TaskRow};
+use harmonytask::store::{AttemptResult, HistoryQuery, HistoryRow, Store, TaskRow};
 use harmonytask::{Client, TaskId};
 use serde::Serialize;
 
@@ -252,7 +252,24 @@ struct Shown {
     posted: Option<Timestamp>,
     retries: Option<i64>,
     args: BTreeMap<String, String>,
-    attempts: Vec<HistoryRow>,
+    attempts: Vec<Attempt>,
+}
+
+/// A history row with how it ended (`ok`, `failed`, or the kind of release).
+#[derive(Serialize)]
+struct Attempt {
+    #[serde(flatten)]
+    row: HistoryRow,
+    outcome: AttemptResult,
+}
+
+impl From<HistoryRow> for Attempt {
+    fn from(row: HistoryRow) -> Self {
+        Attempt {
+            outcome: row.attempt_result(),
+            row,
+        }
+    }
 }
 
 async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
@@ -268,6 +285,7 @@ async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
         })
         .await?;
     attempts.reverse(); // oldest first
+    let attempts: Vec<Attempt> = attempts.into_iter().map(Attempt::from).collect();
     let args: BTreeMap<String, String> = store.task_args(id).await?.into_iter().collect();
     let shown = match (&row, attempts.last()) {
         (Some(r), _) => Shown {
@@ -283,12 +301,13 @@ async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
         },
         (None, Some(last)) => Shown {
             id,
-            type_name: last.name.clone(),
-            state: if last.result { "done" } else { "failed" },
+            type_name: last.row.name.clone(),
+            state: if last.row.result { "done" } else { "failed" },
             owner_id: None,
             owner_host: None,
-            posted: Some(last.posted),
-            retries: None,
+            posted: Some(last.row.posted),
+            // The row is gone with the task; its history says how many attempts failed.
+            retries: Some(attempts.iter().filter(|a| a.outcome.is_failure()).count() as i64),
             args,
             attempts,
         },
@@ -329,11 +348,11 @@ async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
     for (i, a) in shown.attempts.iter().enumerate() {
         t.row(vec![
             (i + 1).to_string(),
-            when(a.work_start),
-            took(a.work_end.since(a.work_start)),
-            if a.result { "ok" } else { "failed" }.to_owned(),
-            a.completed_by_host_and_port.clone(),
-            a.err.clone(),
+            when(a.row.work_start),
+            took(a.row.work_end.since(a.row.work_start)),
+            a.outcome.as_str().to_owned(),
+            a.row.completed_by_host_and_port.clone(),
+            a.row.err.clone(),
         ]);
     }
     t.print();
@@ -360,6 +379,7 @@ async fn history(
             limit,
         })
         .await?;
+    let rows: Vec<Attempt> = rows.into_iter().map(Attempt::from).collect();
     if json {
         output::json(&rows)?;
         return Ok(EXIT_OK);
@@ -369,11 +389,12 @@ async fn history(
         return Ok(EXIT_OK);
     }
     let mut t = Table::new(&["TASK", "TYPE", "RESULT", "ENDED", "TOOK", "BY", "ERROR"]);
-    for r in &rows {
+    for a in &rows {
+        let r = &a.row;
         t.row(vec![
             r.task_id.to_string(),
             r.name.clone(),
-            if r.result { "ok" } else { "failed" }.to_owned(),
+            a.outcome.as_str().to_owned(),
             when(r.work_end),
             took(r.work_end.since(r.work_start)),
             r.completed_by_host_and_port.clone(),
