@@ -169,6 +169,34 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
     assert_nothing_written(&t).await;
 }
 
+/// A tasks file that is not a regular file is refused before it is opened: a FIFO would block
+/// start-up until a writer came, a device such as /dev/zero would be read until memory ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_files_that_are_not_regular_files_are_refused() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("tasks.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let fifo = fifo.to_str().unwrap();
+    let folder = dir.path().to_str().unwrap();
+    for (path, what) in [
+        (fifo, "is a FIFO (named pipe)"),
+        ("/dev/zero", "is a character device"),
+        (folder, "is a directory"),
+    ] {
+        let out = harmony(&["--db", db, "run", "--tasks", path]).await;
+        out.assert_usage_error(&[path, what, "not a regular file"]);
+        let out = harmony(&["--db", db, "task", "add", "a", "--tasks", path]).await;
+        out.assert_usage_error(&[path, what, "not a regular file"]);
+    }
+    assert_nothing_written(&t).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_and_run_now_refuse_unknown_targets() {
     let t = TestDb::sqlite().await;
