@@ -197,6 +197,39 @@ async fn tasks_files_that_are_not_regular_files_are_refused() {
     assert_nothing_written(&t).await;
 }
 
+/// SIGTERM stops a node that is still starting: here it waits on a database server that
+/// accepted its connection and never answers (a hung server, a black-holed network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_during_start_up() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel::<()>(1);
+    let silent_server = tokio::spawn(async move {
+        // Keep every connection open and never say a word.
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+            let _ = accepted_tx.try_send(());
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://harmony@127.0.0.1:{port}/harmony?connect_timeout=600");
+    let mut node = Node::start(&url, dir.path(), &[]);
+    tokio::time::timeout(Duration::from_secs(60), accepted.recv())
+        .await
+        .expect("the node to connect to the silent server");
+
+    node.signal(Signal::SIGTERM);
+    // Well inside the 600 s the connection attempt would otherwise wait.
+    assert_eq!(node.exit_code(Duration::from_secs(60)).await, Some(0));
+    assert!(
+        node.log().contains("signal received during start-up"),
+        "{}",
+        node.log()
+    );
+    silent_server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_and_run_now_refuse_unknown_targets() {
     let t = TestDb::sqlite().await;
