@@ -528,8 +528,20 @@ fn task_spec(
                 ));
             }
             let mut templates = Vec::with_capacity(parts.len());
-            for p in parts {
+            for (i, p) in parts.into_iter().enumerate() {
                 let s = p.span();
+                // The operating system cannot pass a NUL inside an argument: every run would
+                // fail to start the program.
+                if p.get_ref().contains('\0') {
+                    return Err(err(
+                        s,
+                        "command",
+                        format!(
+                            "element {i} ({:?}) contains a NUL character, which no program argument can hold; remove it",
+                            p.get_ref()
+                        ),
+                    ));
+                }
                 templates.push(Template::parse(p.get_ref()).map_err(|e| err(s, "command", e))?);
             }
             TaskKind::Command(templates)
@@ -1012,6 +1024,18 @@ singleton = "1s"
             "[[task]]\nname = \"a\"\ncommand = [\"echo\", \"{arg.x}\"]\nfollows = [\"bench_noop\"]\n",
         );
         assert!(e.contains("follows: the command uses {arg.x}"), "{e}");
+    }
+
+    #[test]
+    fn nul_characters_in_commands_are_refused() {
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"echo\", \"x\\u0000y\"]\n");
+        assert!(
+            e.starts_with("tasks.toml line 3: task \"a\": command: element 1"),
+            "{e}"
+        );
+        assert!(e.contains("NUL"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"ec\\u0000ho\"]\n");
+        assert!(e.contains("element 0") && e.contains("NUL"), "{e}");
     }
 
     #[test]

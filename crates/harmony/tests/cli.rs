@@ -130,6 +130,16 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
             &["line 3", "command:", "unknown placeholder"],
         ),
         (
+            "[[task]]\nname = \"enc\"\ncommand = [\"echo\", \"a\\u0000b\"]\n",
+            &[
+                "line 3",
+                "task \"enc\"",
+                "command:",
+                "element 1",
+                "NUL character",
+            ],
+        ),
+        (
             "[[task]]\nname = \"a\"\ncommand = [\"true\"]\nretry_wait = \"soon\"\n",
             &["line 4", "retry_wait:", "not a duration"],
         ),
