@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use harmony_testkit::TestDb;
+use harmonydb::Executor;
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,6 +296,105 @@ async fn read_only_commands_do_not_create_a_database() {
         assert_ne!(out.code, Some(0), "{all:?}");
         assert_eq!(out.stderr_lines().len(), 1, "{}", out.stderr);
         assert!(!path.exists(), "{all:?} created the database");
+    }
+}
+
+/// The commands that work on what nodes wrote.
+const READING: &[&[&str]] = &[
+    &["task", "ls"],
+    &["task", "show", "1"],
+    &["task", "history"],
+    &["task", "restart", "1"],
+    &["task", "run-now", "bench_noop"],
+    &["machine", "ls"],
+    &["machine", "cordon", "1"],
+];
+
+/// Pointed at a database that was never migrated, they say so and how to fix it, instead of
+/// `no such table`; and they create nothing in it. `db status` still reports its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_a_database_without_a_harmony_schema_say_to_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.db");
+    std::fs::File::create(&path).unwrap();
+    let sqlite = format!("sqlite://{}", path.display());
+    let mut urls = vec![sqlite.clone()];
+    let pg_schema = format!("t_{}", harmony_testkit::unique_suffix());
+    let pg = harmony_testkit::postgres_or_skip("no_schema").await;
+    if pg {
+        urls.push(harmony_testkit::with_option(
+            &harmony_testkit::pg_base_url(),
+            "schema",
+            &pg_schema,
+        ));
+    }
+    for url in &urls {
+        for args in READING {
+            let mut all = vec!["--db", url.as_str()];
+            all.extend_from_slice(args);
+            let out = harmony(&all).await;
+            out.assert_usage_error(&["has no Harmony schema", "run `harmony db migrate`"]);
+        }
+        let out = harmony(&["--db", url, "db", "status"]).await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(
+            out.stdout.contains("schema version:  none"),
+            "{}",
+            out.stdout
+        );
+    }
+    let db = harmonydb::Db::open(
+        harmonydb::DbConfig::from_url(&format!("{sqlite}?migrate=false")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let tables: i64 = db
+        .scalar("SELECT count(*) FROM sqlite_master", &[])
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "a read-only command wrote to the database");
+    if pg {
+        // Opening a Postgres database creates the (empty) schema; drop it, on a thread of its
+        // own because the cleanup runs its own runtime.
+        let base = harmony_testkit::pg_base_url();
+        std::thread::spawn(move || harmony_testkit::drop_schema(&base, &pg_schema))
+            .join()
+            .unwrap();
+    }
+}
+
+/// A database migrated by a newer binary is refused by every command, as `harmony run` refuses
+/// it, rather than read with a schema this binary does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_refuse_a_database_newer_than_the_binary() {
+    let t = TestDb::sqlite().await;
+    t.db.exec(
+        "INSERT INTO harmony_schema_migrations (version, name, checksum, applied_at) VALUES (9999, '9999_future', 'x', $1)",
+        &[&harmonydb::Timestamp::from_millis(0)],
+    )
+    .await
+    .unwrap();
+    let db = t.url.as_str();
+    let run = harmony(&["--db", db, "run"]).await;
+    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stderr.contains("upgrade harmony"), "{}", run.stderr);
+    let mut commands: Vec<&[&str]> = READING.to_vec();
+    commands.push(&["db", "status"]);
+    commands.push(&["db", "migrate"]);
+    for args in commands {
+        let mut all = vec!["--db", db];
+        all.extend_from_slice(args);
+        let out = harmony(&all).await;
+        assert_eq!(out.code, run.code, "{all:?}: {}", out.stderr);
+        let lines = out.stderr_lines();
+        assert_eq!(lines.len(), 1, "{all:?}: {lines:#?}");
+        assert!(
+            lines[0].starts_with("error: ")
+                && lines[0].contains("version 9999")
+                && lines[0].contains("upgrade harmony"),
+            "{all:?}: {}",
+            lines[0]
+        );
     }
 }
 
