@@ -178,10 +178,14 @@ impl Task for CommandTask {
     }
 
     async fn run(&self, task: TaskId, ctx: RunContext) -> Result<Done, TaskError> {
-        let args = ctx
-            .args()
-            .await
-            .map_err(|e| TaskError::new(format!("reading the arguments of task {task}: {e}")))?;
+        // A database error keeps its kind, so that a blink of the database releases the task
+        // instead of costing it an attempt.
+        let args = ctx.args().await.map_err(|e| match &e {
+            harmonytask::Error::Db(db) => {
+                TaskError::database(format_args!("reading the arguments of task {task}"), db)
+            }
+            _ => TaskError::new(format!("reading the arguments of task {task}: {e}")),
+        })?;
         let argv = self
             .argv
             .iter()

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::Cli;
 
+/// Longest wait at exit for work still running on the runtime's threads.
+const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -50,6 +53,9 @@ fn main() -> ExitCode {
         }
         commands::dispatch(cli, shutdown).await
     });
+    // Dropping the runtime would wait for every blocking thread, including one stuck in a read
+    // that a signal interrupted; give them a moment, then exit regardless.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -94,19 +94,71 @@ impl TaskSpec {
 }
 
 /// Reads and checks a tasks file.
+///
+/// Only a regular file is read, and never more than `FILE_BYTES_MAX` bytes of it, whatever
+/// size it reports: opening a FIFO would block until some writer appears, and a device such as
+/// `/dev/zero` never ends.
 pub fn load(path: &Path) -> Result<Vec<TaskSpec>, TaskFileError> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path)
-        .map_err(|e| TaskFileError(format!("cannot read tasks file {shown}: {e}")))?;
+    let cannot = |e: std::io::Error| TaskFileError(format!("cannot read tasks file {shown}: {e}"));
+    // Checked before opening, because opening a FIFO is what blocks.
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    check_regular(&shown, &meta)?;
     if meta.len() > FILE_BYTES_MAX {
-        return Err(TaskFileError(format!(
-            "tasks file {shown} is {} bytes; the limit is {FILE_BYTES_MAX}",
-            meta.len()
-        )));
+        return Err(too_large(&shown, &meta.len().to_string()));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TaskFileError(format!("cannot read tasks file {shown}: {e}")))?;
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    // The path may have been replaced between the two looks; what was opened is what counts.
+    check_regular(&shown, &file.metadata().map_err(cannot)?)?;
+    let bytes = read_bounded(file, FILE_BYTES_MAX)
+        .map_err(cannot)?
+        .ok_or_else(|| too_large(&shown, &format!("more than {FILE_BYTES_MAX}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        TaskFileError(format!(
+            "cannot read tasks file {shown}: it is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     parse(&shown, &text)
+}
+
+fn check_regular(shown: &str, meta: &std::fs::Metadata) -> Result<(), TaskFileError> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let what = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a plain file"
+    };
+    Err(TaskFileError(format!(
+        "tasks file {shown} is {what}, not a regular file; give the path of a TOML file"
+    )))
+}
+
+fn too_large(shown: &str, size: &str) -> TaskFileError {
+    TaskFileError(format!(
+        "tasks file {shown} is {size} bytes; the limit is {FILE_BYTES_MAX}"
+    ))
+}
+
+/// Reads `r` to its end if that is at most `limit` bytes; `None` when there is more.
+fn read_bounded(r: impl std::io::Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    // One byte past the limit tells "exactly at the limit" from "more".
+    r.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
 }
 
 // ---- the file as written -------------------------------------------------------------------
@@ -482,8 +534,20 @@ fn task_spec(
                 ));
             }
             let mut templates = Vec::with_capacity(parts.len());
-            for p in parts {
+            for (i, p) in parts.into_iter().enumerate() {
                 let s = p.span();
+                // The operating system cannot pass a NUL inside an argument: every run would
+                // fail to start the program.
+                if p.get_ref().contains('\0') {
+                    return Err(err(
+                        s,
+                        "command",
+                        format!(
+                            "element {i} ({:?}) contains a NUL character, which no program argument can hold; remove it",
+                            p.get_ref()
+                        ),
+                    ));
+                }
                 templates.push(Template::parse(p.get_ref()).map_err(|e| err(s, "command", e))?);
             }
             TaskKind::Command(templates)
@@ -1020,6 +1084,30 @@ singleton = "1s"
             e.contains("task \"a\": kill_grace: only command types run a program"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nul_characters_in_commands_are_refused() {
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"echo\", \"x\\u0000y\"]\n");
+        assert!(
+            e.starts_with("tasks.toml line 3: task \"a\": command: element 1"),
+            "{e}"
+        );
+        assert!(e.contains("NUL"), "{e}");
+        let e = err("[[task]]\nname = \"a\"\ncommand = [\"ec\\u0000ho\"]\n");
+        assert!(e.contains("element 0") && e.contains("NUL"), "{e}");
+    }
+
+    #[test]
+    fn reading_stops_at_the_limit() {
+        // An endless source (what /dev/zero is) ends in a refusal, not in exhausted memory.
+        assert_eq!(read_bounded(std::io::repeat(b'a'), 10).unwrap(), None);
+        assert_eq!(
+            read_bounded(&b"0123456789"[..], 10).unwrap().as_deref(),
+            Some(&b"0123456789"[..])
+        );
+        assert_eq!(read_bounded(&b"0123456789x"[..], 10).unwrap(), None);
+        assert_eq!(read_bounded(&b""[..], 10).unwrap(), Some(Vec::new()));
     }
 
     #[test]

@@ -133,6 +133,16 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
             &["line 3", "command:", "unknown placeholder"],
         ),
         (
+            "[[task]]\nname = \"enc\"\ncommand = [\"echo\", \"a\\u0000b\"]\n",
+            &[
+                "line 3",
+                "task \"enc\"",
+                "command:",
+                "element 1",
+                "NUL character",
+            ],
+        ),
+        (
             "[[task]]\nname = \"a\"\ncommand = [\"true\"]\nretry_wait = \"soon\"\n",
             &["line 4", "retry_wait:", "not a duration"],
         ),
@@ -170,6 +180,67 @@ async fn bad_run_input_is_refused_and_writes_nothing() {
     out.assert_usage_error(&["/no/such/tasks.toml"]);
 
     assert_nothing_written(&t).await;
+}
+
+/// A tasks file that is not a regular file is refused before it is opened: a FIFO would block
+/// start-up until a writer came, a device such as /dev/zero would be read until memory ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_files_that_are_not_regular_files_are_refused() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("tasks.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let fifo = fifo.to_str().unwrap();
+    let folder = dir.path().to_str().unwrap();
+    for (path, what) in [
+        (fifo, "is a FIFO (named pipe)"),
+        ("/dev/zero", "is a character device"),
+        (folder, "is a directory"),
+    ] {
+        let out = harmony(&["--db", db, "run", "--tasks", path]).await;
+        out.assert_usage_error(&[path, what, "not a regular file"]);
+        let out = harmony(&["--db", db, "task", "add", "a", "--tasks", path]).await;
+        out.assert_usage_error(&[path, what, "not a regular file"]);
+    }
+    assert_nothing_written(&t).await;
+}
+
+/// SIGTERM stops a node that is still starting: here it waits on a database server that
+/// accepted its connection and never answers (a hung server, a black-holed network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_during_start_up() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel::<()>(1);
+    let silent_server = tokio::spawn(async move {
+        // Keep every connection open and never say a word.
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+            let _ = accepted_tx.try_send(());
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://harmony@127.0.0.1:{port}/harmony?connect_timeout=600");
+    let mut node = Node::start(&url, dir.path(), &[]);
+    tokio::time::timeout(Duration::from_secs(60), accepted.recv())
+        .await
+        .expect("the node to connect to the silent server");
+
+    node.signal(Signal::SIGTERM);
+    // Well inside the 600 s the connection attempt would otherwise wait.
+    assert_eq!(node.exit_code(Duration::from_secs(60)).await, Some(0));
+    assert!(
+        node.log().contains("signal received during start-up"),
+        "{}",
+        node.log()
+    );
+    silent_server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +302,105 @@ async fn read_only_commands_do_not_create_a_database() {
         assert_ne!(out.code, Some(0), "{all:?}");
         assert_eq!(out.stderr_lines().len(), 1, "{}", out.stderr);
         assert!(!path.exists(), "{all:?} created the database");
+    }
+}
+
+/// The commands that work on what nodes wrote.
+const READING: &[&[&str]] = &[
+    &["task", "ls"],
+    &["task", "show", "1"],
+    &["task", "history"],
+    &["task", "restart", "1"],
+    &["task", "run-now", "bench_noop"],
+    &["machine", "ls"],
+    &["machine", "cordon", "1"],
+];
+
+/// Pointed at a database that was never migrated, they say so and how to fix it, instead of
+/// `no such table`; and they create nothing in it. `db status` still reports its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_a_database_without_a_harmony_schema_say_to_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.db");
+    std::fs::File::create(&path).unwrap();
+    let sqlite = format!("sqlite://{}", path.display());
+    let mut urls = vec![sqlite.clone()];
+    let pg_schema = format!("t_{}", harmony_testkit::unique_suffix());
+    let pg = harmony_testkit::postgres_or_skip("no_schema").await;
+    if pg {
+        urls.push(harmony_testkit::with_option(
+            &harmony_testkit::pg_base_url(),
+            "schema",
+            &pg_schema,
+        ));
+    }
+    for url in &urls {
+        for args in READING {
+            let mut all = vec!["--db", url.as_str()];
+            all.extend_from_slice(args);
+            let out = harmony(&all).await;
+            out.assert_usage_error(&["has no Harmony schema", "run `harmony db migrate`"]);
+        }
+        let out = harmony(&["--db", url, "db", "status"]).await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(
+            out.stdout.contains("schema version:  none"),
+            "{}",
+            out.stdout
+        );
+    }
+    let db = harmonydb::Db::open(
+        harmonydb::DbConfig::from_url(&format!("{sqlite}?migrate=false")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let tables: i64 = db
+        .scalar("SELECT count(*) FROM sqlite_master", &[])
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "a read-only command wrote to the database");
+    if pg {
+        // Opening a Postgres database creates the (empty) schema; drop it, on a thread of its
+        // own because the cleanup runs its own runtime.
+        let base = harmony_testkit::pg_base_url();
+        std::thread::spawn(move || harmony_testkit::drop_schema(&base, &pg_schema))
+            .join()
+            .unwrap();
+    }
+}
+
+/// A database migrated by a newer binary is refused by every command, as `harmony run` refuses
+/// it, rather than read with a schema this binary does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_refuse_a_database_newer_than_the_binary() {
+    let t = TestDb::sqlite().await;
+    t.db.exec(
+        "INSERT INTO harmony_schema_migrations (version, name, checksum, applied_at) VALUES (9999, '9999_future', 'x', $1)",
+        &[&harmonydb::Timestamp::from_millis(0)],
+    )
+    .await
+    .unwrap();
+    let db = t.url.as_str();
+    let run = harmony(&["--db", db, "run"]).await;
+    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stderr.contains("upgrade harmony"), "{}", run.stderr);
+    let mut commands: Vec<&[&str]> = READING.to_vec();
+    commands.push(&["db", "status"]);
+    commands.push(&["db", "migrate"]);
+    for args in commands {
+        let mut all = vec!["--db", db];
+        all.extend_from_slice(args);
+        let out = harmony(&all).await;
+        assert_eq!(out.code, run.code, "{all:?}: {}", out.stderr);
+        let lines = out.stderr_lines();
+        assert_eq!(lines.len(), 1, "{all:?}: {lines:#?}");
+        assert!(
+            lines[0].starts_with("error: ")
+                && lines[0].contains("version 9999")
+                && lines[0].contains("upgrade harmony"),
+            "{all:?}: {}",
+            lines[0]
+        );
     }
 }
 

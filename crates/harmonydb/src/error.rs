@@ -53,6 +53,17 @@ impl ErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(self, ErrorKind::Serialization)
     }
+
+    /// Whether the failure says nothing about the work itself: the database could not be
+    /// reached, ran out of time, or the transaction lost a race. The same work may succeed
+    /// once the database is back, so a task attempt that failed this way is not the task's
+    /// fault.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Serialization
+        )
+    }
 }
 
 impl fmt::Display for ErrorKind {
@@ -259,6 +270,26 @@ mod tests {
     fn leaves_ordinary_text_alone() {
         let m = redact("relation \"support_import\" does not exist");
         assert_eq!(m, "relation \"support_import\" does not exist");
+    }
+
+    #[test]
+    fn transient_kinds() {
+        for k in [
+            ErrorKind::Connection,
+            ErrorKind::Timeout,
+            ErrorKind::Serialization,
+        ] {
+            assert!(k.is_transient(), "{k}");
+        }
+        for k in [
+            ErrorKind::UniqueViolation,
+            ErrorKind::NotFound,
+            ErrorKind::Authentication,
+            ErrorKind::Decode,
+            ErrorKind::Other,
+        ] {
+            assert!(!k.is_transient(), "{k}");
+        }
     }
 
     #[test]

@@ -53,22 +53,20 @@ pub(crate) struct Ownership {
 }
 
 impl Ownership {
-    pub(crate) async fn still_owned(&self, task: TaskId) -> bool {
+    /// Whether this node may still act as the task's owner; an error when the database could
+    /// not say.
+    pub(crate) async fn check(&self, task: TaskId) -> Result<bool, harmonydb::Error> {
         if self.can_yield && self.flags.cordoned() {
-            return false;
+            return Ok(false);
         }
         if self.uninterruptible && self.flags.draining() {
-            return false;
+            return Ok(false);
         }
         match self.store.task_owner(task).await {
-            Ok(Some(Some(owner))) => owner == self.machine,
-            Ok(_) => false,
-            Err(e) => {
-                // Unknown is not "yes": a step that only one owner may take must not run on a
-                // guess.
-                tracing::warn!(task = %task, error = %e, "ownership check failed");
-                false
-            }
+            Ok(Some(Some(owner))) => Ok(owner == self.machine),
+            Ok(_) => Ok(false),
+            Err(Error::Db(e)) => Err(e),
+            Err(e) => Err(harmonydb::Error::external(e)),
         }
     }
 }

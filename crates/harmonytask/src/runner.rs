@@ -94,6 +94,7 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
         .wait
         .observe(work_start.since(queued_since).as_secs_f64());
     let meta = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let db_trouble = Arc::new(std::sync::Mutex::new(None));
     let ctx = RunContext {
         task: cand.id,
         name: Arc::clone(&entry.name),
@@ -103,6 +104,7 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
         ownership: Arc::clone(&entry.ownership),
         meta: Arc::clone(&meta),
         machine: shared.machine,
+        db_trouble: Arc::clone(&db_trouble),
     };
     let span = tracing::debug_span!("task", id = %cand.id, task_type = %entry.name, machine = %shared.machine);
     let guarded = AssertUnwindSafe(tracing::Instrument::instrument(
@@ -132,7 +134,14 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
     shared.send(Event::Finished { ty, id: cand.id }).await;
 
     let reason = StopReason::from_u8(handle.reason.load(Ordering::Acquire));
-    let (fate, err) = classify(attempt, reason, cand.retries, entry.details.max_failures);
+    let db_trouble = db_trouble.lock().ok().and_then(|mut t| t.take());
+    let (fate, err) = classify(
+        attempt,
+        reason,
+        db_trouble,
+        cand.retries,
+        entry.details.max_failures,
+    );
     let counter = match fate {
         Fate::Done => &entry.metrics.completed,
         Fate::Retry | Fate::Fail => &entry.metrics.failed,
@@ -141,6 +150,8 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
     counter.inc();
     if let Fate::Retry | Fate::Fail = fate {
         tracing::info!(task = %cand.id, task_type = %entry.name, retries = cand.retries, final_failure = fate == Fate::Fail, error = %err, "attempt failed");
+    } else if fate == Fate::Release && err.starts_with(DB_UNAVAILABLE) {
+        tracing::warn!(task = %cand.id, task_type = %entry.name, retries = cand.retries, error = %err, "attempt spoiled by the database; released with retries unchanged, it runs again once the database is back");
     }
     let outcome = Outcome {
         id: cand.id,
@@ -208,9 +219,15 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
     }
 }
 
+/// How the history `err` of an attempt spoiled by the database starts.
+const DB_UNAVAILABLE: &str = AttemptResult::DatabaseUnavailable.release_text();
+
+/// Decides what an attempt's end does to its task. `db_trouble` is a transient database error
+/// that one of the engine's own reads for the attempt (`args`, `still_owned`) met.
 fn classify(
     attempt: Attempt,
     reason: StopReason,
+    db_trouble: Option<String>,
     retries: u32,
     max_failures: u32,
 ) -> (Fate, String) {
@@ -219,6 +236,18 @@ fn classify(
         _ if reason == StopReason::Shutdown => return release(AttemptResult::Shutdown),
         _ if reason == StopReason::Preempted => return release(AttemptResult::Preempted),
         _ if reason == StopReason::Yielded => return release(AttemptResult::Yielded),
+        // The database blinked: the task did nothing wrong, so the attempt is not counted.
+        // Recording the release waits (with retries) until the database is back, and the task
+        // runs again from there. Panics and timeouts stay failures: they are the task's own.
+        Attempt::Returned(Err(e)) if e.is_database_unavailable() => {
+            return (Fate::Release, db_unavailable(e.message()));
+        }
+        Attempt::Returned(Ok(Done(false)) | Err(_)) if db_trouble.is_some() => {
+            return (
+                Fate::Release,
+                db_unavailable(db_trouble.as_deref().unwrap_or_default()),
+            );
+        }
         Attempt::Returned(Ok(Done(false))) => "not done (the task returned Done(false))".to_owned(),
         Attempt::Returned(Err(e)) => e.message().to_owned(),
         Attempt::Panicked(msg) => format!("panic: {msg}"),
@@ -236,6 +265,10 @@ fn classify(
 /// A release with retries unchanged; `task history` reads the kind back from the text.
 fn release(kind: AttemptResult) -> (Fate, String) {
     (Fate::Release, kind.release_text().to_owned())
+}
+
+fn db_unavailable(message: &str) -> String {
+    bounded(format!("{DB_UNAVAILABLE}{}", harmonydb::redact(message)))
 }
 
 fn bounded(mut s: String) -> String {
@@ -267,48 +300,192 @@ mod tests {
     #[test]
     fn classification() {
         let done = Attempt::Returned(Ok(Done(true)));
-        assert_eq!(classify(done, StopReason::Shutdown, 0, 1).0, Fate::Done);
+        assert_eq!(
+            classify(done, StopReason::Shutdown, None, 0, 1).0,
+            Fate::Done
+        );
         let err = || Attempt::Returned(Err(TaskError::new("boom")));
         assert_eq!(
-            classify(err(), StopReason::None, 0, 0),
+            classify(err(), StopReason::None, None, 0, 0),
             (Fate::Retry, "boom".into())
         );
-        assert_eq!(classify(err(), StopReason::None, 1, 3).0, Fate::Retry);
-        assert_eq!(classify(err(), StopReason::None, 2, 3).0, Fate::Fail);
-        assert_eq!(classify(err(), StopReason::None, 0, 1).0, Fate::Fail);
+        assert_eq!(classify(err(), StopReason::None, None, 1, 3).0, Fate::Retry);
+        assert_eq!(classify(err(), StopReason::None, None, 2, 3).0, Fate::Fail);
+        assert_eq!(classify(err(), StopReason::None, None, 0, 1).0, Fate::Fail);
         assert_eq!(
-            classify(err(), StopReason::Preempted, 2, 3),
+            classify(err(), StopReason::Preempted, None, 2, 3),
             (Fate::Release, "preempted".into())
         );
         assert_eq!(
-            classify(err(), StopReason::Shutdown, 0, 1),
+            classify(err(), StopReason::Shutdown, None, 0, 1),
             (Fate::Release, "shutdown".into())
         );
         // A yield is not a failure, however the attempt ended, even on its last attempt.
         assert_eq!(
-            classify(err(), StopReason::Yielded, 2, 3),
+            classify(err(), StopReason::Yielded, None, 2, 3),
             (Fate::Release, "yielded".into())
         );
         assert_eq!(
             classify(
                 Attempt::Returned(Ok(Done(false))),
                 StopReason::Yielded,
+                None,
                 0,
                 1
             ),
             (Fate::Release, "yielded".into())
         );
-        let (f, e) = classify(Attempt::Panicked("oops".into()), StopReason::None, 0, 0);
+        let (f, e) = classify(
+            Attempt::Panicked("oops".into()),
+            StopReason::None,
+            None,
+            0,
+            0,
+        );
         assert_eq!((f, e.as_str()), (Fate::Retry, "panic: oops"));
         assert!(
             classify(
                 Attempt::TimedOut(std::time::Duration::from_secs(1)),
                 StopReason::None,
+                None,
                 0,
                 0
             )
             .1
             .starts_with("timeout")
+        );
+    }
+
+    #[test]
+    fn a_transient_database_error_releases_the_task_with_retries_unchanged() {
+        use harmonydb::{Error as DbError, ErrorKind};
+        let db_err = |kind| {
+            let e: TaskError =
+                DbError::new(kind, "connection closed to postgres://bob:pw@db1/x").into();
+            Attempt::Returned(Err(e))
+        };
+        // Even on the last allowed attempt of a max_failures = 1 type.
+        for kind in [
+            ErrorKind::Connection,
+            ErrorKind::Timeout,
+            ErrorKind::Serialization,
+        ] {
+            let (fate, err) = classify(db_err(kind), StopReason::None, None, 0, 1);
+            assert_eq!(fate, Fate::Release, "{kind}");
+            assert!(
+                err.starts_with("database unavailable: connection closed"),
+                "{err}"
+            );
+            assert!(!err.contains(":pw@"), "credentials leaked: {err}");
+        }
+        // Through the engine's error type too (what `ctx.args()` returns).
+        let e: TaskError =
+            crate::Error::Db(DbError::new(ErrorKind::Connection, "connection closed")).into();
+        assert_eq!(
+            classify(Attempt::Returned(Err(e)), StopReason::None, None, 0, 1).0,
+            Fate::Release
+        );
+        // With context added through TaskError::database.
+        let e = TaskError::database(
+            "writing the result",
+            &DbError::new(ErrorKind::Timeout, "statement timed out"),
+        );
+        assert_eq!(
+            classify(Attempt::Returned(Err(e)), StopReason::None, None, 0, 1),
+            (
+                Fate::Release,
+                "database unavailable: writing the result: statement timed out".into()
+            )
+        );
+        // A database error that is about the work itself still counts.
+        let (fate, err) = classify(
+            db_err(ErrorKind::UniqueViolation),
+            StopReason::None,
+            None,
+            0,
+            1,
+        );
+        assert_eq!(fate, Fate::Fail);
+        assert!(!err.starts_with("database unavailable"), "{err}");
+        // A task that wraps the error in its own text has decided what it means.
+        let wrapped = Attempt::Returned(Err(TaskError::new("connection closed")));
+        assert_eq!(
+            classify(wrapped, StopReason::None, None, 0, 1).0,
+            Fate::Fail
+        );
+        // Shutdown and preemption keep their own reasons.
+        assert_eq!(
+            classify(
+                db_err(ErrorKind::Connection),
+                StopReason::Shutdown,
+                None,
+                0,
+                1
+            ),
+            (Fate::Release, "shutdown".into())
+        );
+    }
+
+    #[test]
+    fn an_engine_read_spoiled_by_the_database_releases_the_task() {
+        let trouble = || Some("connection closed".to_owned());
+        // Whatever the task made of the failed read: its own error text, or Done(false) after
+        // still_owned() said false.
+        let own_text = Attempt::Returned(Err(TaskError::new("reading the arguments: oops")));
+        assert_eq!(
+            classify(own_text, StopReason::None, trouble(), 0, 1),
+            (
+                Fate::Release,
+                "database unavailable: connection closed".into()
+            )
+        );
+        let gave_up = Attempt::Returned(Ok(Done(false)));
+        assert_eq!(
+            classify(gave_up, StopReason::None, trouble(), 0, 1).0,
+            Fate::Release
+        );
+        // A success is a success; a panic or a timeout is the task's own.
+        let done = Attempt::Returned(Ok(Done(true)));
+        assert_eq!(
+            classify(done, StopReason::None, trouble(), 0, 1).0,
+            Fate::Done
+        );
+        let panicked = Attempt::Panicked("oops".into());
+        assert_eq!(
+            classify(panicked, StopReason::None, trouble(), 0, 1).0,
+            Fate::Fail
+        );
+    }
+
+    #[test]
+    fn history_reads_back_how_an_attempt_ended() {
+        let row = |result: bool, err: String| crate::store::HistoryRow {
+            id: 1,
+            task_id: 1,
+            name: "t".into(),
+            posted: harmonydb::Timestamp::from_millis(0),
+            work_start: harmonydb::Timestamp::from_millis(0),
+            work_end: harmonydb::Timestamp::from_millis(0),
+            result,
+            err,
+            completed_by_host_and_port: "h:1".into(),
+        };
+        for kind in [
+            AttemptResult::Shutdown,
+            AttemptResult::Preempted,
+            AttemptResult::Yielded,
+        ] {
+            assert_eq!(row(false, release(kind).1).attempt_result(), kind);
+        }
+        assert_eq!(
+            row(false, db_unavailable("connection closed")).attempt_result(),
+            AttemptResult::DatabaseUnavailable
+        );
+        assert_eq!(row(true, String::new()).attempt_result(), AttemptResult::Ok);
+        // A task's own error that merely mentions a release word is a failure.
+        assert_eq!(
+            row(false, "shutdown of the pump failed".into()).attempt_result(),
+            AttemptResult::Failed
         );
     }
 

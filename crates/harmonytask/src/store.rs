@@ -286,17 +286,22 @@ pub enum AttemptResult {
     Preempted,
     /// Released because its node was cordoned (`can_yield`); retries unchanged.
     Yielded,
+    /// Released because the database failed under it (connection, timeout, serialization);
+    /// retries unchanged.
+    DatabaseUnavailable,
 }
 
 impl AttemptResult {
-    /// The word shown in tables and JSON: `ok`, `failed`, `shutdown`, `preempted`, `yielded`.
-    pub fn as_str(self) -> &'static str {
+    /// The word shown in tables and JSON: `ok`, `failed`, `shutdown`, `preempted`, `yielded`,
+    /// `db_unavailable`.
+    pub const fn as_str(self) -> &'static str {
         match self {
             AttemptResult::Ok => "ok",
             AttemptResult::Failed => "failed",
             AttemptResult::Shutdown => "shutdown",
             AttemptResult::Preempted => "preempted",
             AttemptResult::Yielded => "yielded",
+            AttemptResult::DatabaseUnavailable => "db_unavailable",
         }
     }
 
@@ -305,9 +310,13 @@ impl AttemptResult {
         self == AttemptResult::Failed
     }
 
-    /// The history `err` text the engine writes for a release of this kind.
-    pub(crate) fn release_text(self) -> &'static str {
-        self.as_str()
+    /// The history `err` text the engine writes for a release of this kind (for
+    /// `DatabaseUnavailable`, the start of it; the database's message follows).
+    pub(crate) const fn release_text(self) -> &'static str {
+        match self {
+            AttemptResult::DatabaseUnavailable => "database unavailable: ",
+            other => other.as_str(),
+        }
     }
 }
 
@@ -317,6 +326,10 @@ impl HistoryRow {
     pub fn attempt_result(&self) -> AttemptResult {
         if self.result {
             return AttemptResult::Ok;
+        }
+        let db = AttemptResult::DatabaseUnavailable;
+        if self.err.starts_with(db.release_text()) {
+            return db;
         }
         [
             AttemptResult::Shutdown,

@@ -73,9 +73,15 @@ pub struct Done(pub bool);
 
 /// A failed attempt's reason. Build one from any error with `?` or from text with
 /// [`TaskError::new`]; the message is stored (bounded) in `harmony_task_history.err`.
+///
+/// A database error returned unchanged (`ctx.db().exec(..).await?`, or through
+/// [`TaskError::database`] when adding context) keeps its [`harmonydb::ErrorKind`]. When that
+/// kind is transient (connection, timeout, serialization) the attempt is not counted: the task
+/// is released with its retries unchanged and runs again once the database is back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskError {
     message: String,
+    db_kind: Option<harmonydb::ErrorKind>,
 }
 
 impl TaskError {
@@ -83,12 +89,33 @@ impl TaskError {
     pub fn new(message: impl Into<String>) -> Self {
         TaskError {
             message: message.into(),
+            db_kind: None,
+        }
+    }
+
+    /// A failure caused by a database error, with what was being done: the message is
+    /// `"{context}: {error}"` and the error's kind is kept.
+    pub fn database(context: impl fmt::Display, error: &harmonydb::Error) -> Self {
+        TaskError {
+            message: format!("{context}: {error}"),
+            db_kind: Some(error.kind()),
         }
     }
 
     /// The message.
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// The kind of the database error behind this failure, when there is one.
+    pub fn db_kind(&self) -> Option<harmonydb::ErrorKind> {
+        self.db_kind
+    }
+
+    /// Whether the failure is the database's, not the task's: a transient database error
+    /// (see [`harmonydb::ErrorKind::is_transient`]).
+    pub fn is_database_unavailable(&self) -> bool {
+        self.db_kind.is_some_and(harmonydb::ErrorKind::is_transient)
     }
 }
 
@@ -98,8 +125,15 @@ impl fmt::Display for TaskError {
     }
 }
 
-impl<E: std::error::Error> From<E> for TaskError {
+impl<E: std::error::Error + 'static> From<E> for TaskError {
     fn from(e: E) -> Self {
+        // Only an error returned as it came from the database keeps its kind: once a task wraps
+        // it in an error of its own, the task has decided what the failure means.
+        let any: &(dyn std::error::Error + 'static) = &e;
+        let db_kind = any
+            .downcast_ref::<harmonydb::Error>()
+            .map(harmonydb::Error::kind)
+            .or_else(|| any.downcast_ref::<Error>().and_then(Error::db_kind));
         // Keep the whole chain: "reading input: file not found".
         let mut message = e.to_string();
         let mut source = e.source();
@@ -108,7 +142,7 @@ impl<E: std::error::Error> From<E> for TaskError {
             message.push_str(&s.to_string());
             source = s.source();
         }
-        TaskError { message }
+        TaskError { message, db_kind }
     }
 }
 
@@ -377,6 +411,9 @@ pub struct RunContext {
     pub(crate) ownership: Arc<crate::machine::Ownership>,
     pub(crate) meta: Arc<std::sync::Mutex<HashMap<String, String>>>,
     pub(crate) machine: MachineId,
+    /// The last transient database error met by one of the engine's own reads for this attempt
+    /// (`args`, `still_owned`), whatever the task then made of it.
+    pub(crate) db_trouble: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl RunContext {
@@ -419,7 +456,26 @@ impl RunContext {
         if self.cancel.is_cancelled() {
             return false;
         }
-        self.ownership.still_owned(self.task).await
+        match self.ownership.check(self.task).await {
+            Ok(owned) => owned,
+            Err(e) => {
+                // Unknown is not "yes": a step that only one owner may take must not run on a
+                // guess. If the task gives up because of it, the database is to blame.
+                tracing::warn!(task = %self.task, error = %e, "ownership check failed");
+                self.note_db_error(&e);
+                false
+            }
+        }
+    }
+
+    /// Remembers a transient failure of an engine read, so that the attempt it spoils is
+    /// released instead of counted.
+    fn note_db_error(&self, e: &harmonydb::Error) {
+        if e.kind().is_transient()
+            && let Ok(mut slot) = self.db_trouble.lock()
+        {
+            *slot = Some(e.to_string());
+        }
     }
 
     /// Attaches a key/value for `on_task_complete` callbacks of this attempt.
@@ -431,9 +487,13 @@ impl RunContext {
 
     /// The task's arguments (`harmony_task_args`), written when it was added.
     pub async fn args(&self) -> Result<HashMap<String, String>> {
-        crate::store::Store::new(self.db.clone())
+        let args = crate::store::Store::new(self.db.clone())
             .task_args(self.task)
-            .await
+            .await;
+        if let Err(Error::Db(e)) = &args {
+            self.note_db_error(e);
+        }
+        args
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn run(url: &str, json: bool, cmd: DbCommand) -> anyhow::Result<u8> {
             }
         }
         DbCommand::Status => {
-            let db = super::open_existing(url).await?;
+            let (db, _) = super::open_unmigrated(url).await?;
             let status = db.status().await?;
             if json {
                 output::json(&status)?;

@@ -95,18 +95,40 @@ pub fn db_config(url: &str) -> anyhow::Result<DbConfig> {
     Ok(DbConfig::from_url(url)?)
 }
 
-/// Opens the database for a command that only reads: no migrations, and a missing SQLite file
-/// is an error rather than a new empty database.
+/// Opens the database for a command that works on what nodes wrote (`task ls`, `machine
+/// cordon`, …): no migrations, a missing SQLite file is an error rather than a new empty
+/// database, and the schema must be one this binary understands. A database without a
+/// Harmony schema is refused with exit code 2 (the remedy is `harmony db migrate` or another
+/// `--db`); one migrated by a newer binary, or with a tampered ledger, is refused exactly as
+/// `harmony run` refuses it.
 pub async fn open_existing(url: &str) -> anyhow::Result<Db> {
+    let (db, shown) = open_unmigrated(url).await?;
+    let status = db
+        .migration_status()
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("opening database {shown}")))?;
+    if status.current_version.is_none() {
+        return Err(UsageError(format!(
+            "database {shown} has no Harmony schema (no migration recorded in harmony_schema_migrations); run `harmony db migrate` to create it, or check --db"
+        ))
+        .into());
+    }
+    Ok(db)
+}
+
+/// Opens the database without migrating it or checking its schema (for `db status`, which
+/// reports the schema's state, whatever it is). A missing SQLite file is an error.
+pub async fn open_unmigrated(url: &str) -> anyhow::Result<(Db, String)> {
     let mut cfg = db_config(url)?;
     cfg.migrate_on_open = false;
     if let BackendConfig::Sqlite(s) = &mut cfg.backend {
         s.create_if_missing = false;
     }
     let shown = cfg.to_string();
-    Db::open(cfg)
+    let db = Db::open(cfg)
         .await
-        .map_err(|e| anyhow::Error::new(e).context(format!("opening database {shown}")))
+        .map_err(|e| anyhow::Error::new(e).context(format!("opening database {shown}")))?;
+    Ok((db, shown))
 }
 
 /// Opens the database, creating and migrating it as needed.

@@ -28,27 +28,24 @@ pub async fn run(
     notify: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u8> {
-    let specs = match &args.tasks {
-        Some(path) => taskfile::load(path)?,
-        None => Vec::new(),
+    // `main` has replaced the default action of SIGINT/SIGTERM (exit) with cancelling
+    // `shutdown`, so start-up must watch it too, or a signal that arrives while the tasks file
+    // is read or the database is being reached would be ignored. Nothing is written before the
+    // engine starts, so stopping here leaves nothing behind.
+    let prepared = tokio::select! {
+        p = prepare(db_url, &args, notify) => p?,
+        () = shutdown.cancelled() => {
+            tracing::info!("signal received during start-up; stopping before the node registers");
+            return Ok(EXIT_OK);
+        }
     };
-    let known = catalog::known_names(&specs, args.builtin);
-    let selected = selected_types(args.types.as_deref(), &known)?;
-    let mut config = engine_config(&args, notify)?;
-    // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must get
-    // its whole kill grace in it, or it would be killed at exit before the SIGKILL was due.
-    let kill_grace_max = specs
-        .iter()
-        .filter(|s| matches!(s.kind, taskfile::TaskKind::Command(_)))
-        .filter(|s| selected.as_ref().is_none_or(|sel| sel.contains(s.name())))
-        .map(|s| s.kill_grace)
-        .max();
-    if let Some(grace) = kill_grace_max {
-        config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
-    }
+    let Prepared {
+        specs,
+        selected,
+        config,
+        db,
+    } = prepared;
     let host = config.host_and_port.clone();
-
-    let db = open_migrated(db_url).await?;
     let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs, args.builtin)
         .into_iter()
         .filter(|t| {
@@ -100,6 +97,45 @@ pub async fn run(
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("running node {host}"))),
     }
+}
+
+/// What a node needs before its engine starts.
+struct Prepared {
+    specs: Vec<taskfile::TaskSpec>,
+    selected: Option<BTreeSet<String>>,
+    config: EngineConfig,
+    db: harmonydb::Db,
+}
+
+/// Reads and checks the input, then opens (and migrates) the database.
+async fn prepare(db_url: &str, args: &RunArgs, notify: bool) -> anyhow::Result<Prepared> {
+    let specs = match args.tasks.clone() {
+        // On a blocking thread, so that a read that hangs (a network file system) cannot keep
+        // the start-up from seeing a signal.
+        Some(path) => tokio::task::spawn_blocking(move || taskfile::load(&path)).await??,
+        None => Vec::new(),
+    };
+    let known = catalog::known_names(&specs, args.builtin);
+    let selected = selected_types(args.types.as_deref(), &known)?;
+    let mut config = engine_config(args, notify)?;
+    // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must get
+    // its whole kill grace in it, or it would be killed at exit before the SIGKILL was due.
+    let kill_grace_max = specs
+        .iter()
+        .filter(|s| matches!(s.kind, taskfile::TaskKind::Command(_)))
+        .filter(|s| selected.as_ref().is_none_or(|sel| sel.contains(s.name())))
+        .map(|s| s.kill_grace)
+        .max();
+    if let Some(grace) = kill_grace_max {
+        config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
+    }
+    let db = open_migrated(db_url).await?;
+    Ok(Prepared {
+        specs,
+        selected,
+        config,
+        db,
+    })
 }
 
 /// The `--types` selection: every name must be one this node can run.
