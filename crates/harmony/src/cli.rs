@@ -23,11 +23,8 @@ pub struct Cli {
     #[arg(long = "log", global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
-    /// Wake-up notifications between nodes: `on` sends and listens for them (Postgres
-    /// LISTEN/NOTIFY; SQLite change checks), so other nodes start new work within
-    /// milliseconds. `off` for YugabyteDB, CockroachDB or PgBouncer in transaction mode (no
-    /// working LISTEN/NOTIFY): nodes then find work by polling every --poll-interval-unhealthy,
-    /// and everything stays correct, only slower to start.
+    /// Wake-up notifications between nodes: on, or off where LISTEN/NOTIFY does not work
+    /// (details: `harmony run --help`).
     #[arg(
         long,
         global = true,
@@ -49,7 +46,7 @@ pub enum Command {
     Db(DbCommand),
     /// Run a node: claim and run tasks until SIGINT/SIGTERM.
     Run(RunArgs),
-    /// Tasks: add, list, show, history, restart.
+    /// Tasks: add, ls, show, history, restart, run-now.
     #[command(subcommand)]
     Task(TaskCommand),
     /// Machines (nodes) of the cluster.
@@ -102,8 +99,16 @@ impl Command {
     }
 }
 
+/// What `--notify` does, shown once, under `harmony run --help`.
+const NOTIFY_HELP: &str = "Notifications (--notify on|off): `on` sends and listens for wake-ups \
+(Postgres LISTEN/NOTIFY; SQLite change checks), so other nodes start new work within \
+milliseconds. `off` is for YugabyteDB, CockroachDB or PgBouncer in transaction mode: nodes then \
+find work by polling every --poll-interval-unhealthy, and everything stays correct, only slower \
+to start.";
+
 /// `harmony run`
 #[derive(Debug, Args)]
+#[command(after_long_help = NOTIFY_HELP)]
 pub struct RunArgs {
     /// CPUs this node offers (default: detected logical CPUs).
     #[arg(long, allow_negative_numbers = true, value_name = "N")]

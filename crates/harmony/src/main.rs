@@ -30,10 +30,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            errln!("{}", one_line(&e.render().to_string()));
+            // Parsing failed, so whether --json was given is read from the raw arguments.
+            let json = std::env::args_os().any(|a| a == "--json");
+            let line = one_line(&e.render().to_string());
+            report_error(json, commands::EXIT_USAGE, &line);
             return ExitCode::from(commands::EXIT_USAGE);
         }
     };
+    let json = cli.json;
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -60,9 +64,23 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line, redacted: anyhow's `{:#}` joins the context chain with ": ".
-            errln!("error: {}", harmonydb::redact(&format!("{e:#}")));
-            ExitCode::from(commands::exit_code_for(&e))
+            let code = commands::exit_code_for(&e);
+            let line = format!("error: {}", harmonydb::redact(&format!("{e:#}")));
+            report_error(json, code, &line);
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Prints a failed command's one error line on stderr; with `--json`, as an object
+/// `{"error": "…", "kind": "…"}` so that scripts need not parse text.
+fn report_error(json: bool, code: u8, line: &str) {
+    if json {
+        let message = line.strip_prefix("error: ").unwrap_or(line);
+        let value = serde_json::json!({ "error": message, "kind": commands::exit_kind(code) });
+        errln!("{value}");
+    } else {
+        errln!("{line}");
     }
 }
 

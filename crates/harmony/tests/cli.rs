@@ -983,3 +983,76 @@ async fn built_in_types_run_only_when_asked() {
         "--builtin",
     ]);
 }
+
+/// Under `--json` a failing command's error is one JSON object on stderr, with the kind its
+/// exit code stands for; the help of `task` lists every task command, and `--notify` is
+/// explained once (under `run --help`), not on every subcommand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_errors_and_help_text() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let as_json = |out: &Output| -> serde_json::Value {
+        let lines = out.stderr_lines();
+        assert_eq!(lines.len(), 1, "one stderr line: {lines:#?}");
+        serde_json::from_str(lines[0])
+            .unwrap_or_else(|e| panic!("stderr is not JSON ({e}): {}", lines[0]))
+    };
+    let out = harmony(&["--db", db, "--json", "task", "show", "424242"]).await;
+    assert_eq!(out.code, Some(2));
+    let e = as_json(&out);
+    assert_eq!(e["kind"], "usage");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("task 424242 does not exist"),
+        "{e}"
+    );
+    // A parse error (clap's) too.
+    let out = harmony(&[
+        "--db",
+        db,
+        "--json",
+        "task",
+        "add",
+        "bench_noop",
+        "--count",
+        "x",
+    ])
+    .await;
+    assert_eq!(out.code, Some(2));
+    assert_eq!(as_json(&out)["kind"], "usage");
+    // An unreachable database.
+    let out = harmony(&[
+        "--db",
+        "postgres://postgres@127.0.0.1:1/test?connect_timeout=2",
+        "--json",
+        "task",
+        "ls",
+    ])
+    .await;
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    assert_eq!(as_json(&out)["kind"], "database");
+    // Without --json the same error stays one plain line.
+    let out = harmony(&["--db", db, "task", "show", "424242"]).await;
+    out.assert_usage_error(&["task 424242 does not exist"]);
+
+    let help = harmony(&["task", "--help"]).await;
+    assert_eq!(help.code, Some(0));
+    for cmd in ["add", "ls", "show", "history", "restart", "run-now"] {
+        assert!(
+            help.stdout.lines().any(|l| l.trim_start().starts_with(cmd)),
+            "task --help lists {cmd}:\n{}",
+            help.stdout
+        );
+    }
+    let ls_help = harmony(&["task", "ls", "--help"]).await;
+    assert!(!ls_help.stdout.contains("YugabyteDB"), "{}", ls_help.stdout);
+    let run_help = harmony(&["run", "--help"]).await;
+    assert_eq!(
+        run_help.stdout.matches("YugabyteDB").count(),
+        1,
+        "{}",
+        run_help.stdout
+    );
+}

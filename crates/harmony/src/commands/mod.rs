@@ -39,6 +39,18 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
     }
 }
 
+/// The word for an exit code in `--json` errors: `usage`, `database`, `fenced`, `restart`,
+/// or `error`.
+pub fn exit_kind(code: u8) -> &'static str {
+    match code {
+        EXIT_USAGE => "usage",
+        EXIT_DATABASE => "database",
+        EXIT_FENCED => "fenced",
+        EXIT_RESTART => "restart",
+        _ => "error",
+    }
+}
+
 /// Maps an error to an exit code by what went wrong.
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     if let Some(db) = e.chain().find_map(|c| c.downcast_ref::<harmonydb::Error>()) {
