@@ -401,6 +401,14 @@ impl TempPg {
     }
 
     fn start_server(&self) {
+        assert!(
+            self.try_start_server(),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    fn try_start_server(&self) -> bool {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("log");
         let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
@@ -412,7 +420,10 @@ impl TempPg {
             .arg("-o")
             .arg(self.server_options())
             .arg("start");
-        run_ok(&mut ctl);
+        ctl.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     fn server_options(&self) -> String {
@@ -520,6 +531,21 @@ impl TempPg {
             .args(["-m", "fast", "-w", "-t", "60", "stop"]);
         run_ok(&mut ctl);
         self.start_server();
+    }
+
+    /// Starts the server again after [`TempPg::kill`] (crash recovery, same port and data).
+    pub fn start_again(&self) {
+        // The postmaster refuses to start while processes of the killed one are still
+        // attached to its shared memory; they exit by themselves, soon after it.
+        let start = Instant::now();
+        while !self.try_start_server() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "temp postgres did not start again: {}",
+                std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Whether the server is a standby still in recovery (`pg_is_in_recovery()`).

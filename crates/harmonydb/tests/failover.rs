@@ -2,7 +2,8 @@
 //! standby (`pg_basebackup -R`, synchronous commit), both in the host list. Connections must go
 //! to the host that accepts writes — never to a standby in recovery, wherever it stands in the
 //! list — and after the primary is SIGKILLed and the standby promoted, the same `Db` handle
-//! must continue on the promoted host without a restart, with every acknowledged commit there.
+//! must continue on the promoted host without a restart, with every acknowledged commit there,
+//! and stay there when the old primary comes back.
 
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,26 @@ async fn a_handle_moves_to_the_promoted_standby_and_keeps_every_commit() {
         "connections moved to the standby"
     );
     assert!(db.metrics().failovers() >= 1);
+
+    // The old primary comes back as a primary, a stale copy: as when its crashed machine
+    // reboots with PostgreSQL enabled. It is first in the list and accepts writes, yet this
+    // handle's new connections must stay on the promoted host, or its writes would be split
+    // across two diverging servers. (`listen` always opens a new connection.)
+    primary.start_again();
+    assert!(!primary.in_recovery());
+    let probe = db
+        .listen(&["failover_probe"])
+        .await
+        .unwrap()
+        .expect("a Postgres listener");
+    let listening = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN failover_probe'";
+    assert_eq!(
+        primary.psql(listening),
+        "0",
+        "a new connection went back to the stale old primary"
+    );
+    assert_eq!(standby.psql(listening), "1");
+    drop(probe);
 
     // Work keeps flowing, and nothing acknowledged before the kill is missing.
     for id in 101..150i64 {
