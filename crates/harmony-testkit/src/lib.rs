@@ -220,6 +220,24 @@ impl TestDb {
         with_option(&self.url, key, value)
     }
 
+    /// A handle on a database the test owns outright, such as one on a [`TempPg`] server that
+    /// is thrown away with the test: migrated on open, nothing dropped at the end.
+    pub async fn on_server(url: &str) -> TestDb {
+        let cfg = DbConfig::from_url(url).expect("a valid database URL");
+        let backend = match cfg.backend {
+            BackendConfig::Sqlite(_) => Backend::Sqlite,
+            BackendConfig::Postgres(_) => Backend::Postgres,
+        };
+        let db = Db::open(cfg).await.expect("open test database");
+        TestDb {
+            db,
+            url: url.to_owned(),
+            backend,
+            schema: None,
+            _dir: None,
+        }
+    }
+
     /// The SQLite file (None on Postgres).
     pub fn sqlite_path(&self) -> Option<PathBuf> {
         match &DbConfig::from_url(&self.url).ok()?.backend {
@@ -326,13 +344,16 @@ fn is_root() -> bool {
 }
 
 /// A throw-away PostgreSQL server in a temporary directory, for tests that must kill a
-/// server (failover) or need password authentication.
+/// server (failover) or need password authentication. Dropping it stops the server
+/// (`pg_ctl stop -m immediate`) and removes its directory, also when the test panics.
 pub struct TempPg {
     /// Its TCP port on 127.0.0.1.
     pub port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// Extra `-c NAME=VALUE` settings given to the server at every start.
+    settings: Vec<&'static str>,
 }
 
 impl TempPg {
@@ -393,6 +414,7 @@ impl TempPg {
             dir,
             bin,
             as_postgres,
+            settings: Vec::new(),
         };
         pg.start_server();
         let create_user = Command::new(pg.bin.join("psql"))
@@ -459,6 +481,14 @@ impl TempPg {
     }
 
     fn start_server(&self) {
+        assert!(
+            self.try_start_server(),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    fn try_start_server(&self) -> bool {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("log");
         let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
@@ -470,7 +500,155 @@ impl TempPg {
             .arg("-o")
             .arg(self.server_options())
             .arg("start");
+        ctl.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn server_options(&self) -> String {
+        let mut opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        for s in &self.settings {
+            opts.push_str(" -c ");
+            opts.push_str(s);
+        }
+        opts
+    }
+
+    /// A primary and a streaming-replication standby, set up as an operator would: the
+    /// standby is a `pg_basebackup -R` copy of the primary, and the primary commits
+    /// synchronously (`synchronous_standby_names = '*'`), so that a commit it acknowledged is
+    /// on both servers. `None` (after printing why) when the Postgres binaries are missing.
+    pub fn replicated_pair() -> Option<(TempPg, TempPg)> {
+        let primary = TempPg::start()?;
+        let standby = primary.start_standby();
+        wait_until(
+            "the standby to stream from the primary",
+            Duration::from_secs(60),
+            || {
+                primary.psql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+                    == "1"
+            },
+        );
+        // Set after the base backup, through ALTER SYSTEM (postgresql.auto.conf of the primary
+        // only): a promoted standby that inherited it would wait forever for a standby of its
+        // own on every commit.
+        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'");
+        primary.psql("SELECT pg_reload_conf()");
+        wait_until(
+            "the standby to be synchronous",
+            Duration::from_secs(60),
+            || {
+                primary.psql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")
+                    == "1"
+            },
+        );
+        Some((primary, standby))
+    }
+
+    /// Starts a hot standby of this server: `pg_basebackup -R` into a new directory, streaming
+    /// from this server, on a port of its own.
+    pub fn start_standby(&self) -> TempPg {
+        let dir = tempfile::Builder::new()
+            .prefix("harmony-temp-pg-standby")
+            .tempdir()
+            .expect("temp dir");
+        if self.as_postgres {
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir.path()),
+            );
+        }
+        let data = dir.path().join("data");
+        let mut backup = pg_command(&self.bin, "pg_basebackup", self.as_postgres);
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast"]);
+        run_ok(&mut backup);
+        let standby = TempPg {
+            port: free_port(),
+            dir,
+            bin: self.bin.clone(),
+            as_postgres: self.as_postgres,
+            // The default (5 s) is how long the standby waits before reconnecting to a
+            // restarted primary; with synchronous commit, every commit waits that long too.
+            settings: vec!["wal_retrieve_retry_interval=100ms"],
+        };
+        standby.start_server();
+        standby
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`, waiting until it accepts writes).
+    pub fn promote(&self) {
+        let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
+        ctl.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-t", "60", "promote"]);
         run_ok(&mut ctl);
+    }
+
+    /// Restarts the server in place, as an operator does for a configuration change or a
+    /// minor upgrade: a fast shutdown (sessions are terminated, not the server killed), then a
+    /// start on the same port and data.
+    pub fn restart(&self) {
+        let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
+        ctl.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        run_ok(&mut ctl);
+        self.start_server();
+    }
+
+    /// Starts the server again after [`TempPg::kill`] (crash recovery, same port and data).
+    pub fn start_again(&self) {
+        // The postmaster refuses to start while processes of the killed one are still
+        // attached to its shared memory; they exit by themselves, soon after it.
+        let start = Instant::now();
+        while !self.try_start_server() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "temp postgres did not start again: {}",
+                std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the server is a standby still in recovery (`pg_is_in_recovery()`).
+    pub fn in_recovery(&self) -> bool {
+        self.psql("SELECT pg_is_in_recovery()") == "t"
+    }
+
+    /// Runs one statement with psql as user `postgres` on database `harmony`; returns its
+    /// output, unaligned and without headers. Panics when psql fails.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "harmony", "-X", "-A", "-t"])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql:?} on port {}: {}",
+            self.port,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// Creates a database (the name is quoted by psql's `:"var"` interpolation, never pasted
@@ -548,6 +726,19 @@ impl Drop for TempPg {
         let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
         ctl.arg("-D").arg(&data).args(["-m", "immediate", "stop"]);
         let _ = ctl.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// Polls `check` from a blocking context until it holds, or panics with `what` after
+/// `deadline` (the synchronous twin of [`eventually`], for the server set-up above).
+fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -132,7 +132,8 @@ impl fmt::Display for PgHost {
 /// Settings of the Postgres backend.
 #[derive(Clone, PartialEq)]
 pub struct PostgresConfig {
-    /// Hosts in priority order: connections go to the first one that accepts writes.
+    /// Hosts in priority order: connections go to the first one that accepts writes (once a
+    /// handle has moved to a later host, starting from that one).
     pub hosts: Vec<PgHost>,
     /// User name.
     pub user: String,

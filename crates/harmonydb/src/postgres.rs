@@ -4,8 +4,10 @@
 //! in order and keeping the first that accepts a read-write session. When the host in use dies,
 //! its pooled connections fail their recycle check and are dropped, so the next connections go
 //! to the next healthy host without a restart; the `host_index` gauge and `failovers` counter
-//! record the move. A statement in flight when the host dies fails with
-//! [`ErrorKind::Connection`]; it is not re-sent, because a write may or may not have committed.
+//! record the move. After a move, new connections try the host in use first, so a handle
+//! never goes back to an old primary that came back (see `connect_first`). A statement in
+//! flight when the host dies fails with [`ErrorKind::Connection`]; it is not re-sent, because
+//! a write may or may not have committed.
 //!
 //! **Statements** are prepared once per connection and cached by the address of their
 //! `&'static str` text. Parameters are bound with the server-inferred types; [`Value`] converts
@@ -175,14 +177,23 @@ impl PgManager {
         Ok(client)
     }
 
-    /// Connects to the first healthy host, in configured order; returns the client and the
-    /// host's index. Records failovers.
+    /// Connects to the first writable host, in configured order starting from the host in
+    /// use; returns the client and the host's index. Records failovers.
     pub(crate) async fn connect_first(
         &self,
         notifications: Option<crate::notify::NotifySink>,
     ) -> Result<(Client, usize)> {
         let mut failures = Vec::new();
-        for index in 0..self.cfg.hosts.len() {
+        // Once this handle has moved to a later host, new connections try that host first:
+        // an old primary that comes back writable is a stale copy, and going back to it
+        // would split this handle's writes across two diverging servers. Only when the host
+        // in use refuses do the others get tried, in list order from there, wrapping around.
+        let n = self.cfg.hosts.len();
+        let from = match self.current.load(Ordering::SeqCst) {
+            usize::MAX => 0,
+            i => i.min(n - 1),
+        };
+        for index in (from..n).chain(0..from) {
             match self.connect_host(index, notifications.clone()).await {
                 Ok(client) => {
                     let previous = self.current.swap(index, Ordering::SeqCst);

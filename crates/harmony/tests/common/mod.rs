@@ -522,3 +522,78 @@ pub async fn completed_by(t: &TestDb, name: &str) -> Vec<String> {
         .expect("read history");
     rows.into_iter().map(|r| r.0).collect()
 }
+
+/// `harmony task add NAME --count N --arg ms=MS` (must succeed); the new ids.
+pub async fn add_sleeps(db: &str, name: &str, count: u32, ms: u32) -> Vec<i64> {
+    let ids = added_ids(
+        &harmony(&[
+            "--db",
+            db,
+            "--json",
+            "task",
+            "add",
+            name,
+            "--count",
+            &count.to_string(),
+            "--arg",
+            &format!("ms={ms}"),
+        ])
+        .await,
+    );
+    assert_eq!(ids.len(), count as usize);
+    ids
+}
+
+/// Asserts that each of `ids` has exactly one successful history row; returns every task's
+/// successes (count, host).
+pub async fn assert_each_succeeded_once(t: &TestDb, ids: &[i64]) -> HashMap<i64, (i64, String)> {
+    let ok = successes(t).await;
+    for id in ids {
+        let (n, _) = ok
+            .get(id)
+            .unwrap_or_else(|| panic!("task {id} never succeeded"));
+        assert_eq!(*n, 1, "task {id} succeeded {n} times");
+    }
+    ok
+}
+
+/// Asserts that no attempt failed. Where a test's tasks cannot fail, a failed history row is
+/// an engine error that surfaced to a task: on SQLite, typically `database is locked`.
+pub async fn assert_no_failed_attempts(t: &TestDb) {
+    let failed: Vec<(i64, String)> =
+        t.db.select(
+            "SELECT task_id, err FROM harmony_task_history WHERE NOT result ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read history");
+    assert!(failed.is_empty(), "failed attempts: {failed:?}");
+}
+
+/// The tasks whose attempt on `machine` never logged its end (the machine died under them).
+pub fn unended_on(by_task: &BTreeMap<i64, Vec<Attempt>>, machine: i64) -> Vec<i64> {
+    by_task
+        .values()
+        .flatten()
+        .filter(|a| a.machine == machine && a.end_us.is_none())
+        .map(|a| a.task)
+        .collect()
+}
+
+/// The most attempts running at once on each machine.
+pub fn peak_per_machine(by_task: &BTreeMap<i64, Vec<Attempt>>) -> BTreeMap<i64, usize> {
+    let mut per: BTreeMap<i64, BTreeMap<i64, Vec<Attempt>>> = BTreeMap::new();
+    for a in by_task.values().flatten() {
+        per.entry(a.machine)
+            .or_default()
+            .entry(a.task)
+            .or_default()
+            .push(a.clone());
+    }
+    per.into_iter()
+        .map(|(m, tasks)| {
+            let ids: Vec<i64> = tasks.keys().copied().collect();
+            (m, max_concurrent(&tasks, &ids))
+        })
+        .collect()
+}
