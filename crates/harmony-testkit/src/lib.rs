@@ -443,41 +443,12 @@ impl TempPg {
         Some(pg)
     }
 
-    /// Restarts the server the way an operator would (`pg_ctl restart -m fast`): sessions are
-    /// terminated, connections break, and the server accepts new ones when this returns.
-    pub fn restart(&self) {
-        let data = self.dir.path().join("data");
-        let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
-        ctl.arg("-D")
-            .arg(&data)
-            .args(["-m", "fast", "-w"])
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .arg("-o")
-            .arg(self.server_options())
-            .arg("restart");
-        run_ok(&mut ctl);
-    }
-
     /// Stops the server (`pg_ctl stop -m fast`) until [`TempPg::start_again`].
     pub fn stop(&self) {
         let data = self.dir.path().join("data");
         let mut ctl = pg_command(&self.bin, "pg_ctl", self.as_postgres);
         ctl.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]);
         run_ok(&mut ctl);
-    }
-
-    /// Starts the server again after [`TempPg::stop`], on the same port and data.
-    pub fn start_again(&self) {
-        self.start_server();
-    }
-
-    fn server_options(&self) -> String {
-        format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
-            self.port,
-            self.dir.path().display()
-        )
     }
 
     fn start_server(&self) {
@@ -613,7 +584,8 @@ impl TempPg {
         self.start_server();
     }
 
-    /// Starts the server again after [`TempPg::kill`] (crash recovery, same port and data).
+    /// Starts the server again after [`TempPg::kill`] (crash recovery) or [`TempPg::stop`], on
+    /// the same port and data.
     pub fn start_again(&self) {
         // The postmaster refuses to start while processes of the killed one are still
         // attached to its shared memory; they exit by themselves, soon after it.
