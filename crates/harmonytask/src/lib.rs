@@ -32,8 +32,10 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod follow;
+mod hint;
 mod machine;
 pub mod metrics;
+pub mod model;
 mod notify;
 mod recorder;
 pub mod resources;
@@ -50,8 +52,10 @@ pub use config::EngineConfig;
 pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
 pub use error::{Error, Result};
 pub use follow::{Follow, FollowAdd};
+pub use model::{
+    AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, TaskRow, TypeSummary,
+};
 pub use resources::{ByteSize, Resource, Resources};
-pub use scheduler::admission::Blocked;
 pub use singleton::{BoredContext, IAmBored, singleton};
 pub use status::{EngineStatus, RunningTask, TypeStatus};
 pub use task::{

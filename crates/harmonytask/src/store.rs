@@ -12,39 +12,20 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use harmonydb::{Db, Dialect, Executor, FromRow, Row, Timestamp, Tx};
+use harmonydb::{Db, Dialect, Executor, Row, Timestamp, Tx};
 
 use crate::error::{Error, Result};
-use crate::task::{MachineId, TaskId};
+use crate::hint::{self, Hint};
+// The value types moved to `model`; they stay reachable here for the engine's callers.
+pub use crate::model::{
+    AttemptResult, Candidate, ClaimOutcome, Claimed, Fate, HistoryQuery, HistoryRow, MachineFlags,
+    MachineId, MachineRow, Outcome, TaskId, TaskRow, TypeSummary,
+};
 
 /// Handle over the database with the engine's operations.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
-}
-
-/// A waiting task as the scheduler sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    /// Task id.
-    pub id: TaskId,
-    /// Creation time (FIFO order).
-    pub posted: Timestamp,
-    /// Last release or failure (retry waits count from it).
-    pub updated: Timestamp,
-    /// Failed attempts so far.
-    pub retries: u32,
-}
-
-impl FromRow for Candidate {
-    fn from_row(row: &Row) -> harmonydb::Result<Self> {
-        Ok(Candidate {
-            id: row.get("id")?,
-            posted: row.get("posted_time")?,
-            updated: row.get("update_time")?,
-            retries: row.get("retries")?,
-        })
-    }
 }
 
 /// Parameters of registering this process as a machine.
@@ -82,46 +63,6 @@ pub struct Registered {
     pub released_tasks: i64,
 }
 
-/// Operator flags read with each heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MachineFlags {
-    /// Cordoned: claim nothing new.
-    pub unschedulable: bool,
-    /// Restart requested at this time.
-    pub restart_requested: bool,
-}
-
-/// One machine row with its details.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct MachineRow {
-    /// Id.
-    pub id: MachineId,
-    /// Address.
-    pub host_and_port: String,
-    /// Display name.
-    pub name: String,
-    /// Budget (may be fractional).
-    pub cpu: f64,
-    /// Budget, bytes.
-    pub ram: i64,
-    /// Budget.
-    pub gpu: f64,
-    /// Last heartbeat.
-    pub last_contact: Timestamp,
-    /// Cordoned.
-    pub unschedulable: bool,
-    /// Restart requested.
-    pub restart_request: Option<Timestamp>,
-    /// Task types it runs.
-    pub tasks: String,
-    /// Tasks it owns now.
-    pub running: i64,
-    /// Start time.
-    pub startup_time: Option<Timestamp>,
-    /// Build version.
-    pub version: String,
-}
-
 /// Parameters of a claim.
 #[derive(Debug, Clone)]
 pub struct TaskClaim<'a> {
@@ -135,50 +76,6 @@ pub struct TaskClaim<'a> {
     pub owner: MachineId,
     /// Cluster-wide limit on owned tasks of this type (0 = none).
     pub max_cluster: usize,
-}
-
-/// A claimed task.
-pub type Claimed = Candidate;
-
-/// What a claim got.
-#[derive(Debug, Clone, Default)]
-pub struct ClaimOutcome {
-    /// The tasks now owned by the claimer.
-    pub claimed: Vec<Claimed>,
-    /// The cluster-wide limit left less room than asked for.
-    pub cluster_full: bool,
-}
-
-/// How one attempt ended, for the completion batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
-    /// Done: delete the row; history `result = true`.
-    Done,
-    /// Failed, will be retried: release with `retries + 1`.
-    Retry,
-    /// Failed for good: delete the row.
-    Fail,
-    /// Preempted or shut down: release, retries unchanged.
-    Release,
-}
-
-/// One attempt's outcome to record.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// The task.
-    pub id: TaskId,
-    /// Its type.
-    pub name: String,
-    /// Its creation time (history `posted`).
-    pub posted: Timestamp,
-    /// Attempt start.
-    pub work_start: Timestamp,
-    /// Attempt end.
-    pub work_end: Timestamp,
-    /// What to do with the row.
-    pub fate: Fate,
-    /// History `err` ("" for a clean success).
-    pub err: String,
 }
 
 /// A batch of outcomes of one machine, recorded in one transaction.
@@ -208,168 +105,6 @@ pub struct Recorded {
     pub fenced_out: Vec<TaskId>,
     /// Types whose completions in this batch queued follow-ups.
     pub followed: Vec<String>,
-}
-
-/// A task row (pending or running).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TaskRow {
-    /// Id.
-    pub id: TaskId,
-    /// Type.
-    pub name: String,
-    /// Owner, if running.
-    pub owner_id: Option<MachineId>,
-    /// Owner's address.
-    pub owner_host: Option<String>,
-    /// Created.
-    pub posted_time: Timestamp,
-    /// Last release/failure.
-    pub update_time: Timestamp,
-    /// Failed attempts so far.
-    pub retries: i64,
-    /// Added by machine.
-    pub added_by: i64,
-    /// Predecessor (followers).
-    pub previous_task: Option<i64>,
-}
-
-impl FromRow for TaskRow {
-    fn from_row(row: &Row) -> harmonydb::Result<Self> {
-        Ok(TaskRow {
-            id: row.get("id")?,
-            name: row.get("name")?,
-            owner_id: row.get::<Option<i64>>("owner_id")?.map(MachineId),
-            owner_host: row.get("owner_host")?,
-            posted_time: row.get("posted_time")?,
-            update_time: row.get("update_time")?,
-            retries: row.get("retries")?,
-            added_by: row.get("added_by")?,
-            previous_task: row.get("previous_task")?,
-        })
-    }
-}
-
-/// One history row (one attempt).
-#[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
-pub struct HistoryRow {
-    /// History id.
-    pub id: i64,
-    /// Task id.
-    pub task_id: i64,
-    /// Type.
-    pub name: String,
-    /// Task creation.
-    pub posted: Timestamp,
-    /// Attempt start.
-    pub work_start: Timestamp,
-    /// Attempt end.
-    pub work_end: Timestamp,
-    /// Success.
-    pub result: bool,
-    /// Error text.
-    pub err: String,
-    /// Who ran it.
-    pub completed_by_host_and_port: String,
-}
-
-/// How an attempt ended, as its history row records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttemptResult {
-    /// The task succeeded.
-    Ok,
-    /// A failed attempt: it counts against `max_failures`.
-    Failed,
-    /// Released because its node shut down; retries unchanged.
-    Shutdown,
-    /// Released for a time-sensitive task; retries unchanged.
-    Preempted,
-    /// Released because its node was cordoned (`can_yield`); retries unchanged.
-    Yielded,
-    /// Released because the database failed under it (connection, timeout, serialization);
-    /// retries unchanged.
-    DatabaseUnavailable,
-}
-
-impl AttemptResult {
-    /// The word shown in tables and JSON: `ok`, `failed`, `shutdown`, `preempted`, `yielded`,
-    /// `db_unavailable`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            AttemptResult::Ok => "ok",
-            AttemptResult::Failed => "failed",
-            AttemptResult::Shutdown => "shutdown",
-            AttemptResult::Preempted => "preempted",
-            AttemptResult::Yielded => "yielded",
-            AttemptResult::DatabaseUnavailable => "db_unavailable",
-        }
-    }
-
-    /// Whether the attempt counted as a failure (a retry used up).
-    pub fn is_failure(self) -> bool {
-        self == AttemptResult::Failed
-    }
-
-    /// The history `err` text the engine writes for a release of this kind (for
-    /// `DatabaseUnavailable`, the start of it; the database's message follows).
-    pub(crate) const fn release_text(self) -> &'static str {
-        match self {
-            AttemptResult::DatabaseUnavailable => "database unavailable: ",
-            other => other.as_str(),
-        }
-    }
-}
-
-impl HistoryRow {
-    /// How this attempt ended. A release writes `result = false` with one of the release
-    /// texts as its error (the schema has no other column for it, as upstream).
-    pub fn attempt_result(&self) -> AttemptResult {
-        if self.result {
-            return AttemptResult::Ok;
-        }
-        let db = AttemptResult::DatabaseUnavailable;
-        if self.err.starts_with(db.release_text()) {
-            return db;
-        }
-        [
-            AttemptResult::Shutdown,
-            AttemptResult::Preempted,
-            AttemptResult::Yielded,
-        ]
-        .into_iter()
-        .find(|r| r.release_text() == self.err)
-        .unwrap_or(AttemptResult::Failed)
-    }
-}
-
-/// Filter of [`Store::history`].
-#[derive(Debug, Clone, Default)]
-pub struct HistoryQuery {
-    /// Only this type.
-    pub name: Option<String>,
-    /// Only this task.
-    pub task: Option<TaskId>,
-    /// Only failed attempts.
-    pub failed_only: bool,
-    /// At most this many rows, newest first.
-    pub limit: usize,
-}
-
-/// Per-type counts of history and queue (for summaries).
-#[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
-pub struct TypeSummary {
-    /// Type.
-    pub name: String,
-    /// Attempts recorded.
-    pub attempts: i64,
-    /// Successful attempts.
-    pub succeeded: i64,
-    /// Failed attempts.
-    pub failed: i64,
-    /// Mean milliseconds from post to start of the successful attempt.
-    pub mean_wait_ms: f64,
-    /// Mean milliseconds of attempts.
-    pub mean_run_ms: f64,
 }
 
 impl Store {
@@ -620,7 +355,7 @@ impl Store {
                          VALUES ($1, $2, $2, $3) RETURNING id)
                      SELECT ins.id FROM ins
                      CROSS JOIN LATERAL pg_notify($4, 'addt:' || $1::text || ':' || $3::bigint || ':' || ins.id || ':' || $5::bigint) AS n",
-                    &[&name, &posted, &added_by, &crate::notify::CHANNEL, &posted_ms],
+                    &[&name, &posted, &added_by, &hint::CHANNEL, &posted_ms],
                 )
                 .await?);
         }
@@ -859,7 +594,7 @@ impl Store {
                                 || b.cluster_limited.contains(&o.name)
                             {
                                 hints.push(
-                                    crate::notify::Hint::Released {
+                                    Hint::Released {
                                         name: o.name.clone(),
                                     }
                                     .payload(b.owner),
@@ -867,9 +602,7 @@ impl Store {
                             }
                         }
                         for from in &out.followed {
-                            hints.push(
-                                crate::notify::Hint::Follow { from: from.clone() }.payload(b.owner),
-                            );
+                            hints.push(Hint::Follow { from: from.clone() }.payload(b.owner));
                         }
                         hints.sort();
                         hints.dedup();
@@ -1055,11 +788,8 @@ impl Store {
     /// SQLite, where other processes see the commit through `PRAGMA data_version`.
     pub async fn notify_in(tx: &Tx, payload: &str) -> harmonydb::Result<()> {
         if tx.dialect() == Dialect::Postgres {
-            tx.exec(
-                "SELECT pg_notify($1, $2)",
-                &[&crate::notify::CHANNEL, &payload],
-            )
-            .await?;
+            tx.exec("SELECT pg_notify($1, $2)", &[&hint::CHANNEL, &payload])
+                .await?;
         }
         Ok(())
     }
@@ -1068,10 +798,7 @@ impl Store {
     pub async fn notify(&self, payload: &str) -> Result<()> {
         if self.dialect() == Dialect::Postgres {
             self.db
-                .exec(
-                    "SELECT pg_notify($1, $2)",
-                    &[&crate::notify::CHANNEL, &payload],
-                )
+                .exec("SELECT pg_notify($1, $2)", &[&hint::CHANNEL, &payload])
                 .await?;
         }
         Ok(())
@@ -1209,7 +936,7 @@ impl Store {
     /// Asks for a singleton to run now (and wakes the nodes on Postgres). A type that no node
     /// ever registered as a singleton is refused with [`Error::NotSingleton`], writing nothing.
     pub async fn singleton_run_now(&self, name: &str, notify: bool) -> Result<()> {
-        let hint = crate::notify::Hint::RunNow {
+        let hint = Hint::RunNow {
             name: name.to_owned(),
         }
         .payload(MachineId(0));
@@ -1282,8 +1009,7 @@ impl Store {
             )
             .await?;
         if n > 0 && notify {
-            self.notify(&crate::notify::Hint::Machines.payload(MachineId(0)))
-                .await?;
+            self.notify(&Hint::Machines.payload(MachineId(0))).await?;
         }
         Ok(n > 0)
     }
@@ -1303,8 +1029,7 @@ impl Store {
             )
             .await?;
         if n > 0 && notify {
-            self.notify(&crate::notify::Hint::Machines.payload(MachineId(0)))
-                .await?;
+            self.notify(&Hint::Machines.payload(MachineId(0))).await?;
         }
         Ok(n > 0)
     }
