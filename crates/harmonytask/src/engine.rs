@@ -29,6 +29,7 @@ use crate::runner::StopReason;
 use crate::scheduler::admission::downstream_order;
 use crate::scheduler::{ClaimResult, PollResult, Scheduler};
 use crate::status::EngineStatus;
+use crate::store::prelude::*;
 use crate::store::{Candidate, MachineRegister, Store};
 use crate::task::{MachineId, Task, TaskId, TypeDetails, validate_name};
 
