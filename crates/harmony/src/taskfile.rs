@@ -38,7 +38,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use harmonytask::builtin::BUILTIN_TYPES;
+use harmony_bench::builtin::BUILTIN_TYPES;
 use harmonytask::resources::UNITS_MAX;
 use harmonytask::{ByteSize, Follow, Limiter, Resources, RetryWait, TypeDetails, validate_name};
 use serde::Deserialize;
@@ -67,7 +67,7 @@ pub struct TaskFileError(pub String);
 pub enum TaskKind {
     /// A command line: program and arguments, each a template.
     Command(Vec<Template>),
-    /// A built-in type's behaviour (one of `harmonytask::builtin::BUILTIN_TYPES`).
+    /// A built-in type's behaviour (one of `harmony_bench::builtin::BUILTIN_TYPES`).
     Builtin(&'static str),
 }
 

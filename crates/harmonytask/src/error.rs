@@ -52,6 +52,9 @@ pub enum Error {
         /// This node's dead-after setting.
         dead_after: std::time::Duration,
     },
+    /// An operator action named a machine that is not registered (it stopped or was reaped).
+    #[error("machine {0} is not registered")]
+    MachineNotFound(crate::model::MachineId),
     /// An operator asked this node to restart; it has drained.
     #[error("restart requested")]
     RestartRequested,

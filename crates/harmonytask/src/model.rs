@@ -502,3 +502,14 @@ impl fmt::Display for Blocked {
         }
     }
 }
+
+/// A singleton type's row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SingletonRow {
+    /// Its current task, while one is pending or running.
+    pub task_id: Option<TaskId>,
+    /// When its last task was created.
+    pub last_run_time: Option<Timestamp>,
+    /// An operator asked it to run now and no node has acted on it yet.
+    pub run_now_request: bool,
+}

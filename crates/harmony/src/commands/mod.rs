@@ -72,6 +72,7 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
             | harmonytask::Error::Task(_)
             | harmonytask::Error::Config(_)
             | harmonytask::Error::AddressInUse { .. }
+            | harmonytask::Error::MachineNotFound(_)
             | harmonytask::Error::NotSingleton(_) => EXIT_USAGE,
             _ => EXIT_ERROR,
         };

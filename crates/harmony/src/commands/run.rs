@@ -155,7 +155,7 @@ fn selected_types(
                 } else {
                     known.join(", ")
                 },
-                harmonytask::builtin::BUILTIN_TYPES.join(", ")
+                harmony_bench::builtin::BUILTIN_TYPES.join(", ")
             ))
             .into());
         }

@@ -17,7 +17,8 @@
 //! inside the crate import them through [`prelude`]. Operations that run inside a caller's
 //! transaction (`task_insert`, `follow_take`, `singleton_take`, …) take the `Tx` and stay
 //! associated functions of [`Store`]. Operator reads and writes are in `admin` (public through
-//! [`crate::Admin`]); reads only benchmarks and the built-ins use are in `bench`.
+//! [`crate::Admin`]). Benchmark-only reads and the built-ins' attempt log are not here: they are
+//! `harmony-bench`'s own.
 
 use std::time::Duration;
 
@@ -27,7 +28,6 @@ use crate::error::Result;
 use crate::hint;
 
 mod admin;
-mod bench;
 mod follow;
 mod machine;
 mod preempt;
@@ -36,17 +36,15 @@ mod task;
 #[cfg(test)]
 mod tests;
 
-pub use bench::{AttemptRow, AttemptStart, AttemptWhole, HistorySpan};
 pub(crate) use follow::FollowStore;
 pub(crate) use machine::{MachineRegister, MachineStore};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
 pub(crate) use task::{RecordBatch, TaskClaim, TaskStore};
 // The value types live in `model`; they stay reachable here for the engine's callers.
-pub use crate::model::{
-    AttemptResult, Candidate, ClaimOutcome, Claimed, Fate, HistoryQuery, HistoryRow, MachineFlags,
-    MachineId, MachineRow, Outcome, TaskId, TaskRow, TypeSummary,
-};
+#[cfg(test)]
+pub(crate) use crate::model::HistoryRow;
+pub(crate) use crate::model::{AttemptResult, Candidate, ClaimOutcome, Fate, Outcome};
 
 /// The store's traits, for `use crate::store::prelude::*` where the engine calls them.
 pub(crate) mod prelude {
@@ -63,11 +61,6 @@ impl Store {
     /// Wraps a database handle.
     pub fn new(db: Db) -> Self {
         Store { db }
-    }
-
-    /// The database.
-    pub fn db(&self) -> &Db {
-        &self.db
     }
 
     fn dialect(&self) -> Dialect {

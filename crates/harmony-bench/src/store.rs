@@ -1,11 +1,19 @@
-//! Reads and writes only benchmarks and the built-in types use: history spans and the
-//! built-ins' attempt log.
+//! The benchmarks' and built-in types' own SQL: the built-ins' attempt log
+//! (`harmony_test_attempt`) and the history spans throughput is measured from. These are not
+//! the engine's operations, so they live here and not in `harmonytask`'s store; the table's
+//! creation stays in the main migration set (see `ARCHITECTURE.md`).
 
-use harmonydb::{Dialect, Executor, Timestamp};
+use harmonydb::{Db, Dialect, Executor, Timestamp};
+use harmonytask::{MachineId, TaskId};
 
-use super::Store;
-use crate::error::Result;
-use crate::model::{MachineId, TaskId};
+/// `Result` of this module: database errors only.
+type Result<T> = harmonydb::Result<T>;
+
+/// The benchmarks' and built-ins' statements over one database.
+#[derive(Clone, Debug)]
+pub struct BenchStore {
+    db: Db,
+}
 
 /// The time span of recorded attempts, for throughput measurements.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +65,24 @@ pub struct AttemptStart {
     pub started_us: i64,
 }
 
-impl Store {
+impl BenchStore {
+    /// Wraps a database handle.
+    pub fn new(db: Db) -> Self {
+        BenchStore { db }
+    }
+
+    /// Whether a machine is registered at `host_and_port` (a node finished starting).
+    pub async fn machine_registered(&self, host_and_port: &str) -> Result<bool> {
+        Ok(self
+            .db
+            .query_opt::<(i64,)>(
+                "SELECT id FROM harmony_machines WHERE host_and_port = $1",
+                &[&host_and_port],
+            )
+            .await?
+            .is_some())
+    }
+
     /// Count and span of the attempts of `name` recorded after history id `after`.
     pub async fn history_span(&self, name: &str, after: i64) -> Result<HistorySpan> {
         let (attempts, first_start, last_end): (i64, Option<Timestamp>, Option<Timestamp>) = self
@@ -213,12 +238,11 @@ impl Store {
 
     /// Every logged attempt, by task then start.
     pub async fn attempts(&self) -> Result<Vec<AttemptRow>> {
-        Ok(self
-            .db
+        self.db
             .select(
                 "SELECT id, task_id, machine_id, started, ended, started_us FROM harmony_test_attempt ORDER BY task_id, started_us, id",
                 &[],
             )
-            .await?)
+            .await
     }
 }
