@@ -39,8 +39,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use harmony_bench::builtin::BUILTIN_TYPES;
-use harmonytask::resources::UNITS_MAX;
-use harmonytask::{ByteSize, Follow, Limiter, Resources, RetryWait, TypeDetails, validate_name};
+use harmonytask::{
+    ByteSize, Follow, Limiter, Resource, Resources, RetryWait, TypeDetails, validate_name,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -48,8 +49,6 @@ use crate::command_task::{KILL_GRACE_DEFAULT, Template};
 
 /// Largest per-node or cluster-wide concurrency limit accepted (anything above is a typo).
 const LIMIT_MAX: i64 = 1_000_000;
-/// Largest RAM cost accepted, the same bound as `Resources::validate` (1 EiB).
-const RAM_MAX: u64 = 1 << 60;
 /// Most task types one file may declare.
 const TASKS_MAX: usize = 1000;
 /// Largest tasks file read.
@@ -758,37 +757,22 @@ fn names(
     Ok(out)
 }
 
+/// The cost of an entry. Its bounds are the engine's (`Resources::validate`); an amount out of
+/// range is reported at the key that set it.
 fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources, TaskFileError> {
-    let units = |field: &str, v: &Spanned<f64>| -> Result<f64, TaskFileError> {
-        let x = *v.get_ref();
-        if !x.is_finite() || x < 0.0 {
-            return Err(src.error(
-                v.span(),
-                task,
-                field,
-                format!("must be a non-negative number, got {x}"),
-            ));
-        }
-        if x > UNITS_MAX {
-            return Err(src.error(
-                v.span(),
-                task,
-                field,
-                format!("{x} is absurdly large (the limit is {UNITS_MAX})"),
-            ));
-        }
-        Ok(x)
-    };
     let mut r = Resources::default();
+    let mut spans: Vec<(Resource, &'static str, Range<usize>)> = Vec::new();
     if let Some(cpu) = &c.cpu {
-        r.cpu = units("cost.cpu", cpu)?;
+        r.cpu = *cpu.get_ref();
+        spans.push((Resource::Cpu, "cost.cpu", cpu.span()));
     }
     if let Some(gpu) = &c.gpu {
-        r.gpu = units("cost.gpu", gpu)?;
+        r.gpu = *gpu.get_ref();
+        spans.push((Resource::Gpu, "cost.gpu", gpu.span()));
     }
     if let Some(ram) = c.ram {
         let s = ram.span();
-        let bytes = match ram.into_inner() {
+        r.ram = match ram.into_inner() {
             RawSize::Bytes(n) => u64::try_from(n).map_err(|_| {
                 src.error(
                     s.clone(),
@@ -803,16 +787,15 @@ fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources
                     .0
             }
         };
-        if bytes > RAM_MAX {
-            return Err(src.error(
-                s,
-                task,
-                "cost.ram",
-                "is absurdly large (the limit is 1 EiB)",
-            ));
-        }
-        r.ram = bytes;
+        spans.push((Resource::Ram, "cost.ram", s));
     }
+    r.validate().map_err(|e| {
+        let (field, span) = spans
+            .iter()
+            .find(|(resource, _, _)| *resource == e.resource)
+            .map_or(("cost", 0..0), |(_, field, span)| (*field, span.clone()));
+        src.error(span, task, field, e.problem)
+    })?;
     Ok(r)
 }
 

@@ -642,7 +642,7 @@ impl EngineBuilder {
 
     /// Validates everything, registers this machine and starts the loops.
     pub async fn start(self) -> Result<Engine> {
-        self.config.validate().map_err(Error::Config)?;
+        self.config.validate()?;
         let mut details = Vec::with_capacity(self.tasks.len());
         let mut seen = HashMap::new();
         for t in &self.tasks {
@@ -661,7 +661,7 @@ impl EngineBuilder {
         let budget = self.config.budget.unwrap_or_else(crate::resources::detect);
         budget
             .validate()
-            .map_err(|e| Error::Config(format!("budget: {e}")))?;
+            .map_err(crate::error::ConfigError::budget)?;
         let budget_units = budget.amounts();
         for d in &details {
             let (fit, short) = d.cost.amounts().how_many_fit(&budget_units);

@@ -51,7 +51,7 @@ pub use async_trait::async_trait;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
 pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
-pub use error::{Error, Result};
+pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
 pub use model::{
     AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, SingletonRow, TaskRow,

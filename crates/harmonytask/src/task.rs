@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use harmonydb::Db;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TypeError};
 pub use crate::model::{MachineId, RetryWait, TaskId};
 use crate::resources::Resources;
 
@@ -204,22 +204,21 @@ impl TypeDetails {
     /// Checks the declaration; the error names the field and what is wrong.
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
+        let name = || self.name.clone();
         self.cost
             .validate()
-            .map_err(|e| Error::InvalidType(format!("task type {}: cost: {e}", self.name)))?;
+            .map_err(|cost| TypeError::Cost { name: name(), cost })?;
         if let RetryWait::Exponential { factor, .. } = self.retry_wait
             && !(factor.is_finite() && factor >= 1.0)
         {
-            return Err(Error::InvalidType(format!(
-                "task type {}: retry_wait factor must be a finite number ≥ 1, got {factor}",
-                self.name
-            )));
+            return Err(TypeError::RetryFactor {
+                name: name(),
+                factor,
+            }
+            .into());
         }
         if self.timeout == Some(Duration::ZERO) {
-            return Err(Error::InvalidType(format!(
-                "task type {}: timeout must be positive (leave it unset for none)",
-                self.name
-            )));
+            return Err(TypeError::ZeroTimeout { name: name() }.into());
         }
         let follow_names: Vec<String> = self.follows.iter().map(|f| f.from.clone()).collect();
         for other in self
@@ -228,8 +227,10 @@ impl TypeDetails {
             .chain(&self.scheduling_overrides)
             .chain(&follow_names)
         {
-            validate_name(other)
-                .map_err(|e| Error::InvalidType(format!("task type {}: {e}", self.name)))?;
+            validate_name(other).map_err(|e| TypeError::BadReference {
+                name: name(),
+                problem: e.to_string(),
+            })?;
         }
         Ok(())
     }

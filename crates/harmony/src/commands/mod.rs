@@ -67,7 +67,6 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
             harmonytask::Error::InvalidName(_)
             | harmonytask::Error::InvalidType(_)
             | harmonytask::Error::DuplicateType(_)
-            | harmonytask::Error::FollowCycle(_)
             | harmonytask::Error::UnknownType(_)
             | harmonytask::Error::Task(_)
             | harmonytask::Error::Config(_)

@@ -161,7 +161,9 @@ fn detect_cycle(children: &HashMap<&str, Vec<&str>>) -> Result<()> {
         if let Some(pos) = path.iter().position(|p| *p == next) {
             let mut cycle: Vec<&str> = path[pos..].to_vec();
             cycle.push(next);
-            return Err(Error::FollowCycle(cycle.join(" -> ")));
+            return Err(Error::InvalidType(crate::error::TypeError::FollowsCycle {
+                path: cycle.into_iter().map(str::to_owned).collect(),
+            }));
         }
         path.push(next);
         cur = next;
