@@ -29,7 +29,27 @@ pub enum Error {
         "task type {0:?} is not a singleton (no node has registered it as one); run-now only applies to singleton types"
     )]
     NotSingleton(String),
-    /// A task does not exist or is not in the state the operation needs.
+    /// A task that is neither pending, running nor in the history.
+    #[error("task {0} does not exist")]
+    TaskNotFound(crate::model::TaskId),
+    /// A restart of a task that is still pending or running.
+    #[error("task {id} ({name}) is still queued or running; only failed tasks can be restarted")]
+    TaskActive {
+        /// The task.
+        id: crate::model::TaskId,
+        /// Its type.
+        name: String,
+    },
+    /// A restart of a task whose last attempt succeeded.
+    #[error("task {id} ({name}) completed successfully; there is nothing to restart")]
+    TaskSucceeded {
+        /// The task.
+        id: crate::model::TaskId,
+        /// Its type.
+        name: String,
+    },
+    /// A transaction that should have decided an operation did not (an internal invariant
+    /// failed); the text says which operation.
     #[error("{0}")]
     Task(String),
     /// This node's machine row was deleted (another node declared it dead): it must stop,

@@ -69,6 +69,9 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
             | harmonytask::Error::DuplicateType(_)
             | harmonytask::Error::UnknownType(_)
             | harmonytask::Error::Task(_)
+            | harmonytask::Error::TaskNotFound(_)
+            | harmonytask::Error::TaskActive { .. }
+            | harmonytask::Error::TaskSucceeded { .. }
             | harmonytask::Error::Config(_)
             | harmonytask::Error::AddressInUse { .. }
             | harmonytask::Error::MachineNotFound(_)

@@ -78,7 +78,7 @@ impl Store {
                     .query_opt("SELECT name FROM harmony_task WHERE id = $1", &[&id])
                     .await?;
                 if let Some((name,)) = pending {
-                    return Ok(Some(Err(format!("task {id} ({name}) is still queued or running; only failed tasks can be restarted"))));
+                    return Ok(Some(Err(Error::TaskActive { id, name })));
                 }
                 let last: Option<(String, Timestamp, bool)> = tx
                     .query_opt(
@@ -87,10 +87,10 @@ impl Store {
                     )
                     .await?;
                 let Some((name, posted, result)) = last else {
-                    return Ok(Some(Err(format!("task {id} does not exist"))));
+                    return Ok(Some(Err(Error::TaskNotFound(id))));
                 };
                 if result {
-                    return Ok(Some(Err(format!("task {id} ({name}) completed successfully; there is nothing to restart"))));
+                    return Ok(Some(Err(Error::TaskSucceeded { id, name })));
                 }
                 tx.exec(
                     "INSERT INTO harmony_task (id, name, posted_time, update_time, added_by, retries) VALUES ($1, $2, $3, $4, $5, 0)",
@@ -100,9 +100,7 @@ impl Store {
                 Ok(Some(Ok(name)))
             })
             .await?;
-        restarted
-            .unwrap_or_else(|| Err("restart rolled back".into()))
-            .map_err(Error::Task)
+        restarted.unwrap_or_else(|| Err(Error::Task("restart rolled back".into())))
     }
 
     /// Pending and running tasks, oldest first, at most `limit`.

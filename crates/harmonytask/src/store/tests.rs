@@ -11,6 +11,7 @@ use harmonydb::{Executor, Timestamp};
 
 use super::prelude::*;
 use super::{MachineRegister, RecordBatch, Store, TaskClaim};
+use crate::error::Error;
 use crate::model::{Fate, HistoryQuery, MachineId, Outcome, TaskId};
 
 fn now() -> Timestamp {
@@ -211,7 +212,37 @@ async fn cluster_limit_counts_every_owner(t: &TestDb) {
     assert!(y.cluster_full);
 }
 
+/// Restarting a task: only a failed one is re-queued; the others are refused with their kind.
+async fn restart_only_failed_tasks(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    let ids = add(&s, 2).await;
+    let restart = |id| s.task_restart(id, MachineId(0), now());
+    assert!(matches!(
+        restart(ids[0]).await,
+        Err(Error::TaskActive { id, .. }) if id == ids[0]
+    ));
+    assert!(matches!(
+        restart(TaskId(424_242)).await,
+        Err(Error::TaskNotFound(TaskId(424_242)))
+    ));
+    s.task_claim(&claim(&ids, a)).await.unwrap();
+    let outcomes = [outcome(ids[0], Fate::Done), outcome(ids[1], Fate::Fail)];
+    s.task_record(&batch(a, &outcomes)).await.unwrap();
+    assert!(matches!(
+        restart(ids[0]).await,
+        Err(Error::TaskSucceeded { id, .. }) if id == ids[0]
+    ));
+    assert_eq!(restart(ids[1]).await.unwrap(), "t");
+    let polled = s.task_poll("t", 10).await.unwrap();
+    assert_eq!(
+        polled.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![ids[1]]
+    );
+}
+
 harmony_testkit::both_backends!(
+    restart_only_failed_tasks,
     claim_takes_only_unowned,
     concurrent_claims_are_atomic,
     record_by_non_owner_writes_nothing,
