@@ -64,10 +64,9 @@ impl Store {
         ids: &[i64],
         last_history: i64,
     ) -> harmonydb::Result<()> {
-        let delete = tx.dialect().pick(
-            "DELETE FROM harmony_task_follow_queue WHERE id IN (SELECT value FROM json_each($1))",
-            "DELETE FROM harmony_task_follow_queue WHERE id = ANY($1::bigint[])",
-        );
+        let delete =
+            harmonydb::id_list_sql!("DELETE FROM harmony_task_follow_queue WHERE ", "id", 1, "")
+                .get(tx.dialect());
         let ids = ids.to_vec();
         tx.exec(delete, &[&ids]).await?;
         tx.exec(

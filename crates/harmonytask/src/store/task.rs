@@ -210,22 +210,28 @@ impl TaskStore for Store {
         let delete_ids = ids_of(&[Fate::Done, Fate::Fail]);
         let retry_ids = ids_of(&[Fate::Retry]);
         let release_ids = ids_of(&[Fate::Release]);
-        let delete = dialect.pick(
-            "DELETE FROM harmony_task WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id",
-            "DELETE FROM harmony_task WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id",
-        );
-        let retry = dialect.pick(
+        let delete = harmonydb::id_list_sql!(
+            "DELETE FROM harmony_task WHERE owner_id = $1 AND ",
+            "id",
+            2,
+            " RETURNING id"
+        )
+        .get(dialect);
+        let retry = harmonydb::id_list_sql!(
             "UPDATE harmony_task SET owner_id = NULL, retries = retries + 1, update_time = $3
-             WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id",
-            "UPDATE harmony_task SET owner_id = NULL, retries = retries + 1, update_time = $3
-             WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id",
-        );
-        let release = dialect.pick(
-            "UPDATE harmony_task SET owner_id = NULL, update_time = $3
-             WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id",
-            "UPDATE harmony_task SET owner_id = NULL, update_time = $3
-             WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id",
-        );
+             WHERE owner_id = $1 AND ",
+            "id",
+            2,
+            " RETURNING id"
+        )
+        .get(dialect);
+        let release = harmonydb::id_list_sql!(
+            "UPDATE harmony_task SET owner_id = NULL, update_time = $3 WHERE owner_id = $1 AND ",
+            "id",
+            2,
+            " RETURNING id"
+        )
+        .get(dialect);
         let recorded = self
             .db
             .transaction_with(harmonydb::TxOptions::retry(), |tx| {
