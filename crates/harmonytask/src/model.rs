@@ -168,6 +168,18 @@ pub struct Candidate {
     pub retries: u32,
 }
 
+impl Candidate {
+    /// A task just added at `posted`: no failures, never released.
+    pub fn added(id: TaskId, posted: Timestamp) -> Self {
+        Candidate {
+            id,
+            posted,
+            updated: posted,
+            retries: 0,
+        }
+    }
+}
+
 impl FromRow for Candidate {
     fn from_row(row: &Row) -> harmonydb::Result<Self> {
         Ok(Candidate {

@@ -40,7 +40,7 @@ pub(crate) use follow::FollowStore;
 pub(crate) use machine::{MachineRegister, MachineStore};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
-pub(crate) use task::{RecordBatch, TaskClaim, TaskStore};
+pub(crate) use task::{NewTask, RecordBatch, TaskClaim, TaskStore};
 // The value types live in `model`; they stay reachable here for the engine's callers.
 #[cfg(test)]
 pub(crate) use crate::model::HistoryRow;

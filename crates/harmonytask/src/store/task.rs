@@ -342,9 +342,60 @@ impl TaskStore for Store {
     }
 }
 
+/// A new task row, written inside the caller's transaction by [`Store::task_add`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewTask<'a> {
+    /// Its type.
+    pub name: &'a str,
+    /// Its creation time (also its first `update_time`).
+    pub posted: Timestamp,
+    /// The adding machine (0 for a client).
+    pub added_by: MachineId,
+    /// The task whose completion created it (followers).
+    pub previous: Option<TaskId>,
+    /// Send the wake-up hint with the commit (Postgres).
+    pub notify: bool,
+}
+
 impl Store {
+    /// Adds one task inside `tx`: the row, and with `notify` its `addt` hint (delivered on
+    /// commit). Returns it as the scheduler's candidate, so that the adding node can offer it
+    /// to its own scheduler without a poll.
+    pub(crate) async fn task_add(tx: &Tx, t: &NewTask<'_>) -> harmonydb::Result<Candidate> {
+        let id = Store::task_insert(tx, t.name, t.posted, t.added_by, t.previous).await?;
+        if t.notify {
+            let hint = Hint::Added {
+                name: t.name.to_owned(),
+                task: Some((id, t.posted)),
+            };
+            Store::notify_in(tx, &hint.payload(t.added_by)).await?;
+        }
+        Ok(Candidate::added(id, t.posted))
+    }
+
+    /// Adds `count` tasks of one type inside `tx` with one statement and one `add` hint (with
+    /// `notify`); `t.previous` is not written. Returns the candidates in id order.
+    pub(crate) async fn task_add_many(
+        tx: &Tx,
+        t: &NewTask<'_>,
+        count: usize,
+    ) -> harmonydb::Result<Vec<Candidate>> {
+        let ids = Store::task_insert_many(tx, t.name, count, t.posted, t.added_by).await?;
+        if t.notify {
+            let hint = Hint::Added {
+                name: t.name.to_owned(),
+                task: None,
+            };
+            Store::notify_in(tx, &hint.payload(t.added_by)).await?;
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| Candidate::added(id, t.posted))
+            .collect())
+    }
+
     /// Inserts one task row inside `tx`; returns its id.
-    pub(crate) async fn task_insert(
+    async fn task_insert(
         tx: &Tx,
         name: &str,
         posted: Timestamp,
@@ -360,7 +411,7 @@ impl Store {
 
     /// Inserts `count` task rows of one type inside `tx` with one statement; returns their ids
     /// in ascending order.
-    pub(crate) async fn task_insert_many(
+    async fn task_insert_many(
         tx: &Tx,
         name: &str,
         count: usize,
