@@ -32,6 +32,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod follow;
+pub mod graph;
 mod hint;
 mod machine;
 pub mod metrics;

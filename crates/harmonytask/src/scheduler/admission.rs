@@ -1,7 +1,7 @@
 //! Pure scheduling decisions: the order in which types are considered in a pass, and how many
 //! tasks of a type may be claimed now (or why none). No I/O; unit-tested directly.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 
 use harmonydb::Timestamp;
 
@@ -113,60 +113,28 @@ pub(crate) fn downstream_order(
 }
 
 fn detect_cycle(children: &HashMap<&str, Vec<&str>>) -> Result<()> {
-    // Kahn's algorithm; whatever cannot be ordered is on (or behind) a cycle.
-    let mut indegree: HashMap<&str, usize> = HashMap::new();
-    for (p, cs) in children {
-        indegree.entry(p).or_default();
-        for c in cs {
-            *indegree.entry(c).or_default() += 1;
-        }
-    }
-    let mut queue: VecDeque<&str> = indegree
+    // Sorted, so that the cycle reported does not depend on hash order.
+    let mut names: Vec<&str> = children.keys().copied().collect();
+    names.extend(children.values().flatten().copied());
+    names.sort_unstable();
+    names.dedup();
+    let index = |n: &str| names.binary_search(&n).expect("listed above");
+    let edges: Vec<Vec<usize>> = names
         .iter()
-        .filter(|(_, d)| **d == 0)
-        .map(|(n, _)| *n)
+        .map(|n| {
+            children
+                .get(n)
+                .into_iter()
+                .flatten()
+                .map(|c| index(c))
+                .collect()
+        })
         .collect();
-    let mut ordered = 0;
-    while let Some(n) = queue.pop_front() {
-        ordered += 1;
-        for c in children.get(n).into_iter().flatten() {
-            let d = indegree.get_mut(c).expect("known node");
-            *d -= 1;
-            if *d == 0 {
-                queue.push_back(c);
-            }
-        }
-    }
-    if ordered == indegree.len() {
-        return Ok(());
-    }
-    // Walk from a node left over to print one concrete cycle.
-    let start = indegree
-        .iter()
-        .filter(|(_, d)| **d > 0)
-        .map(|(n, _)| *n)
-        .min()
-        .expect("leftover");
-    let mut path = vec![start];
-    let mut cur = start;
-    loop {
-        let next = children
-            .get(cur)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|c| indegree.get(c).copied().unwrap_or(0) > 0)
-            .min()
-            .expect("a node on a cycle has a successor on it");
-        if let Some(pos) = path.iter().position(|p| *p == next) {
-            let mut cycle: Vec<&str> = path[pos..].to_vec();
-            cycle.push(next);
-            return Err(Error::InvalidType(crate::error::TypeError::FollowsCycle {
-                path: cycle.into_iter().map(str::to_owned).collect(),
-            }));
-        }
-        path.push(next);
-        cur = next;
+    match crate::graph::find_cycle(&edges) {
+        None => Ok(()),
+        Some(cycle) => Err(Error::InvalidType(crate::error::TypeError::FollowsCycle {
+            path: cycle.into_iter().map(|i| names[i].to_owned()).collect(),
+        })),
     }
 }
 
