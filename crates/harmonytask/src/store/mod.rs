@@ -41,10 +41,16 @@ pub(crate) use machine::{MachineRegister, MachineStore};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
 pub(crate) use task::{NewTask, RecordBatch, TaskClaim, TaskStore};
-// The value types live in `model`; they stay reachable here for the engine's callers.
-#[cfg(test)]
-pub(crate) use crate::model::HistoryRow;
-pub(crate) use crate::model::{AttemptResult, Candidate, ClaimOutcome, Fate, Outcome};
+// The value types live in `model`. Every name the store used to define stays reachable here,
+// so that the loops being rewritten alongside (issue 9 part A) keep compiling when merged;
+// the unused ones go once that code imports from `model`.
+#[allow(unused_imports)]
+pub(crate) use crate::model::{
+    AttemptResult, Candidate, ClaimOutcome, Claimed, Fate, HistoryQuery, HistoryRow, MachineFlags,
+    MachineRow, Outcome, TaskRow, TypeSummary,
+};
+#[allow(unused_imports)]
+pub(crate) use {follow::QueuedFollow, machine::Registered, task::Recorded};
 
 /// The store's traits, for `use crate::store::prelude::*` where the engine calls them.
 pub(crate) mod prelude {

@@ -395,7 +395,7 @@ impl Store {
     }
 
     /// Inserts one task row inside `tx`; returns its id.
-    async fn task_insert(
+    pub(crate) async fn task_insert(
         tx: &Tx,
         name: &str,
         posted: Timestamp,
@@ -411,7 +411,7 @@ impl Store {
 
     /// Inserts `count` task rows of one type inside `tx` with one statement; returns their ids
     /// in ascending order.
-    async fn task_insert_many(
+    pub(crate) async fn task_insert_many(
         tx: &Tx,
         name: &str,
         count: usize,
