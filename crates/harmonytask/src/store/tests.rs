@@ -241,7 +241,64 @@ async fn restart_only_failed_tasks(t: &TestDb) {
     );
 }
 
+/// A live machine's address is never taken over: the second registration fails with
+/// `AddressInUse` and writes no machine row.
+async fn register_refuses_a_live_address(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    let second = s
+        .machine_register(&MachineRegister {
+            host_and_port: "a:1",
+            cpu: 1.0,
+            ram: 0,
+            gpu: 0.0,
+            tasks: "",
+            layers: "",
+            name: "again",
+            version: "test",
+            now: now(),
+            dead_after: Duration::from_secs(30),
+        })
+        .await;
+    assert!(
+        matches!(second, Err(Error::AddressInUse { machine, .. }) if machine == a.0),
+        "{second:?}"
+    );
+    let machines = s.machine_list().await.unwrap();
+    assert_eq!(machines.iter().map(|m| m.id).collect::<Vec<_>>(), vec![a]);
+}
+
+/// The heartbeat reads the operator's flags; flags on a machine that is gone change nothing.
+async fn heartbeat_reads_operator_flags(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    let flags = s.machine_heartbeat(a).await.unwrap().unwrap();
+    assert!(!flags.unschedulable && !flags.restart_requested);
+    assert!(s.machine_set_unschedulable(a, true, false).await.unwrap());
+    assert!(s.machine_request_restart(a, now(), false).await.unwrap());
+    let flags = s.machine_heartbeat(a).await.unwrap().unwrap();
+    assert!(flags.unschedulable && flags.restart_requested);
+    s.machine_clear_restart(a).await.unwrap();
+    let flags = s.machine_heartbeat(a).await.unwrap().unwrap();
+    assert!(!flags.unschedulable && !flags.restart_requested);
+    s.machine_unregister(a).await.unwrap();
+    assert!(!s.machine_set_unschedulable(a, true, false).await.unwrap());
+    assert_eq!(s.machine_heartbeat(a).await.unwrap(), None);
+    // The operator API says so with its not-found kind.
+    let admin = crate::Admin::new(t.db.clone()).with_notify(false);
+    assert!(matches!(
+        admin.cordon(a).await,
+        Err(Error::MachineNotFound(m)) if m == a
+    ));
+    assert!(matches!(
+        admin.request_restart(a).await,
+        Err(Error::MachineNotFound(m)) if m == a
+    ));
+}
+
 harmony_testkit::both_backends!(
+    register_refuses_a_live_address,
+    heartbeat_reads_operator_flags,
     restart_only_failed_tasks,
     claim_takes_only_unowned,
     concurrent_claims_are_atomic,
