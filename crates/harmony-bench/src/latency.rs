@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use harmonytask::builtin::BENCH_NOOP;
-use harmonytask::store::Store;
+use crate::builtin::BENCH_NOOP;
+use crate::store::BenchStore;
 use harmonytask::{
     Client, Done, Engine, EngineConfig, Resources, RunContext, Task, TaskError, TaskId,
     TypeDetails, async_trait,
@@ -112,7 +112,7 @@ async fn run_now_and_follow(fresh: &FreshDb, n: usize) -> anyhow::Result<Vec<Ben
         .config(node_config())
         .start()
         .await?;
-    let store = Store::new(db.clone());
+    let store = BenchStore::new(db.clone());
     // The singleton's first run comes by itself (its interval has never passed).
     stamped(&single_starts, 1).await?;
     let begin = Instant::now();
@@ -251,7 +251,7 @@ async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
 
 async fn cross_node(opts: &BenchOptions, fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
     let db = fresh.open().await?;
-    let store = Store::new(db.clone());
+    let store = BenchStore::new(db.clone());
     let mut node = NodeProcess::spawn(&opts.harmony_exe, &fresh.url, &["--types", BENCH_NOOP])?;
     node.wait_registered(&store).await?;
     // Let the node finish its start-up poll so every task below is found by a wake-up.

@@ -11,6 +11,7 @@
 //! [`Workload::Cluster`], [`Workload::Packing`], [`Workload::Memory`] and [`Workload::Db`] (the
 //! SQL layer's overhead over the raw drivers).
 
+pub mod builtin;
 mod db;
 mod fresh;
 mod latency;
@@ -19,6 +20,7 @@ mod node;
 mod packing;
 mod recovery;
 mod reference;
+pub mod store;
 mod throughput;
 
 use std::fmt::Write as _;

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use harmonytask::builtin::BENCH_NOOP;
-use harmonytask::store::Store;
+use crate::builtin::BENCH_NOOP;
+use crate::store::BenchStore;
 
 use crate::fresh::FreshDb;
 use crate::node::NodeProcess;
@@ -20,7 +20,7 @@ pub(crate) async fn memory(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResul
     // Idle: registered, polling, heartbeating, nothing to do.
     let fresh = FreshDb::create(&opts.db_url).await?;
     let db = fresh.open().await?;
-    let store = Store::new(db.clone());
+    let store = BenchStore::new(db.clone());
     let mut node = NodeProcess::spawn(&opts.harmony_exe, &fresh.url, &[])?;
     node.wait_registered(&store).await?;
     tokio::time::sleep(IDLE_SETTLE).await;

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::store::BenchStore;
 use anyhow::{Context, bail};
-use harmonytask::store::Store;
 use tokio::process::{Child, Command};
 
 /// A running node process; killed if dropped while running.
@@ -45,18 +45,13 @@ impl NodeProcess {
     }
 
     /// Waits until the node has registered its machine row.
-    pub(crate) async fn wait_registered(&mut self, store: &Store) -> anyhow::Result<()> {
+    pub(crate) async fn wait_registered(&mut self, store: &BenchStore) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("node {} exited during start-up: {status}", self.listen);
             }
-            if store
-                .machine_list()
-                .await?
-                .iter()
-                .any(|m| m.host_and_port == self.listen)
-            {
+            if store.machine_registered(&self.listen).await? {
                 return Ok(());
             }
             if start.elapsed() > Duration::from_secs(60) {

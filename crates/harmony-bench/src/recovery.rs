@@ -7,12 +7,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
 use harmonydb::Timestamp;
-use harmonytask::builtin::BENCH_SLEEP;
-use harmonytask::store::{HistoryQuery, Store};
-use harmonytask::{Client, TaskId};
+use harmonytask::{Admin, Client, HistoryQuery, TaskId};
 
+use crate::builtin::BENCH_SLEEP;
 use crate::fresh::FreshDb;
 use crate::node::NodeProcess;
+use crate::store::BenchStore;
 use crate::{BenchOptions, BenchResult};
 
 /// How long each task sleeps.
@@ -22,7 +22,8 @@ pub(crate) async fn recovery(opts: &BenchOptions) -> anyhow::Result<Vec<BenchRes
     let n = opts.tasks.unwrap_or(20);
     let fresh = FreshDb::create(&opts.db_url).await?;
     let db = fresh.open().await?;
-    let store = Store::new(db.clone());
+    let store = BenchStore::new(db.clone());
+    let admin = Admin::new(db.clone());
     let mut first = NodeProcess::spawn(&opts.harmony_exe, &fresh.url, &["--types", BENCH_SLEEP])?;
     first.wait_registered(&store).await?;
     // All tasks go to the first node, which then dies; the second is up before the kill.
@@ -32,7 +33,7 @@ pub(crate) async fn recovery(opts: &BenchOptions) -> anyhow::Result<Vec<BenchRes
         .await?;
     let started = Instant::now();
     loop {
-        let owned = store.task_list(Some(BENCH_SLEEP), n + 1).await?;
+        let owned = admin.tasks(Some(BENCH_SLEEP), n + 1).await?;
         if owned.len() == n && owned.iter().all(|t| t.owner_id.is_some()) {
             break;
         }
@@ -53,7 +54,7 @@ pub(crate) async fn recovery(opts: &BenchOptions) -> anyhow::Result<Vec<BenchRes
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let history = store
+    let history = admin
         .history(&HistoryQuery {
             name: Some(BENCH_SLEEP.to_owned()),
             limit: 10 * n,

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::builtin::{BENCH_NOOP, builtins};
+use crate::store::BenchStore;
 use harmonydb::Db;
-use harmonytask::builtin::{BENCH_NOOP, builtins};
-use harmonytask::store::Store;
 use harmonytask::{Client, Engine, EngineConfig, Resources};
 use tokio::sync::Notify;
 
@@ -81,7 +81,7 @@ fn node_budget() -> Resources {
 }
 
 /// Drain rate from history: tasks over (last end − first start) of the recorded attempts.
-async fn history_rate(store: &Store, after: i64) -> anyhow::Result<(usize, f64)> {
+async fn history_rate(store: &BenchStore, after: i64) -> anyhow::Result<(usize, f64)> {
     let span = store.history_span(BENCH_NOOP, after).await?;
     let secs = match (span.first_start, span.last_end) {
         (Some(a), Some(b)) => b.since(a).as_secs_f64().max(0.001),
@@ -100,7 +100,7 @@ pub(crate) async fn throughput(opts: &BenchOptions) -> anyhow::Result<Vec<BenchR
     reset_peak_rss();
     let node = Counted::start(&db, node_budget()).await?;
     node.until(n).await;
-    let store = Store::new(db.clone());
+    let store = BenchStore::new(db.clone());
     let (tasks, secs) = history_rate(&store, 0).await?;
     node.engine.shutdown().await?;
     drop(db);
@@ -131,7 +131,7 @@ pub(crate) async fn backlog(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResu
         let fresh = FreshDb::create(&opts.db_url).await?;
         let reference = reference_commits_per_s(&fresh.url).await?;
         let db = fresh.open().await?;
-        let store = Store::new(db.clone());
+        let store = BenchStore::new(db.clone());
         let mut rate_detail = String::new();
         let (measured, secs) = if size < MEASURED {
             // Rounds: queue `size`, drain it, repeat; only drain time counts.
@@ -190,7 +190,7 @@ pub(crate) async fn cluster(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResu
         let fresh = FreshDb::create(&opts.db_url).await?;
         let reference = reference_commits_per_s(&fresh.url).await?;
         let db = fresh.open().await?;
-        let store = Store::new(db.clone());
+        let store = BenchStore::new(db.clone());
         let mut procs = Vec::new();
         for _ in 0..nodes {
             // Each node gets an even share of the machine, as separate machines would have.

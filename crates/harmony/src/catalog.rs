@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
+use harmony_bench::builtin::{BUILTIN_TYPES, builtins};
 use harmonydb::Db;
-use harmonytask::builtin::{BUILTIN_TYPES, builtins};
 use harmonytask::{
     Done, EngineView, Resources, RunContext, Task, TaskAdder, TaskError, TaskId, TypeDetails,
     async_trait,

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harmonydb::Db;
-use harmonytask::store::{HistoryQuery, Store};
+use harmonytask::{Admin, HistoryQuery};
 use harmonytask::{
     ByteSize, Done, Engine, EngineConfig, Resources, RetryWait, RunContext, Task, TaskAdder,
     TaskError, TaskId, TypeDetails, async_trait,
@@ -245,7 +245,7 @@ pub async fn run(
         .map(|s| s.progress_chars("=> "))
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let store = Store::new(db.clone());
+    let store = Admin::new(db.clone());
     let interrupted = loop {
         tokio::select! {
             () = tokio::time::sleep(PROGRESS_INTERVAL) => {}
@@ -305,7 +305,7 @@ async fn report(
     elapsed: Duration,
     interrupted: bool,
 ) -> anyhow::Result<Report> {
-    let store = Store::new(db.clone());
+    let store = Admin::new(db.clone());
     let summaries = store.type_summaries().await?;
     // Per type: which tasks ran, and which of them succeeded (a task whose every attempt
     // failed failed for good).

@@ -38,9 +38,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use harmonytask::builtin::BUILTIN_TYPES;
-use harmonytask::resources::UNITS_MAX;
-use harmonytask::{ByteSize, Follow, Limiter, Resources, RetryWait, TypeDetails, validate_name};
+use harmony_bench::builtin::BUILTIN_TYPES;
+use harmonytask::graph::find_cycle;
+use harmonytask::{
+    ByteSize, Follow, Limiter, Resource, Resources, RetryWait, TypeDetails, validate_name,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -48,8 +50,6 @@ use crate::command_task::{KILL_GRACE_DEFAULT, Template};
 
 /// Largest per-node or cluster-wide concurrency limit accepted (anything above is a typo).
 const LIMIT_MAX: i64 = 1_000_000;
-/// Largest RAM cost accepted, the same bound as `Resources::validate` (1 EiB).
-const RAM_MAX: u64 = 1 << 60;
 /// Most task types one file may declare.
 const TASKS_MAX: usize = 1000;
 /// Largest tasks file read.
@@ -67,7 +67,7 @@ pub struct TaskFileError(pub String);
 pub enum TaskKind {
     /// A command line: program and arguments, each a template.
     Command(Vec<Template>),
-    /// A built-in type's behaviour (one of `harmonytask::builtin::BUILTIN_TYPES`).
+    /// A built-in type's behaviour (one of `harmony_bench::builtin::BUILTIN_TYPES`).
     Builtin(&'static str),
 }
 
@@ -447,54 +447,6 @@ fn check_refs(src: &Source<'_>, specs: &[TaskSpec], refs: &[Refs]) -> Result<(),
     Ok(())
 }
 
-/// A cycle in a directed graph given as adjacency lists, as a path that starts and ends at the
-/// same node (the first one found, scanning nodes in order).
-fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        New,
-        OnPath,
-        Done,
-    }
-    fn visit(
-        n: usize,
-        edges: &[Vec<usize>],
-        marks: &mut [Mark],
-        path: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
-        marks[n] = Mark::OnPath;
-        path.push(n);
-        for &m in &edges[n] {
-            match marks[m] {
-                Mark::OnPath => {
-                    let start = path.iter().position(|&p| p == m).unwrap_or(0);
-                    let mut cycle = path[start..].to_vec();
-                    cycle.push(m);
-                    return Some(cycle);
-                }
-                Mark::New => {
-                    if let Some(c) = visit(m, edges, marks, path) {
-                        return Some(c);
-                    }
-                }
-                Mark::Done => {}
-            }
-        }
-        path.pop();
-        marks[n] = Mark::Done;
-        None
-    }
-    let mut marks = vec![Mark::New; edges.len()];
-    for n in 0..edges.len() {
-        if marks[n] == Mark::New
-            && let Some(c) = visit(n, edges, &mut marks, &mut Vec::new())
-        {
-            return Some(c);
-        }
-    }
-    None
-}
-
 fn task_spec(
     src: &Source<'_>,
     span: Range<usize>,
@@ -758,37 +710,22 @@ fn names(
     Ok(out)
 }
 
+/// The cost of an entry. Its bounds are the engine's (`Resources::validate`); an amount out of
+/// range is reported at the key that set it.
 fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources, TaskFileError> {
-    let units = |field: &str, v: &Spanned<f64>| -> Result<f64, TaskFileError> {
-        let x = *v.get_ref();
-        if !x.is_finite() || x < 0.0 {
-            return Err(src.error(
-                v.span(),
-                task,
-                field,
-                format!("must be a non-negative number, got {x}"),
-            ));
-        }
-        if x > UNITS_MAX {
-            return Err(src.error(
-                v.span(),
-                task,
-                field,
-                format!("{x} is absurdly large (the limit is {UNITS_MAX})"),
-            ));
-        }
-        Ok(x)
-    };
     let mut r = Resources::default();
+    let mut spans: Vec<(Resource, &'static str, Range<usize>)> = Vec::new();
     if let Some(cpu) = &c.cpu {
-        r.cpu = units("cost.cpu", cpu)?;
+        r.cpu = *cpu.get_ref();
+        spans.push((Resource::Cpu, "cost.cpu", cpu.span()));
     }
     if let Some(gpu) = &c.gpu {
-        r.gpu = units("cost.gpu", gpu)?;
+        r.gpu = *gpu.get_ref();
+        spans.push((Resource::Gpu, "cost.gpu", gpu.span()));
     }
     if let Some(ram) = c.ram {
         let s = ram.span();
-        let bytes = match ram.into_inner() {
+        r.ram = match ram.into_inner() {
             RawSize::Bytes(n) => u64::try_from(n).map_err(|_| {
                 src.error(
                     s.clone(),
@@ -803,16 +740,15 @@ fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources
                     .0
             }
         };
-        if bytes > RAM_MAX {
-            return Err(src.error(
-                s,
-                task,
-                "cost.ram",
-                "is absurdly large (the limit is 1 EiB)",
-            ));
-        }
-        r.ram = bytes;
+        spans.push((Resource::Ram, "cost.ram", s));
     }
+    r.validate().map_err(|e| {
+        let (field, span) = spans
+            .iter()
+            .find(|(resource, _, _)| *resource == e.resource)
+            .map_or(("cost", 0..0), |(_, field, span)| (*field, span.clone()));
+        src.error(span, task, field, e.problem)
+    })?;
     Ok(r)
 }
 
@@ -1108,18 +1044,6 @@ singleton = "1s"
         );
         assert_eq!(read_bounded(&b"0123456789x"[..], 10).unwrap(), None);
         assert_eq!(read_bounded(&b""[..], 10).unwrap(), Some(Vec::new()));
-    }
-
-    #[test]
-    fn cycles_are_found() {
-        assert_eq!(find_cycle(&[vec![1], vec![2], vec![]]), None);
-        assert_eq!(find_cycle(&[vec![0]]), Some(vec![0, 0]));
-        assert_eq!(
-            find_cycle(&[vec![1], vec![2], vec![1]]),
-            Some(vec![1, 2, 1])
-        );
-        // A diamond is not a cycle.
-        assert_eq!(find_cycle(&[vec![1, 2], vec![3], vec![3], vec![]]), None);
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::time::Duration;
 use common::*;
 use harmony_testkit::{Backend, TestDb, eventually, unique_suffix};
 use harmonydb::Executor;
-use harmonytask::store::Store;
 use nix::sys::signal::Signal;
 
 harmony_testkit::both_backends!(
@@ -377,7 +376,10 @@ async fn a_follower_chain_survives_sigkill(t: &TestDb) {
             "{stage}: tasks in history (a follow-up created twice would add one)"
         );
     }
-    let pending = Store::new(t.db.clone()).follow_pending().await.unwrap();
+    let pending = harmonytask::Admin::new(t.db.clone())
+        .follow_pending()
+        .await
+        .unwrap();
     assert!(pending.is_empty(), "follow queue not empty: {pending:?}");
     // No task ran on two live nodes at once; the killed node's attempts were cut short.
     let by_task = attempts(t).await;
@@ -456,12 +458,15 @@ async fn a_singleton_never_overlaps_and_runs_now_on_request(t: &TestDb) {
     let out = ok_json(db, &["task", "run-now", "hourly"]).await;
     assert_eq!(out["run_now"], "hourly");
     wait_succeeded(t, "hourly", 2, Duration::from_secs(30)).await;
-    let (_, _, pending) = Store::new(t.db.clone())
-        .singleton_get("hourly")
+    let singleton = harmonytask::Admin::new(t.db.clone())
+        .singleton("hourly")
         .await
         .unwrap()
         .expect("singleton row");
-    assert!(!pending, "the run-now flag is cleared when it runs");
+    assert!(
+        !singleton.run_now_request,
+        "the run-now flag is cleared when it runs"
+    );
     assert_eq!(
         completed_by(t, "hourly").await,
         vec![hourly.listen.clone(); 2]

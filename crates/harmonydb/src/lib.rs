@@ -104,6 +104,62 @@ impl Dialect {
     }
 }
 
+/// One statement written for both dialects, as [`id_list_sql!`] builds it; pick the text with
+/// [`PerDialect::get`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerDialect {
+    /// The SQLite text.
+    pub sqlite: &'static str,
+    /// The Postgres text.
+    pub postgres: &'static str,
+}
+
+impl PerDialect {
+    /// The text for `dialect`.
+    pub const fn get(self, dialect: Dialect) -> &'static str {
+        match dialect {
+            Dialect::Sqlite => self.sqlite,
+            Dialect::Postgres => self.postgres,
+        }
+    }
+}
+
+/// A statement that tests a column against a list of ids bound as **one** parameter (a
+/// `Vec<i64>`, which binds as a JSON array on SQLite and as `INT8[]` on Postgres), written once
+/// for both dialects: `COLUMN IN (SELECT value FROM json_each($N))` on SQLite,
+/// `COLUMN = ANY($N::bigint[])` on Postgres. The text stays `&'static str` (built with
+/// `concat!`); nothing is formatted at run time.
+///
+/// ```
+/// let sql = harmonydb::id_list_sql!(
+///     "DELETE FROM harmony_task WHERE owner_id = $1 AND ", "id", 2, " RETURNING id"
+/// );
+/// assert_eq!(
+///     sql.get(harmonydb::Dialect::Sqlite),
+///     "DELETE FROM harmony_task WHERE owner_id = $1 AND id IN (SELECT value FROM json_each($2)) RETURNING id"
+/// );
+/// assert_eq!(
+///     sql.get(harmonydb::Dialect::Postgres),
+///     "DELETE FROM harmony_task WHERE owner_id = $1 AND id = ANY($2::bigint[]) RETURNING id"
+/// );
+/// ```
+#[macro_export]
+macro_rules! id_list_sql {
+    ($before:literal, $column:literal, $param:literal, $after:literal $(,)?) => {
+        $crate::PerDialect {
+            sqlite: concat!(
+                $before,
+                $column,
+                " IN (SELECT value FROM json_each($",
+                $param,
+                "))",
+                $after
+            ),
+            postgres: concat!($before, $column, " = ANY($", $param, "::bigint[])", $after),
+        }
+    };
+}
+
 tokio::task_local! {
     /// Set while a transaction closure runs, so that a non-transaction call made from inside
     /// it (which would deadlock on SQLite's single writer, or escape the transaction on

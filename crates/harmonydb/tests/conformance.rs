@@ -43,6 +43,7 @@ conformance!(
     injection_shaped_strings_round_trip,
     timestamps_round_trip,
     arrays_bind_per_dialect,
+    id_list_sql_on_both_dialects,
     streaming_rows,
     migrations_are_idempotent_and_checked,
     concurrent_opens_migrate_once,
@@ -576,6 +577,46 @@ async fn arrays_bind_per_dialect(t: &TestDb) {
     );
     let names: Vec<(String,)> = db.select(sql, &[&want]).await.unwrap();
     assert_eq!(names, vec![("a1".to_owned(),), ("a3".to_owned(),)]);
+}
+
+/// The one-parameter id list written by `id_list_sql!` selects and deletes exactly the listed
+/// rows on both dialects, with parameters before and after the list, and an empty list matches
+/// nothing.
+async fn id_list_sql_on_both_dialects(t: &TestDb) {
+    let db = &t.db;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(insert_task(db, &format!("b{i}"), Timestamp::from_millis(i)).await);
+    }
+    let select = harmonydb::id_list_sql!(
+        "SELECT name FROM harmony_task WHERE name <> $1 AND ",
+        "id",
+        2,
+        " ORDER BY id LIMIT $3"
+    );
+    let want = vec![ids[4], ids[0], ids[2], 999_999];
+    let names: Vec<(String,)> = db
+        .select(select.get(db.dialect()), &[&"b2", &want, &10i64])
+        .await
+        .unwrap();
+    assert_eq!(names, vec![("b0".to_owned(),), ("b4".to_owned(),)]);
+    let delete =
+        harmonydb::id_list_sql!("DELETE FROM harmony_task WHERE ", "id", 1, " RETURNING id");
+    let none: Vec<i64> = Vec::new();
+    let gone: Vec<(i64,)> = db.select(delete.get(db.dialect()), &[&none]).await.unwrap();
+    assert!(gone.is_empty());
+    let gone: Vec<(i64,)> = db
+        .select(delete.get(db.dialect()), &[&vec![ids[1], ids[3]]])
+        .await
+        .unwrap();
+    let mut gone: Vec<i64> = gone.into_iter().map(|r| r.0).collect();
+    gone.sort_unstable();
+    assert_eq!(gone, vec![ids[1], ids[3]]);
+    let left: i64 = db
+        .scalar("SELECT count(*) FROM harmony_task", &[])
+        .await
+        .unwrap();
+    assert_eq!(left, 3);
 }
 
 async fn streaming_rows(t: &TestDb) {

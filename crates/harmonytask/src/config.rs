@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::error::ConfigError;
 use crate::resources::Resources;
 
 /// How an engine runs. Build with [`EngineConfig::default`] and override fields.
@@ -85,7 +86,7 @@ impl Default for EngineConfig {
 
 impl EngineConfig {
     /// Checks the settings; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("poll_interval", self.poll_interval),
             ("poll_interval_unhealthy", self.poll_interval_unhealthy),
@@ -98,25 +99,35 @@ impl EngineConfig {
         ];
         for (name, d) in positive {
             if d.is_zero() {
-                return Err(format!("{name} must be positive"));
+                return Err(ConfigError::new(name, "must be positive"));
             }
         }
         if self.dead_after <= self.heartbeat_interval {
-            return Err(format!(
-                "dead_after ({:?}) must be longer than heartbeat_interval ({:?}), or live nodes would be declared dead",
-                self.dead_after, self.heartbeat_interval
+            return Err(ConfigError::new(
+                "dead_after",
+                format!(
+                    "({:?}) must be longer than heartbeat_interval ({:?}), or live nodes would be declared dead",
+                    self.dead_after, self.heartbeat_interval
+                ),
             ));
         }
-        if self.claim_batch_max == 0 || self.view_max_per_type == 0 || self.record_batch_max == 0 {
-            return Err(
-                "claim_batch_max, view_max_per_type and record_batch_max must be positive".into(),
-            );
+        for (name, n) in [
+            ("claim_batch_max", self.claim_batch_max),
+            ("view_max_per_type", self.view_max_per_type),
+            ("record_batch_max", self.record_batch_max),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::new(name, "must be positive"));
+            }
         }
         if self.host_and_port.is_empty() || self.host_and_port.len() > 300 {
-            return Err("host_and_port must be 1–300 characters".into());
+            return Err(ConfigError::new(
+                "host_and_port",
+                "must be 1–300 characters",
+            ));
         }
         if let Some(b) = &self.budget {
-            b.validate().map_err(|e| format!("budget: {e}"))?;
+            b.validate().map_err(ConfigError::budget)?;
         }
         Ok(())
     }

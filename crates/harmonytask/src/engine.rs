@@ -29,7 +29,8 @@ use crate::runner::StopReason;
 use crate::scheduler::admission::downstream_order;
 use crate::scheduler::{ClaimResult, PollResult, Scheduler};
 use crate::status::EngineStatus;
-use crate::store::{Candidate, MachineRegister, Store};
+use crate::store::prelude::*;
+use crate::store::{Candidate, MachineRegister, NewTask, Store};
 use crate::task::{MachineId, Task, TaskId, TypeDetails, validate_name};
 
 /// Events for the scheduler actor.
@@ -416,24 +417,19 @@ impl Client {
         let result = self
             .db
             .transaction_with(TxOptions::retry(), |tx| async move {
-                let id = Store::task_insert(&tx, name, posted, added_by, previous).await?;
-                if notify {
-                    let hint = Hint::Added {
-                        name: name.to_owned(),
-                        task: Some((id, posted)),
-                    };
-                    Store::notify_in(&tx, &hint.payload(added_by)).await?;
-                }
-                Ok(extra(id, tx).await?.then_some(id))
+                let new = NewTask {
+                    name,
+                    posted,
+                    added_by,
+                    previous,
+                    notify,
+                };
+                let c = Store::task_add(&tx, &new).await?;
+                Ok(extra(c.id, tx).await?.then_some(c))
             })
             .await;
         match result {
-            Ok(Some(id)) => Ok(Some(Candidate {
-                id,
-                posted,
-                updated: posted,
-                retries: 0,
-            })),
+            Ok(Some(c)) => Ok(Some(c)),
             Ok(None) => Ok(None),
             Err(e) if e.kind() == ErrorKind::UniqueViolation => {
                 tracing::debug!(task_type = name, "task already queued");
@@ -461,30 +457,23 @@ impl Client {
         let added_by = self.added_by;
         let notify = self.notify;
         let extra = &extra;
-        let ids = self
+        let new = NewTask {
+            name,
+            posted,
+            added_by,
+            previous: None,
+            notify,
+        };
+        let added = self
             .db
             .transaction_with(TxOptions::retry(), |tx| async move {
-                let ids = Store::task_insert_many(&tx, name, count, posted, added_by).await?;
-                if notify {
-                    let hint = Hint::Added {
-                        name: name.to_owned(),
-                        task: None,
-                    };
-                    Store::notify_in(&tx, &hint.payload(added_by)).await?;
-                }
-                Ok(extra(ids.clone(), tx).await?.then_some(ids))
+                let added = Store::task_add_many(&tx, &new, count).await?;
+                let ids = added.iter().map(|c| c.id).collect();
+                Ok(extra(ids, tx).await?.then_some(added))
             })
             .await?
             .unwrap_or_default();
-        Ok(ids
-            .into_iter()
-            .map(|id| Candidate {
-                id,
-                posted,
-                updated: posted,
-                retries: 0,
-            })
-            .collect())
+        Ok(added)
     }
 
     pub(crate) async fn restart(&self, id: TaskId) -> Result<(String, Candidate)> {
@@ -540,12 +529,7 @@ impl Client {
         let id = Store::new(self.db.clone())
             .task_insert_alone(name, posted, self.added_by, self.notify)
             .await?;
-        Ok(Some(Candidate {
-            id,
-            posted,
-            updated: posted,
-            retries: 0,
-        }))
+        Ok(Some(Candidate::added(id, posted)))
     }
 
     /// Adds `count` tasks of one type, each with the same arguments, in one transaction.
@@ -641,7 +625,7 @@ impl EngineBuilder {
 
     /// Validates everything, registers this machine and starts the loops.
     pub async fn start(self) -> Result<Engine> {
-        self.config.validate().map_err(Error::Config)?;
+        self.config.validate()?;
         let mut details = Vec::with_capacity(self.tasks.len());
         let mut seen = HashMap::new();
         for t in &self.tasks {
@@ -660,7 +644,7 @@ impl EngineBuilder {
         let budget = self.config.budget.unwrap_or_else(crate::resources::detect);
         budget
             .validate()
-            .map_err(|e| Error::Config(format!("budget: {e}")))?;
+            .map_err(crate::error::ConfigError::budget)?;
         let budget_units = budget.amounts();
         for d in &details {
             let (fit, short) = d.cost.amounts().how_many_fit(&budget_units);

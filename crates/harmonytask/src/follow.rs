@@ -23,8 +23,7 @@ use harmonydb::{Timestamp, Tx, TxOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Shared;
-use crate::notify::Hint;
-use crate::store::{Candidate, Store};
+use crate::store::{Candidate, NewTask, Store};
 use crate::task::{MachineId, TaskId, validate_name};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -107,28 +106,20 @@ impl FollowAdd {
     pub async fn add_type(&self, name: &str) -> harmonydb::Result<TaskId> {
         validate_name(name).map_err(harmonydb::Error::external)?;
         let i = &self.inner;
-        let id = Store::task_insert(&i.tx, name, i.posted, i.added_by, Some(self.previous)).await?;
-        if i.notify {
-            Store::notify_in(
-                &i.tx,
-                &Hint::Added {
-                    name: name.to_owned(),
-                    task: Some((id, i.posted)),
-                }
-                .payload(i.added_by),
-            )
-            .await?;
-        }
+        let c = Store::task_add(
+            &i.tx,
+            &NewTask {
+                name,
+                posted: i.posted,
+                added_by: i.added_by,
+                previous: Some(self.previous),
+                notify: i.notify,
+            },
+        )
+        .await?;
+        let id = c.id;
         if let Ok(mut a) = i.added.lock() {
-            a.push((
-                name.to_owned(),
-                Candidate {
-                    id,
-                    posted: i.posted,
-                    updated: i.posted,
-                    retries: 0,
-                },
-            ));
+            a.push((name.to_owned(), c));
         }
         Ok(id)
     }

@@ -23,17 +23,20 @@
 //!
 //! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
 //! (the actor and its pure decisions), `runner` (one attempt), `recorder` (batched, fenced
-//! outcomes), `machine` (heartbeat, reaper, ownership), [`store`] (all engine SQL),
-//! [`resources`], [`builtin`] (test and benchmark types).
+//! outcomes), `machine` (heartbeat, reaper, ownership), `store` (all engine SQL, crate-private),
+//! [`Admin`] (the operator's reads and writes), [`model`] (value types), [`resources`].
 
-pub mod builtin;
+mod admin;
 pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod follow;
+pub mod graph;
+mod hint;
 mod machine;
 pub mod metrics;
+pub mod model;
 mod notify;
 mod recorder;
 pub mod resources;
@@ -41,17 +44,21 @@ mod runner;
 mod scheduler;
 pub mod singleton;
 pub mod status;
-pub mod store;
+pub(crate) mod store;
 pub mod task;
 
+pub use admin::Admin;
 pub use async_trait::async_trait;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
 pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
-pub use error::{Error, Result};
+pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
+pub use model::{
+    AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, SingletonRow, TaskRow,
+    TypeSummary,
+};
 pub use resources::{ByteSize, Resource, Resources};
-pub use scheduler::admission::Blocked;
 pub use singleton::{BoredContext, IAmBored, singleton};
 pub use status::{EngineStatus, RunningTask, TypeStatus};
 pub use task::{

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::Shared;
 use crate::error::Error;
 use crate::store::Store;
+use crate::store::prelude::*;
 use crate::task::{MachineId, TaskId};
 
 /// Node state read by running tasks and the scheduler.

@@ -21,94 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use harmonydb::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Event, Shared};
-use crate::store::Candidate;
-use crate::task::{MachineId, TaskId};
-
-/// The notification channel.
-pub(crate) const CHANNEL: &str = "harmony";
-
-/// One wake-up hint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Hint {
-    /// New task(s) of a type; with the id and posted time when it is a single task.
-    Added {
-        name: String,
-        task: Option<(TaskId, Timestamp)>,
-    },
-    /// Tasks of a type were released (retry, preemption, shutdown).
-    Released { name: String },
-    /// Completions of a type queued follow-ups.
-    Follow { from: String },
-    /// An operator asked a singleton to run now.
-    RunNow { name: String },
-    /// Machines changed: one died, or an operator cordoned or restarted one.
-    Machines,
-}
-
-impl Hint {
-    /// The payload, tagged with the sender.
-    pub(crate) fn payload(&self, from: MachineId) -> String {
-        match self {
-            Hint::Added {
-                name,
-                task: Some((id, posted)),
-            } => {
-                format!("addt:{name}:{from}:{id}:{}", posted.as_millis())
-            }
-            Hint::Added { name, task: None } => format!("add:{name}:{from}"),
-            Hint::Released { name } => format!("rel:{name}:{from}"),
-            Hint::Follow { from: f } => format!("follow:{f}:{from}"),
-            Hint::RunNow { name } => format!("runnow:{name}:{from}"),
-            Hint::Machines => format!("machines:{from}"),
-        }
-    }
-
-    /// Parses a payload; returns the hint and its sender. Anything malformed is `None`
-    /// (ignored: hints never carry anything that must not be lost).
-    pub(crate) fn parse(payload: &str) -> Option<(Hint, MachineId)> {
-        let parts: Vec<&str> = payload.split(':').collect();
-        let machine = |s: &str| s.parse::<i64>().ok().map(MachineId);
-        // Type names may contain ':' (e.g. "bg:Cleanup"); the sender and optional fields are at
-        // fixed positions from the end.
-        match parts.first().copied()? {
-            "machines" => Some((Hint::Machines, machine(parts.get(1)?)?)),
-            kind => {
-                let rest = &parts[1..];
-                let with_task = kind == "addt";
-                let (name_parts, tail) = if with_task {
-                    rest.split_at(rest.len().checked_sub(3)?)
-                } else {
-                    rest.split_at(rest.len().checked_sub(1)?)
-                };
-                let name = name_parts.join(":");
-                if name.is_empty() {
-                    return None;
-                }
-                let from = machine(tail[0])?;
-                let hint = match kind {
-                    "addt" => {
-                        let id = TaskId(tail[1].parse().ok()?);
-                        let posted = Timestamp::from_millis(tail[2].parse().ok()?);
-                        Hint::Added {
-                            name,
-                            task: Some((id, posted)),
-                        }
-                    }
-                    "add" => Hint::Added { name, task: None },
-                    "rel" => Hint::Released { name },
-                    "follow" => Hint::Follow { from: name },
-                    "runnow" => Hint::RunNow { name },
-                    _ => return None,
-                };
-                Some((hint, from))
-            }
-        }
-    }
-}
+pub(crate) use crate::hint::{CHANNEL, Hint};
+use crate::model::Candidate;
 
 /// How long a notification connection must stay up for its loss to reset the reconnect backoff.
 const LISTEN_STABLE: Duration = Duration::from_secs(10);
@@ -256,53 +173,6 @@ impl Shared {
             self.config.poll_interval
         } else {
             self.config.poll_interval_unhealthy
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payloads_round_trip() {
-        let me = MachineId(7);
-        let cases = [
-            Hint::Added {
-                name: "SDR".into(),
-                task: Some((TaskId(42), Timestamp::from_millis(1_700_000_000_123))),
-            },
-            Hint::Added {
-                name: "bg:Clean".into(),
-                task: None,
-            },
-            Hint::Released {
-                name: "PoRep".into(),
-            },
-            Hint::Follow { from: "a:b".into() },
-            Hint::RunNow {
-                name: "WdPost".into(),
-            },
-            Hint::Machines,
-        ];
-        for h in cases {
-            let p = h.payload(me);
-            assert_eq!(Hint::parse(&p), Some((h.clone(), me)), "{p}");
-        }
-    }
-
-    #[test]
-    fn garbage_is_ignored() {
-        for p in [
-            "",
-            "add",
-            "add::1",
-            "nope:x:1",
-            "add:x:notanumber",
-            "addt:x:1:2",
-            "machines",
-        ] {
-            assert_eq!(Hint::parse(p), None, "{p}");
         }
     }
 }

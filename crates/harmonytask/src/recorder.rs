@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::Shared;
+use crate::store::prelude::*;
 use crate::store::{Outcome, RecordBatch};
 
 /// What happened to one outcome.

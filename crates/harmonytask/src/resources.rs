@@ -23,6 +23,9 @@ pub struct Resources {
 /// Largest CPU or GPU amount accepted (anything above is a typo, not a machine).
 pub const UNITS_MAX: f64 = 1_000_000.0;
 
+/// Largest RAM or storage amount accepted, bytes (1 EiB): more is not a real cost or budget.
+pub const BYTES_MAX: u64 = 1 << 60;
+
 impl Resources {
     /// A cost or budget of CPUs, RAM bytes and GPUs.
     pub fn new(cpu: f64, ram: u64, gpu: f64) -> Self {
@@ -35,19 +38,26 @@ impl Resources {
     }
 
     /// Checks that every amount is finite, non-negative and plausible.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [("cpu", self.cpu), ("gpu", self.gpu)] {
+    pub fn validate(&self) -> Result<(), CostError> {
+        let err = |resource, problem| Err(CostError { resource, problem });
+        for (resource, v) in [(Resource::Cpu, self.cpu), (Resource::Gpu, self.gpu)] {
             if !v.is_finite() || v < 0.0 {
-                return Err(format!("{name} must be a non-negative number, got {v}"));
+                return err(resource, format!("must be a non-negative number, got {v}"));
             }
             if v > UNITS_MAX {
-                return Err(format!("{name} {v} is absurdly large (limit {UNITS_MAX})"));
+                return err(
+                    resource,
+                    format!("{v} is absurdly large (the limit is {UNITS_MAX})"),
+                );
             }
         }
         // 1 EiB of RAM or storage per task is not a real cost.
-        for (name, v) in [("ram", self.ram), ("storage", self.storage)] {
-            if v > (1u64 << 60) {
-                return Err(format!("{name} {} is absurdly large", format_bytes(v)));
+        for (resource, v) in [(Resource::Ram, self.ram), (Resource::Storage, self.storage)] {
+            if v > BYTES_MAX {
+                return err(
+                    resource,
+                    format!("{} is absurdly large (the limit is 1 EiB)", format_bytes(v)),
+                );
             }
         }
         Ok(())
@@ -91,6 +101,18 @@ fn to_milli(v: f64) -> u64 {
 fn trim_float(v: f64) -> String {
     let s = format!("{v:.3}");
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// An amount of a [`Resources`] value (a budget or a cost) out of range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{resource} {problem}")]
+#[non_exhaustive]
+pub struct CostError {
+    /// The amount.
+    pub resource: Resource,
+    /// What is wrong with it, as a phrase that follows the resource's name (or a field naming
+    /// it, such as `cost.cpu:`).
+    pub problem: String,
 }
 
 /// Which resource a shortfall is about.

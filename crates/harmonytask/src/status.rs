@@ -3,9 +3,8 @@
 
 use serde::Serialize;
 
+use crate::model::{Blocked, MachineId, TaskId};
 use crate::resources::Resources;
-use crate::scheduler::admission::Blocked;
-use crate::task::{MachineId, TaskId};
 
 /// Snapshot of one engine.
 #[derive(Debug, Clone, Serialize)]

@@ -10,61 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use harmonydb::{Db, FromValue, ToValue, Value};
+use harmonydb::Db;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TypeError};
+pub use crate::model::{MachineId, RetryWait, TaskId};
 use crate::resources::Resources;
-
-/// The id of a task (`harmony_task.id`), stable across retries and restarts.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct TaskId(pub i64);
-
-impl fmt::Display for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl ToValue for TaskId {
-    fn to_value(&self) -> Value {
-        Value::Int(self.0)
-    }
-}
-
-impl FromValue for TaskId {
-    fn from_value(value: &Value, column: &str) -> harmonydb::Result<Self> {
-        i64::from_value(value, column).map(TaskId)
-    }
-}
-
-/// The id of a machine (`harmony_machines.id`): new for every process start.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct MachineId(pub i64);
-
-impl fmt::Display for MachineId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl ToValue for MachineId {
-    fn to_value(&self) -> Value {
-        Value::Int(self.0)
-    }
-}
-
-impl FromValue for MachineId {
-    fn from_value(value: &Value, column: &str) -> harmonydb::Result<Self> {
-        i64::from_value(value, column).map(MachineId)
-    }
-}
 
 /// What a finished attempt says: `Done(true)` ends the task; `Done(false)` is a failed
 /// attempt (retried per the type's `max_failures` and `retry_wait`).
@@ -143,97 +94,6 @@ impl<E: std::error::Error + 'static> From<E> for TaskError {
             source = s.source();
         }
         TaskError { message, db_kind }
-    }
-}
-
-/// How long to wait before retrying after `retries` failed attempts.
-#[derive(Clone, Default)]
-pub enum RetryWait {
-    /// Retry at once.
-    #[default]
-    Immediate,
-    /// The same wait every time.
-    Constant(Duration),
-    /// `initial + retries × step`.
-    Linear {
-        /// Wait after the first failure.
-        initial: Duration,
-        /// Added per further failure.
-        step: Duration,
-    },
-    /// `initial × factor^retries`, capped at `max`.
-    Exponential {
-        /// Wait after the first failure.
-        initial: Duration,
-        /// Growth per failure (≥ 1).
-        factor: f64,
-        /// Largest wait.
-        max: Duration,
-    },
-    /// Any function of the number of failures so far.
-    Custom(Arc<dyn Fn(u32) -> Duration + Send + Sync>),
-}
-
-impl fmt::Debug for RetryWait {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RetryWait::Immediate => f.write_str("Immediate"),
-            RetryWait::Constant(d) => write!(f, "Constant({d:?})"),
-            RetryWait::Linear { initial, step } => write!(f, "Linear({initial:?} + n×{step:?})"),
-            RetryWait::Exponential {
-                initial,
-                factor,
-                max,
-            } => {
-                write!(f, "Exponential({initial:?} × {factor}^n ≤ {max:?})")
-            }
-            RetryWait::Custom(_) => f.write_str("Custom"),
-        }
-    }
-}
-
-impl RetryWait {
-    /// A constant wait.
-    pub fn constant(d: Duration) -> Self {
-        RetryWait::Constant(d)
-    }
-
-    /// A linear wait.
-    pub fn linear(initial: Duration, step: Duration) -> Self {
-        RetryWait::Linear { initial, step }
-    }
-
-    /// A capped exponential wait.
-    pub fn exponential(initial: Duration, factor: f64, max: Duration) -> Self {
-        RetryWait::Exponential {
-            initial,
-            factor,
-            max,
-        }
-    }
-
-    /// The wait after `retries` failed attempts (the first retry gets `retries == 1`).
-    pub fn wait(&self, retries: u32) -> Duration {
-        let n = retries.saturating_sub(1);
-        match self {
-            RetryWait::Immediate => Duration::ZERO,
-            RetryWait::Constant(d) => *d,
-            RetryWait::Linear { initial, step } => initial.saturating_add(step.saturating_mul(n)),
-            RetryWait::Exponential {
-                initial,
-                factor,
-                max,
-            } => {
-                let scaled = initial.as_secs_f64()
-                    * factor.max(1.0).powi(i32::try_from(n).unwrap_or(i32::MAX));
-                if !scaled.is_finite() || scaled >= max.as_secs_f64() {
-                    *max
-                } else {
-                    Duration::from_secs_f64(scaled).min(*max)
-                }
-            }
-            RetryWait::Custom(f) => f(retries),
-        }
     }
 }
 
@@ -344,22 +204,21 @@ impl TypeDetails {
     /// Checks the declaration; the error names the field and what is wrong.
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
+        let name = || self.name.clone();
         self.cost
             .validate()
-            .map_err(|e| Error::InvalidType(format!("task type {}: cost: {e}", self.name)))?;
+            .map_err(|cost| TypeError::Cost { name: name(), cost })?;
         if let RetryWait::Exponential { factor, .. } = self.retry_wait
             && !(factor.is_finite() && factor >= 1.0)
         {
-            return Err(Error::InvalidType(format!(
-                "task type {}: retry_wait factor must be a finite number ≥ 1, got {factor}",
-                self.name
-            )));
+            return Err(TypeError::RetryFactor {
+                name: name(),
+                factor,
+            }
+            .into());
         }
         if self.timeout == Some(Duration::ZERO) {
-            return Err(Error::InvalidType(format!(
-                "task type {}: timeout must be positive (leave it unset for none)",
-                self.name
-            )));
+            return Err(TypeError::ZeroTimeout { name: name() }.into());
         }
         let follow_names: Vec<String> = self.follows.iter().map(|f| f.from.clone()).collect();
         for other in self
@@ -368,8 +227,10 @@ impl TypeDetails {
             .chain(&self.scheduling_overrides)
             .chain(&follow_names)
         {
-            validate_name(other)
-                .map_err(|e| Error::InvalidType(format!("task type {}: {e}", self.name)))?;
+            validate_name(other).map_err(|e| TypeError::BadReference {
+                name: name(),
+                problem: e.to_string(),
+            })?;
         }
         Ok(())
     }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use common::*;
 use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
-use harmonytask::store::Store;
 use harmonytask::{
     Blocked, Client, Done, Engine, EngineConfig, IAmBored, Limiter, MachineId, Resources,
     TaskError, TypeDetails,
@@ -319,12 +318,15 @@ async fn singleton_never_runs_twice_at_once_and_run_now_works(t: &TestDb) {
         async move { (n == 2).then_some(()) }
     })
     .await;
-    let (_, _, pending) = Store::new(t.db.clone())
-        .singleton_get("hourly")
+    let singleton = harmonytask::Admin::new(t.db.clone())
+        .singleton("hourly")
         .await
         .unwrap()
         .unwrap();
-    assert!(!pending, "the run-now flag is cleared when it runs");
+    assert!(
+        !singleton.run_now_request,
+        "the run-now flag is cleared when it runs"
+    );
     e.shutdown().await.unwrap();
 }
 
@@ -630,13 +632,8 @@ async fn cordon_stops_claims_and_yields(t: &TestDb) {
         .await
         .unwrap();
     add_and_wait_running(&engine, "yielding").await;
-    let store = Store::new(t.db.clone());
-    assert!(
-        store
-            .machine_set_unschedulable(engine.machine_id(), true, true)
-            .await
-            .unwrap()
-    );
+    let admin = harmonytask::Admin::new(t.db.clone());
+    admin.cordon(engine.machine_id()).await.unwrap();
     eventually(
         "the node to see the cordon",
         Duration::from_secs(10),
@@ -676,12 +673,7 @@ async fn cordon_stops_claims_and_yields(t: &TestDb) {
         count(t, "SELECT count(*) FROM harmony_task WHERE name = 'work'").await,
         3
     );
-    assert!(
-        store
-            .machine_set_unschedulable(engine.machine_id(), false, true)
-            .await
-            .unwrap()
-    );
+    admin.uncordon(engine.machine_id()).await.unwrap();
     drained(t, Duration::from_secs(30)).await;
     engine.shutdown().await.unwrap();
 }
@@ -725,13 +717,8 @@ async fn cordon_releases_can_yield_tasks_that_never_ask(t: &TestDb) {
         t.db.scalar("SELECT id FROM harmony_task WHERE name = 'polite'", &[])
             .await
             .unwrap();
-    let store = Store::new(t.db.clone());
-    assert!(
-        store
-            .machine_set_unschedulable(a.machine_id(), true, true)
-            .await
-            .unwrap()
-    );
+    let admin = harmonytask::Admin::new(t.db.clone());
+    admin.cordon(a.machine_id()).await.unwrap();
     let history = |t: &TestDb| {
         let db = t.db.clone();
         async move {
@@ -799,13 +786,8 @@ async fn restart_drains_then_stops(t: &TestDb) {
         .await
         .unwrap();
     add_and_wait_running(&engine, "slowish").await;
-    let store = Store::new(t.db.clone());
-    assert!(
-        store
-            .machine_request_restart(engine.machine_id(), engine.now(), true)
-            .await
-            .unwrap()
-    );
+    let admin = harmonytask::Admin::new(t.db.clone());
+    admin.request_restart(engine.machine_id()).await.unwrap();
     eventually("the node to drain", Duration::from_secs(10), || {
         let e = engine.clone();
         async move { e.status().await.ok()?.draining.then_some(()) }

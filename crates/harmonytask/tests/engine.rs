@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use harmony_testkit::{TestDb, eventually};
 use harmonydb::{Executor, Timestamp};
-use harmonytask::store::{HistoryQuery, Store};
+use harmonytask::{Admin, HistoryQuery};
 use harmonytask::{
     Blocked, Done, Engine, Limiter, Resources, RetryWait, TaskError, TaskId, TypeDetails,
 };
@@ -154,7 +154,7 @@ async fn retries_wait_then_succeed(t: &TestDb) {
         .unwrap()
         .unwrap();
     drained(t, Duration::from_secs(30)).await;
-    let store = Store::new(t.db.clone());
+    let store = Admin::new(t.db.clone());
     let mut h = store
         .history(&HistoryQuery {
             task: Some(id),
@@ -264,7 +264,7 @@ async fn fifo_within_a_type(t: &TestDb) {
     // Added before the engine starts, with distinct posted times, the reverse of id order for
     // half of them: FIFO is by posted_time, then id.
     let order = Arc::new(Mutex::new(Vec::new()));
-    let store = Store::new(t.db.clone());
+    let store = Admin::new(t.db.clone());
     let mut expected = Vec::new();
     for i in 0..20i64 {
         let posted =

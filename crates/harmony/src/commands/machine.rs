@@ -1,11 +1,8 @@
 //! `harmony machine ls|cordon|uncordon|restart`.
 
-use std::time::SystemTime;
-
-use harmonydb::Timestamp;
 use harmonytask::MachineId;
 use harmonytask::resources::format_bytes;
-use harmonytask::store::{MachineRow, Store};
+use harmonytask::{Admin, MachineRow};
 use serde::Serialize;
 
 use crate::cli::{MachineCommand, MachineTarget};
@@ -31,7 +28,7 @@ pub async fn run(
         }
         MachineCommand::Ls => {
             let db = open_existing(db_url).await?;
-            let machines = Store::new(db).machine_list().await?;
+            let machines = Admin::new(db).machines().await?;
             if json {
                 output::json(&machines)?;
                 return Ok(EXIT_OK);
@@ -123,8 +120,8 @@ async fn act(
         (None, false) => {}
     }
     let db = open_existing(db_url).await?;
-    let store = Store::new(db);
-    let machines = store.machine_list().await?;
+    let admin = Admin::new(db).with_notify(notify);
+    let machines = admin.machines().await?;
     let machine = find(&machines, target)?;
     let changed = match action {
         Action::Cordon => !machine.unschedulable,
@@ -132,25 +129,21 @@ async fn act(
         Action::Restart => machine.restart_request.is_none(),
     };
     let done = match action {
-        Action::Cordon | Action::Uncordon => {
-            store
-                .machine_set_unschedulable(machine.id, action == Action::Cordon, notify)
-                .await?
-        }
-        Action::Restart => {
-            let now = Timestamp::from_system(SystemTime::now());
-            store
-                .machine_request_restart(machine.id, now, notify)
-                .await?
-        }
+        Action::Cordon => admin.cordon(machine.id).await,
+        Action::Uncordon => admin.uncordon(machine.id).await,
+        Action::Restart => admin.request_restart(machine.id).await,
     };
-    if !done {
+    match done {
+        Ok(()) => {}
         // It was listed a moment ago: it stopped (or was reaped) in between.
-        return Err(UsageError(format!(
-            "machine {} ({}) is no longer registered; it stopped in the meantime",
-            machine.id, machine.host_and_port
-        ))
-        .into());
+        Err(harmonytask::Error::MachineNotFound(_)) => {
+            return Err(UsageError(format!(
+                "machine {} ({}) is no longer registered; it stopped in the meantime",
+                machine.id, machine.host_and_port
+            ))
+            .into());
+        }
+        Err(e) => return Err(e.into()),
     }
     if json {
         output::json(&Acted {

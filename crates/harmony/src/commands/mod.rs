@@ -67,11 +67,14 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
             harmonytask::Error::InvalidName(_)
             | harmonytask::Error::InvalidType(_)
             | harmonytask::Error::DuplicateType(_)
-            | harmonytask::Error::FollowCycle(_)
             | harmonytask::Error::UnknownType(_)
             | harmonytask::Error::Task(_)
+            | harmonytask::Error::TaskNotFound(_)
+            | harmonytask::Error::TaskActive { .. }
+            | harmonytask::Error::TaskSucceeded { .. }
             | harmonytask::Error::Config(_)
             | harmonytask::Error::AddressInUse { .. }
+            | harmonytask::Error::MachineNotFound(_)
             | harmonytask::Error::NotSingleton(_) => EXIT_USAGE,
             _ => EXIT_ERROR,
         };

@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harmonytask::resources::UNITS_MAX;
-use harmonytask::{Engine, EngineConfig, Error as EngineError, Resources, Task};
+use harmonytask::{Engine, EngineConfig, Error as EngineError, Resource, Resources, Task};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog;
@@ -155,7 +154,7 @@ fn selected_types(
                 } else {
                     known.join(", ")
                 },
-                harmonytask::builtin::BUILTIN_TYPES.join(", ")
+                harmony_bench::builtin::BUILTIN_TYPES.join(", ")
             ))
             .into());
         }
@@ -167,21 +166,6 @@ fn selected_types(
 /// The engine settings from the flags; detection only fills the budget components not given.
 fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
     check_listen(&args.listen)?;
-    for (flag, v) in [("--cpu", args.cpu), ("--gpu", args.gpu)] {
-        if let Some(v) = v {
-            if !v.is_finite() || v < 0.0 {
-                return Err(
-                    UsageError(format!("{flag}: must be a non-negative number, got {v}")).into(),
-                );
-            }
-            if v > UNITS_MAX {
-                return Err(UsageError(format!(
-                    "{flag}: {v} is absurdly large (the limit is {UNITS_MAX})"
-                ))
-                .into());
-            }
-        }
-    }
     let budget = match (args.cpu, args.ram, args.gpu) {
         (Some(cpu), Some(ram), Some(gpu)) => Resources::new(cpu, ram.0, gpu),
         (cpu, ram, gpu) => {
@@ -193,9 +177,6 @@ fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
             )
         }
     };
-    budget
-        .validate()
-        .map_err(|e| UsageError(format!("budget (--cpu/--ram/--gpu): {e}")))?;
     let mut config = EngineConfig {
         host_and_port: args.listen.clone(),
         machine_name: args.name.clone().unwrap_or_default(),
@@ -227,32 +208,34 @@ fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
     if let Some(d) = args.shutdown_grace {
         config.shutdown_grace = d;
     }
-    config.validate().map_err(|e| {
-        UsageError(format!(
-            "{} (set with --{})",
-            e,
-            flag_of(&e).unwrap_or("the run flags")
-        ))
-    })?;
+    config.validate().map_err(config_usage_error)?;
     Ok(config)
 }
 
-/// The flag behind an `EngineConfig::validate` message, which names fields.
-fn flag_of(message: &str) -> Option<&'static str> {
-    [
-        ("dead_after", "dead-after"),
-        ("heartbeat_interval", "heartbeat-interval"),
-        // Longer field names first: "poll_interval" is a prefix of the unhealthy one.
-        ("poll_interval_unhealthy", "poll-interval-unhealthy"),
-        ("poll_interval", "poll-interval"),
-        ("change_check_interval", "change-check-interval"),
-        ("iambored_interval", "iambored-interval"),
-        ("reaper_interval", "reaper-interval"),
-        ("host_and_port", "listen"),
-    ]
-    .into_iter()
-    .find(|(field, _)| message.starts_with(field))
-    .map(|(_, flag)| flag)
+/// A usage error naming the flag behind the `EngineConfig` field that is out of range.
+fn config_usage_error(e: harmonytask::ConfigError) -> UsageError {
+    // The budget is checked by the engine's rules only; the flag is the amount's.
+    if let Some(cost) = &e.cost {
+        let flag = match cost.resource {
+            Resource::Cpu => "--cpu",
+            Resource::Ram => "--ram",
+            Resource::Gpu => "--gpu",
+            _ => return UsageError(format!("budget: {cost}")),
+        };
+        return UsageError(format!("{flag}: {}", cost.problem));
+    }
+    let flag = match e.field {
+        "dead_after" => "dead-after",
+        "heartbeat_interval" => "heartbeat-interval",
+        "poll_interval" => "poll-interval",
+        "poll_interval_unhealthy" => "poll-interval-unhealthy",
+        "change_check_interval" => "change-check-interval",
+        "iambored_interval" => "iambored-interval",
+        "reaper_interval" => "reaper-interval",
+        "host_and_port" => "listen",
+        _ => "the run flags",
+    };
+    UsageError(format!("{e} (set with --{flag})"))
 }
 
 /// Checks a HOST:PORT address (`--listen`).

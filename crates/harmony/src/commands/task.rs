@@ -4,8 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use harmonydb::Timestamp;
-use harmonytask::store::{AttemptResult, HistoryQuery, HistoryRow, Store, TaskRow};
-use harmonytask::{Client, TaskId};
+use harmonytask::{Admin, AttemptResult, Client, HistoryQuery, HistoryRow, TaskId, TaskRow};
 use serde::Serialize;
 
 use crate::catalog;
@@ -70,7 +69,7 @@ async fn add(db_url: &str, json: bool, notify: bool, a: TaskAddArgs) -> anyhow::
     if !a.force {
         // The built-ins count as known: any node started with --builtin runs them.
         let mut known: BTreeSet<String> = catalog::known_names(&specs, true).into_iter().collect();
-        known.extend(Store::new(db.clone()).types_in_cluster().await?);
+        known.extend(Admin::new(db.clone()).types_in_cluster().await?);
         if !known.contains(&a.type_name) {
             return Err(UsageError(format!(
                 "unknown task type {:?}: no running node runs it and it is neither built in nor in --tasks; known types: {}. Start a node that runs it, or add it anyway with --force",
@@ -195,9 +194,7 @@ async fn ls(
     }
     check_limit(limit)?;
     let db = open_existing(db_url).await?;
-    let rows = Store::new(db)
-        .task_list(type_name.as_deref(), limit)
-        .await?;
+    let rows = Admin::new(db).tasks(type_name.as_deref(), limit).await?;
     if json {
         #[derive(Serialize)]
         struct Listed<'a> {
@@ -274,10 +271,10 @@ impl From<HistoryRow> for Attempt {
 
 async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
     let db = open_existing(db_url).await?;
-    let store = Store::new(db);
+    let admin = Admin::new(db);
     let id = TaskId(id);
-    let row = store.task_get(id).await?;
-    let mut attempts = store
+    let row = admin.task(id).await?;
+    let mut attempts = admin
         .history(&HistoryQuery {
             task: Some(id),
             limit: SHOW_ATTEMPTS_MAX,
@@ -286,7 +283,7 @@ async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
         .await?;
     attempts.reverse(); // oldest first
     let attempts: Vec<Attempt> = attempts.into_iter().map(Attempt::from).collect();
-    let args: BTreeMap<String, String> = store.task_args(id).await?.into_iter().collect();
+    let args: BTreeMap<String, String> = admin.task_args(id).await?.into_iter().collect();
     let shown = match (&row, attempts.last()) {
         (Some(r), _) => Shown {
             id,
@@ -371,7 +368,7 @@ async fn history(
     }
     check_limit(limit)?;
     let db = open_existing(db_url).await?;
-    let rows = Store::new(db)
+    let rows = Admin::new(db)
         .history(&HistoryQuery {
             name: type_name,
             task: None,
@@ -408,7 +405,7 @@ async fn history(
 async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Result<u8> {
     let db = open_existing(db_url).await?;
     let id = TaskId(id);
-    Client::new(db).with_notify(notify).restart_task(id).await?;
+    Admin::new(db).with_notify(notify).restart_task(id).await?;
     if json {
         output::json(&serde_json::json!({ "restarted": id }))?;
     } else {
@@ -422,11 +419,11 @@ async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Res
 async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::Result<u8> {
     check_type_name("NAME", name)?;
     let db = open_existing(db_url).await?;
-    let store = Store::new(db.clone());
-    match Client::new(db).with_notify(notify).run_now(name).await {
+    let admin = Admin::new(db).with_notify(notify);
+    match admin.run_now(name).await {
         Ok(()) => {}
         Err(e @ harmonytask::Error::NotSingleton(_)) => {
-            let singletons = store.singleton_names().await?;
+            let singletons = admin.singleton_names().await?;
             return Err(UsageError(format!(
                 "{e}; singleton types: {}",
                 if singletons.is_empty() {

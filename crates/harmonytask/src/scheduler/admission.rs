@@ -1,91 +1,13 @@
 //! Pure scheduling decisions: the order in which types are considered in a pass, and how many
 //! tasks of a type may be claimed now (or why none). No I/O; unit-tested directly.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt;
+use std::collections::{HashMap, HashSet};
 
 use harmonydb::Timestamp;
 
 use crate::error::{Error, Result};
-use crate::resources::{Amounts, Resource, format_amount};
-
-/// Why a type with waiting tasks is not being started on this node right now.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-pub enum Blocked {
-    /// The node is cordoned and no scheduling override applies.
-    Cordoned,
-    /// The per-node limit (`max`) is reached.
-    AtMax {
-        /// The limit.
-        max: usize,
-    },
-    /// The cost does not fit what is free now.
-    Resources {
-        /// The short resource.
-        resource: Resource,
-        /// What one task needs (scheduler units).
-        needed: u64,
-        /// What is free (scheduler units).
-        free: u64,
-    },
-    /// The cost can never fit this node's whole budget.
-    NeverFits {
-        /// The short resource.
-        resource: Resource,
-        /// What one task needs.
-        needed: u64,
-        /// The node's whole budget of it.
-        budget: u64,
-    },
-    /// `can_accept` refused every candidate.
-    Refused,
-    /// The cluster-wide limit (`max_cluster`) is reached.
-    ClusterLimit {
-        /// The limit.
-        max: usize,
-    },
-    /// Every waiting task is in its retry wait.
-    RetryWait {
-        /// When the first becomes eligible.
-        until: Timestamp,
-    },
-    /// The node is shutting down or restarting.
-    Draining,
-}
-
-impl fmt::Display for Blocked {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Blocked::Cordoned => f.write_str("node is cordoned"),
-            Blocked::AtMax { max } => write!(f, "at max ({max} running)"),
-            Blocked::Resources {
-                resource,
-                needed,
-                free,
-            } => write!(
-                f,
-                "needs {resource} {} / free {}",
-                format_amount(*resource, *needed),
-                format_amount(*resource, *free)
-            ),
-            Blocked::NeverFits {
-                resource,
-                needed,
-                budget,
-            } => write!(
-                f,
-                "never fits: needs {resource} {} / node has {}",
-                format_amount(*resource, *needed),
-                format_amount(*resource, *budget)
-            ),
-            Blocked::Refused => f.write_str("refused by can_accept"),
-            Blocked::ClusterLimit { max } => write!(f, "cluster limit reached ({max} running)"),
-            Blocked::RetryWait { until } => write!(f, "retry wait until {until}"),
-            Blocked::Draining => f.write_str("node is draining"),
-        }
-    }
-}
+pub use crate::model::Blocked;
+use crate::resources::{Amounts, Resource};
 
 /// Everything admission looks at for one type.
 #[derive(Debug, Clone)]
@@ -191,58 +113,28 @@ pub(crate) fn downstream_order(
 }
 
 fn detect_cycle(children: &HashMap<&str, Vec<&str>>) -> Result<()> {
-    // Kahn's algorithm; whatever cannot be ordered is on (or behind) a cycle.
-    let mut indegree: HashMap<&str, usize> = HashMap::new();
-    for (p, cs) in children {
-        indegree.entry(p).or_default();
-        for c in cs {
-            *indegree.entry(c).or_default() += 1;
-        }
-    }
-    let mut queue: VecDeque<&str> = indegree
+    // Sorted, so that the cycle reported does not depend on hash order.
+    let mut names: Vec<&str> = children.keys().copied().collect();
+    names.extend(children.values().flatten().copied());
+    names.sort_unstable();
+    names.dedup();
+    let index = |n: &str| names.binary_search(&n).expect("listed above");
+    let edges: Vec<Vec<usize>> = names
         .iter()
-        .filter(|(_, d)| **d == 0)
-        .map(|(n, _)| *n)
+        .map(|n| {
+            children
+                .get(n)
+                .into_iter()
+                .flatten()
+                .map(|c| index(c))
+                .collect()
+        })
         .collect();
-    let mut ordered = 0;
-    while let Some(n) = queue.pop_front() {
-        ordered += 1;
-        for c in children.get(n).into_iter().flatten() {
-            let d = indegree.get_mut(c).expect("known node");
-            *d -= 1;
-            if *d == 0 {
-                queue.push_back(c);
-            }
-        }
-    }
-    if ordered == indegree.len() {
-        return Ok(());
-    }
-    // Walk from a node left over to print one concrete cycle.
-    let start = indegree
-        .iter()
-        .filter(|(_, d)| **d > 0)
-        .map(|(n, _)| *n)
-        .min()
-        .expect("leftover");
-    let mut path = vec![start];
-    let mut cur = start;
-    loop {
-        let next = children
-            .get(cur)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|c| indegree.get(c).copied().unwrap_or(0) > 0)
-            .min()
-            .expect("a node on a cycle has a successor on it");
-        if let Some(pos) = path.iter().position(|p| *p == next) {
-            let mut cycle: Vec<&str> = path[pos..].to_vec();
-            cycle.push(next);
-            return Err(Error::FollowCycle(cycle.join(" -> ")));
-        }
-        path.push(next);
-        cur = next;
+    match crate::graph::find_cycle(&edges) {
+        None => Ok(()),
+        Some(cycle) => Err(Error::InvalidType(crate::error::TypeError::FollowsCycle {
+            path: cycle.into_iter().map(|i| names[i].to_owned()).collect(),
+        })),
     }
 }
 
@@ -405,7 +297,7 @@ mod tests {
 /// A running attempt that could be preempted.
 #[derive(Debug, Clone)]
 pub(crate) struct Victim {
-    pub id: crate::task::TaskId,
+    pub id: crate::model::TaskId,
     pub cost: Amounts,
     pub runtime: std::time::Duration,
 }
@@ -460,8 +352,8 @@ pub(crate) fn plan_preemption(
 #[cfg(test)]
 mod preemption_tests {
     use super::*;
+    use crate::model::TaskId;
     use crate::resources::Resources;
-    use crate::task::TaskId;
     use std::time::Duration;
 
     fn v(id: i64, cpu: f64, gpu: f64, secs: u64) -> Victim {

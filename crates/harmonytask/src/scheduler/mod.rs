@@ -36,6 +36,7 @@ use crate::error::Error;
 use crate::resources::{Amounts, Resources};
 use crate::runner::{RunHandle, StopReason, run_one};
 use crate::status::{EngineStatus, RunningTask, TypeStatus};
+use crate::store::prelude::*;
 use crate::store::{Candidate, ClaimOutcome, TaskClaim};
 use crate::task::{EngineView, TaskId, TypeDetails};
 

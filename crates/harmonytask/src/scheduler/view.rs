@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use harmonydb::Timestamp;
 
-use crate::store::Candidate;
-use crate::task::{RetryWait, TaskId};
+use crate::model::{Candidate, RetryWait, TaskId};
 
 /// The waiting tasks of one type known to this node.
 ///

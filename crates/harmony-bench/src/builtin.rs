@@ -12,13 +12,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use harmonydb::{Db, Timestamp};
+use harmonytask::{
+    Done, Resources, RetryWait, RunContext, Task, TaskError, TaskId, TypeDetails, async_trait,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::resources::Resources;
-use crate::store::{AttemptStart, AttemptWhole, Store};
-use crate::task::{Done, RetryWait, RunContext, Task, TaskError, TaskId, TypeDetails};
+use crate::store::{AttemptStart, AttemptWhole, BenchStore};
 
 /// Name of the no-op type.
 pub const BENCH_NOOP: &str = "bench_noop";
@@ -48,7 +48,7 @@ impl AttemptLog {
     /// Starts the writer loop on the current runtime; it ends when the last handle is dropped.
     pub fn new(db: Db) -> Self {
         let (tx, mut rx) = mpsc::channel::<LogRequest>(ATTEMPT_BATCH_MAX * 4);
-        let store = Store::new(db);
+        let store = BenchStore::new(db);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(ATTEMPT_BATCH_MAX);
             while rx.recv_many(&mut batch, ATTEMPT_BATCH_MAX).await > 0 {

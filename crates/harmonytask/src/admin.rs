@@ -1,0 +1,163 @@
+//! The operator's view of a cluster: what waits, what runs, what ran, which machines are alive,
+//! and the few writes an operator makes (cordon, restart requests, run-now, restarting a failed
+//! task). The CLI's `task` and `machine` commands and the coming web server use it; nothing
+//! here claims a task or records an outcome, so it cannot break the engine's fencing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use harmonydb::{Db, Timestamp};
+
+use crate::clock::{Clock, SystemClock};
+use crate::engine::Client;
+use crate::error::{Error, Result};
+use crate::model::{
+    HistoryQuery, HistoryRow, MachineId, MachineRow, SingletonRow, TaskId, TaskRow, TypeSummary,
+};
+use crate::store::Store;
+
+/// Read-mostly access to a cluster's database for operators.
+#[derive(Clone)]
+pub struct Admin {
+    store: Store,
+    client: Client,
+    clock: Arc<dyn Clock>,
+    notify: bool,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("notify", &self.notify)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// Operator access to `db`, using the system clock; writes wake the nodes (Postgres).
+    pub fn new(db: Db) -> Self {
+        Admin {
+            store: Store::new(db.clone()),
+            client: Client::new(db),
+            clock: Arc::new(SystemClock),
+            notify: true,
+        }
+    }
+
+    /// Whether writes send wake-up notifications (Postgres); on by default. Turn off for
+    /// backends without `NOTIFY`: nodes then see the change at their next heartbeat or poll.
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self.client = self.client.with_notify(notify);
+        self
+    }
+
+    /// Pending and running tasks (of one type, if given), oldest first, at most `limit`.
+    pub async fn tasks(&self, name: Option<&str>, limit: usize) -> Result<Vec<TaskRow>> {
+        self.store.task_list(name, limit).await
+    }
+
+    /// One task, if it is pending or running.
+    pub async fn task(&self, id: TaskId) -> Result<Option<TaskRow>> {
+        self.store.task_get(id).await
+    }
+
+    /// A task's arguments (empty when it has none or no longer exists).
+    pub async fn task_args(&self, id: TaskId) -> Result<HashMap<String, String>> {
+        self.store.task_args(id).await
+    }
+
+    /// Pending (unowned) and running (owned) tasks per type: `(type, pending, running)`.
+    pub async fn task_counts(&self) -> Result<Vec<(String, i64, i64)>> {
+        self.store.task_counts().await
+    }
+
+    /// Attempts, newest first.
+    pub async fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryRow>> {
+        self.store.history(q).await
+    }
+
+    /// Per-type attempt statistics over all history.
+    pub async fn type_summaries(&self) -> Result<Vec<TypeSummary>> {
+        self.store.type_summaries().await
+    }
+
+    /// Every registered machine with its details and owned-task count.
+    pub async fn machines(&self) -> Result<Vec<MachineRow>> {
+        self.store.machine_list().await
+    }
+
+    /// Task type names that registered machines run.
+    pub async fn types_in_cluster(&self) -> Result<Vec<String>> {
+        self.store.types_in_cluster().await
+    }
+
+    /// Cordons a machine: it claims no new tasks. [`Error::MachineNotFound`] when it is not
+    /// registered (it stopped, or was reaped).
+    pub async fn cordon(&self, id: MachineId) -> Result<()> {
+        self.set_cordon(id, true).await
+    }
+
+    /// Uncordons a machine. [`Error::MachineNotFound`] when it is not registered.
+    pub async fn uncordon(&self, id: MachineId) -> Result<()> {
+        self.set_cordon(id, false).await
+    }
+
+    async fn set_cordon(&self, id: MachineId, cordoned: bool) -> Result<()> {
+        if self
+            .store
+            .machine_set_unschedulable(id, cordoned, self.notify)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::MachineNotFound(id))
+        }
+    }
+
+    /// Asks a machine to drain and restart. [`Error::MachineNotFound`] when it is not
+    /// registered.
+    pub async fn request_restart(&self, id: MachineId) -> Result<()> {
+        let now: Timestamp = self.clock.now();
+        if self
+            .store
+            .machine_request_restart(id, now, self.notify)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::MachineNotFound(id))
+        }
+    }
+
+    /// Asks a singleton type to run now ([`Client::run_now`]).
+    pub async fn run_now(&self, name: &str) -> Result<()> {
+        self.client.run_now(name).await
+    }
+
+    /// Re-queues a permanently failed task with its original id ([`Client::restart_task`]).
+    pub async fn restart_task(&self, id: TaskId) -> Result<()> {
+        self.client.restart_task(id).await
+    }
+
+    /// The names of every type registered as a singleton, sorted.
+    pub async fn singleton_names(&self) -> Result<Vec<String>> {
+        self.store.singleton_names().await
+    }
+
+    /// A singleton's row, if the type was ever registered as one.
+    pub async fn singleton(&self, name: &str) -> Result<Option<SingletonRow>> {
+        Ok(self.store.singleton_get(name).await?.map(
+            |(task_id, last_run_time, run_now_request)| SingletonRow {
+                task_id: task_id.map(TaskId),
+                last_run_time,
+                run_now_request,
+            },
+        ))
+    }
+
+    /// Follow-ups queued and not yet created, per pair: `(from type, to type, count)`.
+    pub async fn follow_pending(&self) -> Result<Vec<(String, String, i64)>> {
+        self.store.follow_pending().await
+    }
+}
