@@ -744,33 +744,6 @@ async fn machine_ls_shows_the_cpu_budget_as_given(t: &TestDb) {
     }
 }
 
-/// Waits until the process whose pid is in `pid_file` has exited (gone, or a zombie awaiting
-/// its parent's reaping).
-async fn wait_process_gone(pid_file: &std::path::Path) {
-    let pid = std::fs::read_to_string(pid_file)
-        .expect("pid file")
-        .trim()
-        .to_owned();
-    harmony_testkit::eventually(
-        &format!("process {pid} to exit"),
-        Duration::from_secs(30),
-        || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-            async move {
-                match stat {
-                    Err(_) => Some(()),
-                    // The state follows the parenthesised command name.
-                    Ok(s) => s
-                        .rsplit_once(") ")
-                        .is_some_and(|(_, rest)| rest.starts_with('Z'))
-                        .then_some(()),
-                }
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_prints_a_summary() {
     let dir = tempfile::tempdir().unwrap();
