@@ -956,3 +956,19 @@ async fn built_in_types_run_only_when_asked() {
         "--builtin",
     ]);
 }
+
+/// `harmony` or `harmony task` without a command: one usage line naming the commands (exit 2),
+/// not the whole help printed as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_prints_one_usage_line() {
+    let out = harmony(&[]).await;
+    out.assert_usage_error(&[
+        "a command is missing",
+        "usage: harmony [OPTIONS] <COMMAND>",
+        "run, task, machine",
+        "`harmony --help`",
+    ]);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    let out = harmony(&["task"]).await;
+    out.assert_usage_error(&["usage: harmony task", "add, ls", "`harmony task --help`"]);
+}
