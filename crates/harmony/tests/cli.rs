@@ -972,3 +972,44 @@ async fn a_missing_command_prints_one_usage_line() {
     let out = harmony(&["task"]).await;
     out.assert_usage_error(&["usage: harmony task", "add, ls", "`harmony task --help`"]);
 }
+
+/// A Postgres URL naming a database that does not exist is the server refusing us (exit 3, as
+/// for a wrong password or an unreachable server), not bad input: the URL is well formed, and
+/// the remedy is on the server. One line says so, for every kind of command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_database_that_does_not_exist_is_refused_with_exit_3() {
+    if !harmony_testkit::postgres_or_skip("missing_database").await {
+        return;
+    }
+    let base = harmony_testkit::pg_base_url();
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("a database in HARMONY_TEST_PG");
+    let name = format!("harmony_absent_{}", harmony_testkit::unique_suffix());
+    let url = format!("{server}/{name}");
+    let commands: &[&[&str]] = &[
+        &["task", "ls"],
+        &["db", "status"],
+        &["db", "migrate"],
+        &["task", "add", "bench_noop"],
+        &["run", "--builtin"],
+    ];
+    for args in commands {
+        let mut all = vec!["--db", url.as_str()];
+        all.extend_from_slice(args);
+        let out = harmony(&all).await;
+        assert_eq!(out.code, Some(3), "{all:?}: {}", out.stderr);
+        let lines = out.stderr_lines();
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ")
+                && last.contains(&format!("database \"{name}\" does not exist"))
+                && last.contains("CREATE DATABASE"),
+            "{all:?}: {lines:#?}"
+        );
+        // `run` logs its start first; every other command prints just the error.
+        if args[0] != "run" {
+            assert_eq!(lines.len(), 1, "{all:?}: {lines:#?}");
+        }
+    }
+}

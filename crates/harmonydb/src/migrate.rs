@@ -257,6 +257,7 @@ fn as_migration(e: Error) -> Error {
         ErrorKind::Migration
         | ErrorKind::Connection
         | ErrorKind::Authentication
+        | ErrorKind::Refused
         | ErrorKind::Timeout => e,
         _ => Error::new(
             ErrorKind::Migration,

@@ -75,7 +75,10 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
 fn db_exit_code(kind: ErrorKind) -> u8 {
     match kind {
         ErrorKind::Config | ErrorKind::Misuse => EXIT_USAGE,
-        ErrorKind::Connection | ErrorKind::Authentication | ErrorKind::Timeout => EXIT_DATABASE,
+        ErrorKind::Connection
+        | ErrorKind::Authentication
+        | ErrorKind::Refused
+        | ErrorKind::Timeout => EXIT_DATABASE,
         _ => EXIT_ERROR,
     }
 }
