@@ -32,11 +32,14 @@ fn main() -> ExitCode {
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             // Clap would print the whole help as the error; a new user needs the one line that
             // says what is missing and what to type next.
-            errln!("error: {}", missing_command(&e.render().to_string()));
+            errln!(
+                "error: {}",
+                output::readable(&missing_command(&e.render().to_string()))
+            );
             return ExitCode::from(commands::EXIT_USAGE);
         }
         Err(e) => {
-            errln!("{}", one_line(&e.render().to_string()));
+            errln!("{}", output::readable(&one_line(&e.render().to_string())));
             return ExitCode::from(commands::EXIT_USAGE);
         }
     };
@@ -66,7 +69,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line, redacted: anyhow's `{:#}` joins the context chain with ": ".
-            errln!("error: {}", harmonydb::redact(&format!("{e:#}")));
+            errln!(
+                "error: {}",
+                output::readable(&harmonydb::redact(&format!("{e:#}")))
+            );
             ExitCode::from(commands::exit_code_for(&e))
         }
     }

@@ -1013,3 +1013,44 @@ async fn a_postgres_database_that_does_not_exist_is_refused_with_exit_3() {
         }
     }
 }
+
+/// A huge bad value is not echoed in full: the error line shows its start and its length,
+/// and keeps the advice. (A command-line argument is at most 128 KiB on Linux; the tasks file
+/// carries a 1 MB one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_bad_values_are_cut_in_errors() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let big = "x".repeat(100_000);
+    let mega = "y".repeat(1_000_000);
+    let file = tasks_file(
+        dir.path(),
+        &format!("[[task]]\nname = \"{mega}\"\ncommand = [\"true\"]\n"),
+    );
+    let file = file.to_str().unwrap();
+    let pg_url = format!("postgres://u@h:{big}/db");
+    let ram = format!("{big}GiB");
+    let arg = format!("{big}=1");
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        (vec!["--db", &pg_url, "task", "ls"], &["invalid port"]),
+        (vec!["--db", db, "run", "--ram", &ram], &["--ram"]),
+        (vec!["--db", db, "task", "add", &big], &["limit is 16"]),
+        (
+            vec!["--db", db, "task", "add", "bench_noop", "--arg", &arg],
+            &["not a valid argument name"],
+        ),
+        (
+            vec!["--db", db, "run", "--tasks", file],
+            &["line 2", "name:", "limit is 16"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let out = harmony(&args).await;
+        out.assert_usage_error(needles);
+        let line = out.stderr_lines()[0];
+        assert!(line.len() < 1_000, "{} bytes: {line}", line.len());
+        assert!(line.contains(" characters in all]"), "{line}");
+    }
+    assert_nothing_written(&t).await;
+}
