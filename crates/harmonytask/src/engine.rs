@@ -823,6 +823,12 @@ impl EngineBuilder {
             );
         }
         shared.tracker.spawn(
+            crate::retention::Pruner {
+                shared: Arc::clone(&shared),
+            }
+            .run(shared.stop_liveness.clone()),
+        );
+        shared.tracker.spawn(
             Followers {
                 shared: Arc::clone(&shared),
             }

@@ -23,7 +23,8 @@
 //!
 //! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
 //! (the actor and its pure decisions), `runner` (one attempt), `recorder` (batched, fenced
-//! outcomes), `machine` (heartbeat, reaper, ownership), [`store`] (all engine SQL),
+//! outcomes), `machine` (heartbeat, reaper, ownership), [`retention`] (history pruning, one
+//! node at a time), [`store`] (all engine SQL),
 //! [`resources`], [`builtin`] (test and benchmark types).
 
 pub mod builtin;
@@ -37,6 +38,7 @@ pub mod metrics;
 mod notify;
 mod recorder;
 pub mod resources;
+pub mod retention;
 mod runner;
 mod scheduler;
 pub mod singleton;
@@ -51,6 +53,7 @@ pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
 pub use error::{Error, Result};
 pub use follow::{Follow, FollowAdd};
 pub use resources::{ByteSize, Resource, Resources};
+pub use retention::{PruneOutcome, PruneReport, PruneRule};
 pub use scheduler::admission::Blocked;
 pub use singleton::{BoredContext, IAmBored, singleton};
 pub use status::{EngineStatus, RunningTask, TypeStatus};

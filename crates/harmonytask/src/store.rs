@@ -1410,6 +1410,220 @@ impl Store {
     }
 }
 
+// ---- retention --------------------------------------------------------------------------
+
+/// Rows one prune step deleted (or, for a dry run, would delete).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PruneCounts {
+    /// `harmony_task_history` rows.
+    pub history: u64,
+    /// `harmony_task_args` rows.
+    pub args: u64,
+}
+
+impl std::ops::AddAssign for PruneCounts {
+    fn add_assign(&mut self, other: PruneCounts) {
+        self.history += other.history;
+        self.args += other.args;
+    }
+}
+
+impl Store {
+    /// Takes the lease `name` for `holder` for `ttl` (database clock), or renews it when
+    /// `holder` already has it. Returns false, changing nothing, while another holder's lease
+    /// has not expired.
+    pub async fn lease_acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        // One upsert: it takes a free or expired row and renews our own, and touches (and
+        // returns) nothing when someone else's lease is still running, so two holders racing
+        // for it cannot both win.
+        let got: Option<(String,)> = match self.dialect() {
+            Dialect::Sqlite => {
+                let modifier = format!("+{:.3} seconds", ttl.as_secs_f64());
+                self.db
+                    .query_opt(
+                        "INSERT INTO harmony_lease (name, holder, expires) VALUES ($1, $2, strftime('%Y-%m-%d %H:%M:%f', 'now', $3))
+                         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires
+                         WHERE harmony_lease.holder = excluded.holder OR harmony_lease.expires < strftime('%Y-%m-%d %H:%M:%f', 'now')
+                         RETURNING holder",
+                        &[&name, &holder, &modifier],
+                    )
+                    .await?
+            }
+            Dialect::Postgres => {
+                self.db
+                    .query_opt(
+                        "INSERT INTO harmony_lease (name, holder, expires) VALUES ($1, $2, now() + ($3::bigint * interval '1 millisecond'))
+                         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires
+                         WHERE harmony_lease.holder = excluded.holder OR harmony_lease.expires < now()
+                         RETURNING holder",
+                        &[&name, &holder, &millis(ttl)],
+                    )
+                    .await?
+            }
+        };
+        Ok(got.is_some())
+    }
+
+    /// Gives up the lease `name` if `holder` has it.
+    pub async fn lease_release(&self, name: &str, holder: &str) -> Result<()> {
+        self.db
+            .exec(
+                "DELETE FROM harmony_lease WHERE name = $1 AND holder = $2",
+                &[&name, &holder],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Who holds the lease `name` now (an expired lease is nobody's).
+    pub async fn lease_holder(&self, name: &str) -> Result<Option<String>> {
+        let sql = self.dialect().pick(
+            "SELECT holder FROM harmony_lease WHERE name = $1 AND expires >= strftime('%Y-%m-%d %H:%M:%f', 'now')",
+            "SELECT holder FROM harmony_lease WHERE name = $1 AND expires >= now()",
+        );
+        let row: Option<(String,)> = self.db.query_opt(sql, &[&name]).await?;
+        Ok(row.map(|(h,)| h))
+    }
+
+    /// Deletes at most `limit` history rows that ended before `cutoff` (of type `name`, or of
+    /// every type), never one of a task that is still pending or running, and then the
+    /// arguments of the tasks among them that are finished and have no history left. One
+    /// short transaction, so claims and records wait for it at most one batch.
+    pub async fn history_prune_batch(
+        &self,
+        cutoff: Timestamp,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<PruneCounts> {
+        // No ORDER BY: which old rows go first does not matter, and without it the database
+        // reads the head of the work_end (or name, work_end) index and stops at `limit`.
+        let delete_history = match name {
+            None => {
+                "DELETE FROM harmony_task_history WHERE id IN (
+                         SELECT h.id FROM harmony_task_history h
+                         WHERE h.work_end < $1
+                           AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
+                         LIMIT $2)
+                     RETURNING task_id"
+            }
+            Some(_) => {
+                "DELETE FROM harmony_task_history WHERE id IN (
+                            SELECT h.id FROM harmony_task_history h
+                            WHERE h.name = $3 AND h.work_end < $1
+                              AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
+                            LIMIT $2)
+                        RETURNING task_id"
+            }
+        };
+        let delete_args = self.dialect().pick(
+            "DELETE FROM harmony_task_args
+             WHERE task_id IN (SELECT value FROM json_each($1))
+               AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = harmony_task_args.task_id)
+               AND NOT EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = harmony_task_args.task_id)",
+            "DELETE FROM harmony_task_args
+             WHERE task_id = ANY($1::bigint[])
+               AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = harmony_task_args.task_id)
+               AND NOT EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = harmony_task_args.task_id)",
+        );
+        let name = name.unwrap_or("");
+        let counts = self
+            .db
+            .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
+                let mut tasks: Vec<i64> = if name.is_empty() {
+                    tx.select::<(i64,)>(delete_history, &[&cutoff, &limit])
+                        .await?
+                } else {
+                    tx.select::<(i64,)>(delete_history, &[&cutoff, &limit, &name])
+                        .await?
+                }
+                .into_iter()
+                .map(|(t,)| t)
+                .collect();
+                let history = tasks.len() as u64;
+                tasks.sort_unstable();
+                tasks.dedup();
+                let args = if tasks.is_empty() {
+                    0
+                } else {
+                    tx.exec(delete_args, &[&tasks]).await?
+                };
+                Ok(Some(PruneCounts { history, args }))
+            })
+            .await?;
+        Ok(counts.unwrap_or_default())
+    }
+
+    /// What [`Store::history_prune_batch`] would delete with no limit: the history rows that
+    /// ended before `cutoff` (of `name`, or all) of tasks no longer pending or running, and
+    /// the arguments of the tasks all of whose history is among them.
+    pub async fn history_prune_count(
+        &self,
+        cutoff: Timestamp,
+        name: Option<&str>,
+    ) -> Result<PruneCounts> {
+        let name = name.unwrap_or("");
+        let history: i64 = self
+            .db
+            .scalar(
+                "SELECT count(*) FROM harmony_task_history h
+                 WHERE h.work_end < $1 AND ($2 = '' OR h.name = $2)
+                   AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)",
+                &[&cutoff, &name],
+            )
+            .await?;
+        let args: i64 = self
+            .db
+            .scalar(
+                "SELECT count(*) FROM harmony_task_args a
+                 WHERE NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = a.task_id)
+                   AND EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = a.task_id)
+                   AND NOT EXISTS (SELECT 1 FROM harmony_task_history h
+                                   WHERE h.task_id = a.task_id
+                                     AND NOT (h.work_end < $1 AND ($2 = '' OR h.name = $2)))",
+                &[&cutoff, &name],
+            )
+            .await?;
+        Ok(PruneCounts {
+            history: u64::try_from(history).unwrap_or(0),
+            args: u64::try_from(args).unwrap_or(0),
+        })
+    }
+
+    /// The type names that have history, read by skipping through the (name, work_end)
+    /// index one name at a time rather than scanning every row.
+    pub async fn history_type_names(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = self
+            .db
+            .select(
+                "WITH RECURSIVE names (name) AS (
+                     SELECT min(name) FROM harmony_task_history
+                     UNION ALL
+                     SELECT (SELECT min(h.name) FROM harmony_task_history h WHERE h.name > names.name)
+                     FROM names WHERE names.name IS NOT NULL
+                 )
+                 SELECT name FROM names WHERE name IS NOT NULL",
+                &[],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|(n,)| n).collect())
+    }
+
+    /// The `work_end` of the `n`-th newest history row of `name` (n ≥ 1), if it has that
+    /// many: keeping `n` rows of the type means deleting those that ended before it.
+    pub async fn history_nth_newest_end(&self, name: &str, n: u64) -> Result<Option<Timestamp>> {
+        let offset = i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX);
+        let row: Option<(Timestamp,)> = self
+            .db
+            .query_opt(
+                "SELECT work_end FROM harmony_task_history WHERE name = $1
+                 ORDER BY work_end DESC LIMIT 1 OFFSET $2",
+                &[&name, &offset],
+            )
+            .await?;
+        Ok(row.map(|(t,)| t))
+    }
+}
+
 /// One physical attempt of a built-in task, as written by the task itself.
 #[derive(Debug, Clone, serde::Serialize, harmonydb::FromRow)]
 pub struct AttemptRow {

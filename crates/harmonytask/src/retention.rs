@@ -1,0 +1,235 @@
+//! History retention: `harmony_task_history` and the `harmony_task_args` of finished tasks
+//! are deleted once they are older than the retention setting (and, per type, beyond the
+//! newest N rows), so that they do not grow forever.
+//!
+//! One node at a time prunes: a prune round first takes the `history_prune` lease
+//! (`harmony_lease`, a row with an expiry on the database clock — not an advisory lock, which
+//! YugabyteDB and CockroachDB lack) and renews it before every batch; a node that cannot take
+//! it skips the round, one that loses it stops. Each batch deletes at most `prune_batch_max`
+//! history rows in its own short transaction, so claims and records are never held up by more
+//! than one batch, whatever the size of the backlog. Nothing of a task still pending or
+//! running is deleted: its history stays, and so do its arguments.
+//!
+//! The loop ([`Pruner`]) wakes every `prune_interval`; `harmony task prune` runs one round
+//! through [`prune`] with the same lease.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harmonydb::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Shared;
+use crate::error::Result;
+use crate::store::{PruneCounts, Store};
+
+/// The lease that lets one node at a time prune.
+pub const PRUNE_LEASE: &str = "history_prune";
+
+/// How long a prune lease lasts without renewal; renewed before every batch, so a node that
+/// dies mid-round frees it this long after its last batch.
+pub const PRUNE_LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// What to delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneRule {
+    /// Delete rows that ended longer ago than this.
+    pub older_than: Option<Duration>,
+    /// Of each type, delete all but the newest this many rows (≥ 1).
+    pub keep_per_type: Option<u64>,
+    /// Only this type (both rules); `None`: every type.
+    pub name: Option<String>,
+}
+
+/// What a prune round did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct PruneReport {
+    /// Rows deleted.
+    pub deleted: PruneCounts,
+    /// Batches (transactions) run.
+    pub batches: u64,
+    /// The longest batch, in milliseconds.
+    pub longest_batch_ms: f64,
+    /// Whether the round stopped before it was done (shutdown, or the lease was lost).
+    pub interrupted: bool,
+}
+
+/// How a prune round ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PruneOutcome {
+    /// The round ran (perhaps interrupted; see the report).
+    Ran(PruneReport),
+    /// Another holder has the lease: nothing was deleted.
+    Busy {
+        /// Who holds it.
+        holder: String,
+    },
+}
+
+/// One prune round: takes the lease as `holder`, deletes in batches of at most `batch_max`
+/// history rows, and gives the lease back. `now` is the time the ages are counted from (the
+/// engine's clock, which wrote `work_end`). Stops between batches when `stop` fires.
+pub async fn prune(
+    store: &Store,
+    holder: &str,
+    rule: &PruneRule,
+    now: Timestamp,
+    batch_max: usize,
+    stop: &CancellationToken,
+) -> Result<PruneOutcome> {
+    if !store
+        .lease_acquire(PRUNE_LEASE, holder, PRUNE_LEASE_TTL)
+        .await?
+    {
+        let holder = store
+            .lease_holder(PRUNE_LEASE)
+            .await?
+            // It expired between the two reads; the next round will take it.
+            .unwrap_or_else(|| "another holder, just now".to_owned());
+        return Ok(PruneOutcome::Busy { holder });
+    }
+    let result = prune_held(store, holder, rule, now, batch_max.max(1), stop).await;
+    // Handing it back lets the next round (any node's) start at once instead of after the
+    // TTL; if this fails, the lease simply expires.
+    if let Err(e) = store.lease_release(PRUNE_LEASE, holder).await {
+        tracing::debug!(error = %e, "could not release the prune lease; it will expire");
+    }
+    result.map(PruneOutcome::Ran)
+}
+
+async fn prune_held(
+    store: &Store,
+    holder: &str,
+    rule: &PruneRule,
+    now: Timestamp,
+    batch_max: usize,
+    stop: &CancellationToken,
+) -> Result<PruneReport> {
+    let mut report = PruneReport::default();
+    // Each step: (cutoff, type). Age first, over every type at once.
+    let mut steps: Vec<(Timestamp, Option<String>)> = Vec::new();
+    if let Some(age) = rule.older_than {
+        steps.push((cutoff(now, age), rule.name.clone()));
+    }
+    if let Some(keep) = rule.keep_per_type {
+        let names = match &rule.name {
+            Some(n) => vec![n.clone()],
+            None => store.history_type_names().await?,
+        };
+        for name in names {
+            if let Some(end) = store.history_nth_newest_end(&name, keep.max(1)).await? {
+                steps.push((end, Some(name)));
+            }
+        }
+    }
+    for (cutoff, name) in steps {
+        loop {
+            if stop.is_cancelled() {
+                report.interrupted = true;
+                return Ok(report);
+            }
+            // Renewed before every batch: a holder that lost it (paused past the TTL, another
+            // node took over) stops rather than prune alongside the new holder.
+            if report.batches > 0
+                && !store
+                    .lease_acquire(PRUNE_LEASE, holder, PRUNE_LEASE_TTL)
+                    .await?
+            {
+                tracing::warn!("lost the prune lease to another node; stopping this round");
+                report.interrupted = true;
+                return Ok(report);
+            }
+            let started = Instant::now();
+            let deleted = store
+                .history_prune_batch(cutoff, name.as_deref(), batch_max)
+                .await?;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            report.batches += 1;
+            report.longest_batch_ms = report.longest_batch_ms.max(ms);
+            report.deleted += deleted;
+            if deleted.history < batch_max as u64 {
+                break;
+            }
+            // Let the node's own claims and records in between batches.
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(report)
+}
+
+/// What [`prune`] would delete under the age rule (a dry run; per-type counts are not
+/// estimated).
+pub async fn prune_count(
+    store: &Store,
+    older_than: Duration,
+    name: Option<&str>,
+    now: Timestamp,
+) -> Result<PruneCounts> {
+    store
+        .history_prune_count(cutoff(now, older_than), name)
+        .await
+}
+
+fn cutoff(now: Timestamp, age: Duration) -> Timestamp {
+    let ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    Timestamp::from_millis(now.as_millis().saturating_sub(ms))
+}
+
+/// The engine's pruning loop: a prune round every `prune_interval`, the first right after
+/// start, when the engine has a retention setting.
+pub(crate) struct Pruner {
+    pub shared: Arc<Shared>,
+}
+
+impl Pruner {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let s = &self.shared;
+        let rule = PruneRule {
+            older_than: s.config.history_keep,
+            keep_per_type: s.config.history_keep_per_type,
+            name: None,
+        };
+        if rule.older_than.is_none() && rule.keep_per_type.is_none() {
+            return;
+        }
+        // Unique per process (a new machine id per start), readable for operators.
+        let holder = format!("machine {} ({})", s.machine, s.config.host_and_port);
+        let mut tick = tokio::time::interval(s.config.prune_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = s.clock.now();
+            match prune(
+                &s.store,
+                &holder,
+                &rule,
+                now,
+                s.config.prune_batch_max,
+                &shutdown,
+            )
+            .await
+            {
+                Ok(PruneOutcome::Ran(r)) if r.deleted.history > 0 || r.deleted.args > 0 => {
+                    tracing::info!(
+                        history = r.deleted.history,
+                        args = r.deleted.args,
+                        batches = r.batches,
+                        longest_batch_ms = r.longest_batch_ms,
+                        interrupted = r.interrupted,
+                        "pruned task history"
+                    );
+                }
+                Ok(PruneOutcome::Ran(_)) => {}
+                Ok(PruneOutcome::Busy { holder }) => {
+                    tracing::debug!(%holder, "another node is pruning history; skipping this round");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning history failed; will retry next round")
+                }
+            }
+        }
+    }
+}
