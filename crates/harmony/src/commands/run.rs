@@ -227,6 +227,15 @@ fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
     if let Some(d) = args.shutdown_grace {
         config.shutdown_grace = d;
     }
+    if let Some(keep) = args.history_keep {
+        config.history_keep = keep.0;
+    }
+    if args.history_keep_per_type.is_some() {
+        config.history_keep_per_type = args.history_keep_per_type;
+    }
+    if let Some(d) = args.prune_interval {
+        config.prune_interval = d;
+    }
     config.validate().map_err(|e| {
         UsageError(format!(
             "{} (set with --{})",
@@ -249,6 +258,9 @@ fn flag_of(message: &str) -> Option<&'static str> {
         ("iambored_interval", "iambored-interval"),
         ("reaper_interval", "reaper-interval"),
         ("host_and_port", "listen"),
+        ("history_keep_per_type", "history-keep-per-type"),
+        ("history_keep", "history-keep"),
+        ("prune_interval", "prune-interval"),
     ]
     .into_iter()
     .find(|(field, _)| message.starts_with(field))
