@@ -58,14 +58,14 @@ pub enum Command {
     Machine(MachineCommand),
     /// A self-contained tour: a fresh ./harmony-demo.db, one node, a small pipeline.
     Demo(DemoArgs),
-    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery.
+    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune.
     Bench(BenchArgs),
 }
 
 /// `harmony bench`
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, or all.
+    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune (--tasks: old history rows), or all.
     #[arg(value_name = "WORKLOAD")]
     pub workload: String,
     /// Node processes (cluster: only this count instead of 1, 2, 4, 8).
