@@ -7,7 +7,9 @@
 //! YugabyteDB and CockroachDB lack) and renews it before every batch; a node that cannot take
 //! it skips the round, one that loses it stops. Each batch deletes at most `prune_batch_max`
 //! history rows in its own short transaction, so claims and records are never held up by more
-//! than one batch, whatever the size of the backlog. Nothing of a task still pending or
+//! than one batch, whatever the size of the backlog. A round walks the primary key upwards
+//! from its last batch to the newest row older than the cutoff (rows recorded out of order
+//! past that bound are left to the next round). Nothing of a task still pending or
 //! running is deleted: its history stays, and so do its arguments.
 //!
 //! The loop ([`Pruner`]) wakes every `prune_interval`; `harmony task prune` runs one round
@@ -123,6 +125,10 @@ async fn prune_held(
         }
     }
     for (cutoff, name) in steps {
+        let Some(bound) = store.history_prune_bound(cutoff, name.as_deref()).await? else {
+            continue;
+        };
+        let mut after = i64::MIN;
         loop {
             if stop.is_cancelled() {
                 report.interrupted = true;
@@ -140,15 +146,17 @@ async fn prune_held(
                 return Ok(report);
             }
             let started = Instant::now();
-            let deleted = store
-                .history_prune_batch(cutoff, name.as_deref(), batch_max)
+            let (deleted, last) = store
+                .history_prune_batch(cutoff, name.as_deref(), after, bound, batch_max)
                 .await?;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             report.batches += 1;
             report.longest_batch_ms = report.longest_batch_ms.max(ms);
             report.deleted += deleted;
-            if deleted.history < batch_max as u64 {
-                break;
+            match last {
+                Some(last) if deleted.history >= batch_max as u64 => after = last,
+                // A short batch reached the bound.
+                _ => break,
             }
             // Let the node's own claims and records in between batches.
             tokio::task::yield_now().await;

@@ -1485,37 +1485,88 @@ impl Store {
         Ok(row.map(|(h,)| h))
     }
 
-    /// Deletes at most `limit` history rows that ended before `cutoff` (of type `name`, or of
-    /// every type), never one of a task that is still pending or running, and then the
-    /// arguments of the tasks among them that are finished and have no history left. One
-    /// short transaction, so claims and records wait for it at most one batch.
+    /// The id of the newest history row (by `work_end`) that ended before `cutoff`, of `name`
+    /// or of any type: the upper end of the id range a prune round walks. One read of the head
+    /// of the (name,) work_end index.
+    pub async fn history_prune_bound(
+        &self,
+        cutoff: Timestamp,
+        name: Option<&str>,
+    ) -> Result<Option<i64>> {
+        let row: Option<(i64,)> = match name {
+            None => {
+                self.db
+                    .query_opt(
+                        "SELECT id FROM harmony_task_history WHERE work_end < $1 ORDER BY work_end DESC LIMIT 1",
+                        &[&cutoff],
+                    )
+                    .await?
+            }
+            Some(name) => {
+                self.db
+                    .query_opt(
+                        "SELECT id FROM harmony_task_history WHERE name = $2 AND work_end < $1 ORDER BY work_end DESC LIMIT 1",
+                        &[&cutoff, &name],
+                    )
+                    .await?
+            }
+        };
+        Ok(row.map(|(id,)| id))
+    }
+
+    /// Deletes at most `limit` history rows with ids in `(after, bound]` that ended before
+    /// `cutoff` (of type `name`, or of every type), lowest ids first, never one of a task that
+    /// is still pending or running; then the arguments of the tasks among them that are
+    /// finished and have no history left. One short transaction, so claims and records wait
+    /// for it at most one batch. Returns what it deleted and the highest id it deleted, where
+    /// the next batch starts.
+    ///
+    /// Walking up the primary key from the last batch, instead of asking for "any old rows"
+    /// again, keeps every batch as cheap as the first: on Postgres the rows already deleted
+    /// stay in the table and its indexes as dead entries until a vacuum, and a scan from the
+    /// start would step over all of them again in every batch.
     pub async fn history_prune_batch(
         &self,
         cutoff: Timestamp,
         name: Option<&str>,
+        after: i64,
+        bound: i64,
         limit: usize,
-    ) -> Result<PruneCounts> {
-        // No ORDER BY: which old rows go first does not matter, and without it the database
-        // reads the head of the work_end (or name, work_end) index and stops at `limit`.
+    ) -> Result<(PruneCounts, Option<i64>)> {
+        let dialect = self.dialect();
+        // SQLite: the unary `+` keeps the planner on the rowid range instead of the work_end
+        // (or name) index, which would read every old row and sort them in each batch.
         let delete_history = match name {
-            None => {
+            None => dialect.pick(
                 "DELETE FROM harmony_task_history WHERE id IN (
-                         SELECT h.id FROM harmony_task_history h
-                         WHERE h.work_end < $1
-                           AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
-                         LIMIT $2)
-                     RETURNING task_id"
-            }
-            Some(_) => {
+                     SELECT h.id FROM harmony_task_history h
+                     WHERE h.id > $3 AND h.id <= $4 AND +h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
+                     ORDER BY h.id LIMIT $2)
+                 RETURNING id, task_id",
                 "DELETE FROM harmony_task_history WHERE id IN (
-                            SELECT h.id FROM harmony_task_history h
-                            WHERE h.name = $3 AND h.work_end < $1
-                              AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
-                            LIMIT $2)
-                        RETURNING task_id"
-            }
+                     SELECT h.id FROM harmony_task_history h
+                     WHERE h.id > $3 AND h.id <= $4 AND h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
+                     ORDER BY h.id LIMIT $2)
+                 RETURNING id, task_id",
+            ),
+            Some(_) => dialect.pick(
+                "DELETE FROM harmony_task_history WHERE id IN (
+                     SELECT h.id FROM harmony_task_history h
+                     WHERE h.id > $3 AND h.id <= $4 AND +h.name = $5 AND +h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
+                     ORDER BY h.id LIMIT $2)
+                 RETURNING id, task_id",
+                "DELETE FROM harmony_task_history WHERE id IN (
+                     SELECT h.id FROM harmony_task_history h
+                     WHERE h.id > $3 AND h.id <= $4 AND h.name = $5 AND h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
+                     ORDER BY h.id LIMIT $2)
+                 RETURNING id, task_id",
+            ),
         };
-        let delete_args = self.dialect().pick(
+        let delete_args = dialect.pick(
             "DELETE FROM harmony_task_args
              WHERE task_id IN (SELECT value FROM json_each($1))
                AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = harmony_task_args.task_id)
@@ -1526,20 +1577,19 @@ impl Store {
                AND NOT EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = harmony_task_args.task_id)",
         );
         let name = name.unwrap_or("");
-        let counts = self
+        let done = self
             .db
             .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
-                let mut tasks: Vec<i64> = if name.is_empty() {
-                    tx.select::<(i64,)>(delete_history, &[&cutoff, &limit])
+                let rows: Vec<(i64, i64)> = if name.is_empty() {
+                    tx.select(delete_history, &[&cutoff, &limit, &after, &bound])
                         .await?
                 } else {
-                    tx.select::<(i64,)>(delete_history, &[&cutoff, &limit, &name])
+                    tx.select(delete_history, &[&cutoff, &limit, &after, &bound, &name])
                         .await?
-                }
-                .into_iter()
-                .map(|(t,)| t)
-                .collect();
-                let history = tasks.len() as u64;
+                };
+                let last = rows.iter().map(|r| r.0).max();
+                let history = rows.len() as u64;
+                let mut tasks: Vec<i64> = rows.into_iter().map(|r| r.1).collect();
                 tasks.sort_unstable();
                 tasks.dedup();
                 let args = if tasks.is_empty() {
@@ -1547,10 +1597,10 @@ impl Store {
                 } else {
                     tx.exec(delete_args, &[&tasks]).await?
                 };
-                Ok(Some(PruneCounts { history, args }))
+                Ok(Some((PruneCounts { history, args }, last)))
             })
             .await?;
-        Ok(counts.unwrap_or_default())
+        Ok(done.unwrap_or_default())
     }
 
     /// What [`Store::history_prune_batch`] would delete with no limit: the history rows that
