@@ -7,9 +7,9 @@
 //! YugabyteDB and CockroachDB lack) and renews it before every batch; a node that cannot take
 //! it skips the round, one that loses it stops. Each batch deletes at most `prune_batch_max`
 //! history rows in its own short transaction, so claims and records are never held up by more
-//! than one batch, whatever the size of the backlog. A round walks the primary key upwards
-//! from its last batch to the newest row older than the cutoff (rows recorded out of order
-//! past that bound are left to the next round). Nothing of a task still pending or
+//! than one batch, whatever the size of the backlog. A round walks the primary key in ranges
+//! of `prune_batch_max` ids, from the oldest row up to the newest row older than the cutoff
+//! (rows recorded out of order past that bound are left to the next round). Nothing of a task still pending or
 //! running is deleted: its history stays, and so do its arguments.
 //!
 //! The loop ([`Pruner`]) wakes every `prune_interval`; `harmony task prune` runs one round
@@ -124,12 +124,15 @@ async fn prune_held(
             }
         }
     }
+    let span = i64::try_from(batch_max).unwrap_or(i64::MAX);
     for (cutoff, name) in steps {
         let Some(bound) = store.history_prune_bound(cutoff, name.as_deref()).await? else {
             continue;
         };
-        let mut after = i64::MIN;
-        loop {
+        let Some(mut after) = store.history_prune_start(name.as_deref()).await? else {
+            continue;
+        };
+        while after < bound {
             if stop.is_cancelled() {
                 report.interrupted = true;
                 return Ok(report);
@@ -145,19 +148,16 @@ async fn prune_held(
                 report.interrupted = true;
                 return Ok(report);
             }
+            let upto = after.saturating_add(span).min(bound);
             let started = Instant::now();
-            let (deleted, last) = store
-                .history_prune_batch(cutoff, name.as_deref(), after, bound, batch_max)
+            let deleted = store
+                .history_prune_batch(cutoff, name.as_deref(), after, upto)
                 .await?;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             report.batches += 1;
             report.longest_batch_ms = report.longest_batch_ms.max(ms);
             report.deleted += deleted;
-            match last {
-                Some(last) if deleted.history >= batch_max as u64 => after = last,
-                // A short batch reached the bound.
-                _ => break,
-            }
+            after = upto;
             // Let the node's own claims and records in between batches.
             tokio::task::yield_now().await;
         }

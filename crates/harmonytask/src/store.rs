@@ -1514,56 +1514,72 @@ impl Store {
         Ok(row.map(|(id,)| id))
     }
 
-    /// Deletes at most `limit` history rows with ids in `(after, bound]` that ended before
-    /// `cutoff` (of type `name`, or of every type), lowest ids first, never one of a task that
-    /// is still pending or running; then the arguments of the tasks among them that are
-    /// finished and have no history left. One short transaction, so claims and records wait
-    /// for it at most one batch. Returns what it deleted and the highest id it deleted, where
-    /// the next batch starts.
+    /// Where a prune round of `name` (or of every type) starts: just below the lowest history
+    /// id (every type: the primary key's head), or below the oldest row of the type (its
+    /// (name, work_end) index's tail).
+    pub async fn history_prune_start(&self, name: Option<&str>) -> Result<Option<i64>> {
+        let row: Option<(Option<i64>,)> = match name {
+            None => {
+                self.db
+                    .query_opt("SELECT min(id) FROM harmony_task_history", &[])
+                    .await?
+            }
+            Some(name) => self
+                .db
+                .query_opt(
+                    "SELECT id FROM harmony_task_history WHERE name = $1 ORDER BY work_end LIMIT 1",
+                    &[&name],
+                )
+                .await?,
+        };
+        Ok(row.and_then(|(id,)| id).map(|id| id - 1))
+    }
+
+    /// Deletes the history rows with ids in `(after, upto]` that ended before `cutoff` (of type
+    /// `name`, or of every type), never one of a task that is still pending or running; then
+    /// the arguments of the tasks among them that are finished and have no history left. The
+    /// caller keeps `upto - after` to its batch size, so one batch deletes at most that many
+    /// rows, in one short transaction: claims and records wait for it at most one batch.
     ///
-    /// Walking up the primary key from the last batch, instead of asking for "any old rows"
-    /// again, keeps every batch as cheap as the first: on Postgres the rows already deleted
-    /// stay in the table and its indexes as dead entries until a vacuum, and a scan from the
-    /// start would step over all of them again in every batch.
+    /// Ranges of the primary key, rather than "any old rows, LIMIT n": on Postgres deleted
+    /// rows stay in the table and its indexes as dead entries until a vacuum, and a planner
+    /// with statistics older than a bulk insert reads the whole candidate set and sorts it
+    /// for the LIMIT; a range reads exactly its own rows, so the last batch costs what the
+    /// first did.
     pub async fn history_prune_batch(
         &self,
         cutoff: Timestamp,
         name: Option<&str>,
         after: i64,
-        bound: i64,
-        limit: usize,
-    ) -> Result<(PruneCounts, Option<i64>)> {
+        upto: i64,
+    ) -> Result<PruneCounts> {
         let dialect = self.dialect();
         // SQLite: the unary `+` keeps the planner on the rowid range instead of the work_end
-        // (or name) index, which would read every old row and sort them in each batch.
+        // (or name) index, which would read every old row.
         let delete_history = match name {
             None => dialect.pick(
                 "DELETE FROM harmony_task_history WHERE id IN (
                      SELECT h.id FROM harmony_task_history h
-                     WHERE h.id > $3 AND h.id <= $4 AND +h.work_end < $1
-                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
-                     ORDER BY h.id LIMIT $2)
-                 RETURNING id, task_id",
+                     WHERE h.id > $2 AND h.id <= $3 AND +h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id))
+                 RETURNING task_id",
                 "DELETE FROM harmony_task_history WHERE id IN (
                      SELECT h.id FROM harmony_task_history h
-                     WHERE h.id > $3 AND h.id <= $4 AND h.work_end < $1
-                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
-                     ORDER BY h.id LIMIT $2)
-                 RETURNING id, task_id",
+                     WHERE h.id > $2 AND h.id <= $3 AND h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id))
+                 RETURNING task_id",
             ),
             Some(_) => dialect.pick(
                 "DELETE FROM harmony_task_history WHERE id IN (
                      SELECT h.id FROM harmony_task_history h
-                     WHERE h.id > $3 AND h.id <= $4 AND +h.name = $5 AND +h.work_end < $1
-                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
-                     ORDER BY h.id LIMIT $2)
-                 RETURNING id, task_id",
+                     WHERE h.id > $2 AND h.id <= $3 AND +h.name = $4 AND +h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id))
+                 RETURNING task_id",
                 "DELETE FROM harmony_task_history WHERE id IN (
                      SELECT h.id FROM harmony_task_history h
-                     WHERE h.id > $3 AND h.id <= $4 AND h.name = $5 AND h.work_end < $1
-                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id)
-                     ORDER BY h.id LIMIT $2)
-                 RETURNING id, task_id",
+                     WHERE h.id > $2 AND h.id <= $3 AND h.name = $4 AND h.work_end < $1
+                       AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = h.task_id))
+                 RETURNING task_id",
             ),
         };
         let delete_args = dialect.pick(
@@ -1580,16 +1596,14 @@ impl Store {
         let done = self
             .db
             .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
-                let rows: Vec<(i64, i64)> = if name.is_empty() {
-                    tx.select(delete_history, &[&cutoff, &limit, &after, &bound])
-                        .await?
+                let rows: Vec<(i64,)> = if name.is_empty() {
+                    tx.select(delete_history, &[&cutoff, &after, &upto]).await?
                 } else {
-                    tx.select(delete_history, &[&cutoff, &limit, &after, &bound, &name])
+                    tx.select(delete_history, &[&cutoff, &after, &upto, &name])
                         .await?
                 };
-                let last = rows.iter().map(|r| r.0).max();
                 let history = rows.len() as u64;
-                let mut tasks: Vec<i64> = rows.into_iter().map(|r| r.1).collect();
+                let mut tasks: Vec<i64> = rows.into_iter().map(|(t,)| t).collect();
                 tasks.sort_unstable();
                 tasks.dedup();
                 let args = if tasks.is_empty() {
@@ -1597,7 +1611,7 @@ impl Store {
                 } else {
                     tx.exec(delete_args, &[&tasks]).await?
                 };
-                Ok(Some((PruneCounts { history, args }, last)))
+                Ok(Some(PruneCounts { history, args }))
             })
             .await?;
         Ok(done.unwrap_or_default())
