@@ -317,6 +317,7 @@ const READING: &[&[&str]] = &[
     &["task", "run-now", "bench_noop"],
     &["machine", "ls"],
     &["machine", "cordon", "1"],
+    &["task", "prune", "--older-than", "7d"],
 ];
 
 /// Pointed at a database that was never migrated, they say so and how to fix it, instead of
