@@ -7,10 +7,12 @@
 //! YugabyteDB and CockroachDB lack) and renews it before every batch; a node that cannot take
 //! it skips the round, one that loses it stops. Each batch deletes at most `prune_batch_max`
 //! history rows in its own short transaction, so claims and records are never held up by more
-//! than one batch, whatever the size of the backlog. A round walks the primary key in ranges
-//! of `prune_batch_max` ids, from the oldest row up to the newest row older than the cutoff
-//! (rows recorded out of order past that bound are left to the next round). Nothing of a task still pending or
-//! running is deleted: its history stays, and so do its arguments.
+//! than one batch, whatever the size of the backlog; after each batch the round rests as long
+//! as the batch took, leaving the database at least half its time for them. A round walks the
+//! primary key in ranges of `prune_batch_max` ids, from the oldest row up to the newest row
+//! older than the cutoff (rows recorded out of order past that bound are left to the next
+//! round). Nothing of a task still pending or running is deleted: its history stays, and so do
+//! its arguments.
 //!
 //! The loop ([`Pruner`]) wakes every `prune_interval`; `harmony task prune` runs one round
 //! through [`prune`] with the same lease.
@@ -31,6 +33,9 @@ pub const PRUNE_LEASE: &str = "history_prune";
 /// How long a prune lease lasts without renewal; renewed before every batch, so a node that
 /// dies mid-round frees it this long after its last batch.
 pub const PRUNE_LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// How long a prune rests after each batch, as a multiple of the time the batch took.
+pub const PRUNE_REST_PER_BATCH: f64 = 1.0;
 
 /// What to delete.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -153,13 +158,18 @@ async fn prune_held(
             let deleted = store
                 .history_prune_batch(cutoff, name.as_deref(), after, upto)
                 .await?;
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let took = started.elapsed();
             report.batches += 1;
-            report.longest_batch_ms = report.longest_batch_ms.max(ms);
+            report.longest_batch_ms = report.longest_batch_ms.max(took.as_secs_f64() * 1000.0);
             report.deleted += deleted;
             after = upto;
-            // Let the node's own claims and records in between batches.
-            tokio::task::yield_now().await;
+            // Rest as long as the batch took, so that a prune has at most about half of the
+            // database's time (on SQLite, of its one writer): back to back, batches left
+            // claims and records an eighth of their rate there (docs/benchmarks.md, prune).
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(took.mul_f64(PRUNE_REST_PER_BATCH)) => {}
+            }
         }
     }
     Ok(report)
