@@ -8,8 +8,9 @@
 //! results can be read as ratios on noisy machines.
 //!
 //! Workloads: [`Workload::Throughput`], [`Workload::Latency`], [`Workload::Backlog`],
-//! [`Workload::Cluster`], [`Workload::Packing`], [`Workload::Memory`] and [`Workload::Db`] (the
-//! SQL layer's overhead over the raw drivers).
+//! [`Workload::Cluster`], [`Workload::Packing`], [`Workload::Memory`], [`Workload::Db`] (the
+//! SQL layer's overhead over the raw drivers), [`Workload::Recovery`] and [`Workload::Prune`]
+//! (history retention under load).
 
 pub mod builtin;
 mod db;
@@ -18,6 +19,7 @@ mod latency;
 mod memory;
 mod node;
 mod packing;
+mod prune;
 mod recovery;
 mod reference;
 pub mod store;
@@ -50,11 +52,14 @@ pub enum Workload {
     Db,
     /// SIGKILL a node running tasks: time until its orphaned tasks finished elsewhere.
     Recovery,
+    /// Prune N old history rows while a node drains no-op tasks: prune rate, longest batch,
+    /// drain rate during the prune against before it.
+    Prune,
 }
 
 impl Workload {
     /// All workloads, in the order `all` runs them.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Db,
         Workload::Throughput,
         Workload::Latency,
@@ -63,6 +68,7 @@ impl Workload {
         Workload::Packing,
         Workload::Memory,
         Workload::Recovery,
+        Workload::Prune,
     ];
 
     /// Its command-line name.
@@ -76,6 +82,7 @@ impl Workload {
             Workload::Memory => "memory",
             Workload::Db => "db",
             Workload::Recovery => "recovery",
+            Workload::Prune => "prune",
         }
     }
 }
@@ -163,6 +170,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
         Workload::Memory => memory::memory(opts).await,
         Workload::Db => db::db_overhead(opts).await,
         Workload::Recovery => recovery::recovery(opts).await,
+        Workload::Prune => prune::prune(opts).await,
     }
 }
 

@@ -44,6 +44,8 @@ impl Counted {
             host_and_port: format!("bench-{}:{}", std::process::id(), fastrand::u32(..)),
             budget: Some(budget),
             shutdown_grace: Duration::ZERO,
+            // A benchmark's history is minutes old; pruning would only add statements.
+            history_keep: None,
             ..EngineConfig::default()
         });
         for t in builtins(db, Resources::default()) {
@@ -75,7 +77,7 @@ impl Counted {
     }
 }
 
-fn node_budget() -> Resources {
+pub(crate) fn node_budget() -> Resources {
     let detected = harmonytask::resources::detect();
     Resources::new(detected.cpu, detected.ram, detected.gpu)
 }

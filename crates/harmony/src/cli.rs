@@ -45,8 +45,9 @@ pub enum Command {
     #[command(subcommand)]
     Db(DbCommand),
     /// Run a node: claim and run tasks until SIGINT/SIGTERM.
-    Run(RunArgs),
-    /// Tasks: add, ls, show, history, restart, run-now.
+    // Boxed: its many flags would make every other variant as large.
+    Run(Box<RunArgs>),
+    /// Tasks: add, ls, show, history, restart, run-now, prune.
     #[command(subcommand)]
     Task(TaskCommand),
     /// Machines (nodes) of the cluster.
@@ -54,14 +55,14 @@ pub enum Command {
     Machine(MachineCommand),
     /// A self-contained tour: a fresh ./harmony-demo.db, one node, a small pipeline.
     Demo(DemoArgs),
-    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery.
+    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune.
     Bench(BenchArgs),
 }
 
 /// `harmony bench`
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, or all.
+    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune (--tasks: old history rows), or all.
     #[arg(value_name = "WORKLOAD")]
     pub workload: String,
     /// Node processes (cluster: only this count instead of 1, 2, 4, 8).
@@ -160,6 +161,31 @@ pub struct RunArgs {
     /// How long running tasks get to finish at shutdown before they are cancelled, e.g. 30s.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Option<Duration>,
+    /// Delete task history (and the arguments of finished tasks) older than this, e.g. 30d,
+    /// or `off` to keep it forever (default 30d). One node at a time prunes.
+    #[arg(long, value_parser = parse_keep, value_name = "DURATION|off")]
+    pub history_keep: Option<Keep>,
+    /// Also keep only the newest N history rows of each type.
+    #[arg(long, value_name = "N")]
+    pub history_keep_per_type: Option<u64>,
+    /// How often this node tries to prune history, e.g. 1h.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub prune_interval: Option<Duration>,
+}
+
+/// `--history-keep`: a duration, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep(pub Option<Duration>);
+
+fn parse_keep(s: &str) -> Result<Keep, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(Keep(None));
+    }
+    let d = parse_duration(s).map_err(|e| format!("{e}, or off"))?;
+    if d.is_zero() {
+        return Err("must be positive; use off to keep history forever".into());
+    }
+    Ok(Keep(Some(d)))
 }
 
 /// `harmony task …`
@@ -197,6 +223,19 @@ pub enum TaskCommand {
     Restart {
         /// Task id.
         id: i64,
+    },
+    /// Delete finished attempts older than --older-than (and the arguments of finished tasks
+    /// with no history left); never anything of a pending or running task.
+    Prune {
+        /// Age of the attempts to delete, e.g. 7d.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        older_than: Duration,
+        /// Only this type.
+        #[arg(long = "type", value_name = "TYPE")]
+        type_name: Option<String>,
+        /// Count what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Ask a singleton type to run now instead of waiting for its interval; the nodes that
     /// run it are woken at once.
@@ -372,5 +411,38 @@ mod tests {
         assert_eq!(r.poll_interval_unhealthy, Some(Duration::from_secs(1)));
         assert_eq!(r.iambored_interval, Some(Duration::from_millis(20)));
         assert_eq!(r.change_check_interval, Some(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn history_keep_flags() {
+        let keep = |v: &str| match parse(&["run", "--history-keep", v]).map(|c| c.command) {
+            Ok(Command::Run(r)) => Ok(r.history_keep),
+            Ok(_) => panic!("not run"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            keep("30d"),
+            Ok(Some(Keep(Some(Duration::from_secs(30 * 86_400)))))
+        );
+        assert_eq!(keep("off"), Ok(Some(Keep(None))));
+        assert_eq!(keep("OFF"), Ok(Some(Keep(None))));
+        assert!(keep("0s").unwrap_err().contains("use off"));
+        assert!(keep("forever").unwrap_err().contains("or off"));
+        let Command::Task(TaskCommand::Prune {
+            older_than,
+            dry_run,
+            ..
+        }) = parse(&["task", "prune", "--older-than", "7d", "--dry-run"])
+            .unwrap()
+            .command
+        else {
+            panic!("not prune");
+        };
+        assert_eq!(older_than, Duration::from_secs(7 * 86_400));
+        assert!(dry_run);
+        assert!(
+            parse(&["task", "prune"]).is_err(),
+            "--older-than is required"
+        );
     }
 }

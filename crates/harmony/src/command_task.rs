@@ -2,18 +2,22 @@
 //! substituted into its argv. Exit status 0 is success; anything else is a failed attempt whose
 //! error is the end of the program's standard error.
 //!
-//! When the attempt is cancelled (shutdown, preemption, a cordon for a `can_yield` type, loss
-//! of ownership) the child gets SIGTERM, so that it can stop cleanly, and SIGKILL if it has not
-//! exited within the type's kill grace. When the attempt's future is dropped (its timeout, or
-//! the node exiting) the child is killed at once (`kill_on_drop`). Only the child itself gets
-//! the signals, not processes it started in turn.
+//! Each command runs in a process group of its own, so that what it starts in turn (`sh -c`
+//! running a pipeline, a script starting helpers) is stopped with it: every signal goes to the
+//! whole group. When the attempt is cancelled (shutdown, preemption, a cordon for a
+//! `can_yield` type, loss of ownership) the group gets SIGTERM, so that it can stop cleanly,
+//! and SIGKILL once the grace is over or the command has exited. When the attempt's future is
+//! dropped (its timeout, or the node exiting) the group is killed at once. When the command
+//! exits by itself, anything it left running in its group is killed too: the attempt is over,
+//! and a leftover holding the stderr pipe would keep the attempt from ending. (A program that
+//! must outlive its attempt has to leave the group, e.g. with `setsid`.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::time::Duration;
 
 use harmonytask::{Done, RunContext, Task, TaskError, TaskId, TypeDetails, async_trait};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
@@ -205,10 +209,15 @@ impl Task for CommandTask {
             // Output goes where the node's goes, so operators see it in the node's log.
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
+            // Its own group (pgid = its pid), so that one signal reaches all it started.
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
             .map_err(|e| TaskError::new(format!("cannot start {program:?}: {e}")))?;
+        // Armed before anything can drop this future: a timeout or the node exiting kills the
+        // group, not only the child (`kill_on_drop`).
+        let group = GroupGuard::new(&child);
         let stderr = child.stderr.take();
         let tail = tokio::spawn(async move {
             match stderr {
@@ -220,11 +229,13 @@ impl Task for CommandTask {
             status = child.wait() => status,
             () = ctx.cancelled().cancelled() => {
                 // The engine records the cancellation reason; this text only reaches the log.
-                let how = stop(&mut child, task, program, self.kill_grace).await;
+                let how = stop(&mut child, &group, task, program, self.kill_grace).await;
                 return Err(TaskError::new(format!("cancelled; {how}")));
             }
         }
         .map_err(|e| TaskError::new(format!("waiting for {program:?}: {e}")))?;
+        // The command is done; what it left behind in its group is not part of any attempt.
+        group.kill(Signal::SIGKILL);
         let tail = tail.await.unwrap_or_default();
         if status.success() {
             if !tail.trim().is_empty() {
@@ -250,38 +261,77 @@ impl Task for CommandTask {
     }
 }
 
-/// Stops the child of a cancelled attempt: SIGTERM, up to `grace` to exit, then SIGKILL; it is
-/// reaped either way. Says how it ended.
-async fn stop(child: &mut Child, task: TaskId, program: &str, grace: Duration) -> String {
-    // `id` is None only once the child was reaped, which only `wait` below does. Until then
-    // the pid is still this child's (at worst a zombie), so signalling it cannot hit another
-    // process.
-    let pid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
-    if let Some(pid) = pid {
-        match kill(pid, Signal::SIGTERM) {
-            Ok(()) => match tokio::time::timeout(grace, child.wait()).await {
-                Ok(Ok(_)) => {
-                    tracing::info!(task = %task, program, "cancelled command stopped after SIGTERM");
-                    return format!("stopped {program:?} with SIGTERM");
+/// The process group of one attempt's command; dropping it SIGKILLs the group.
+struct GroupGuard {
+    pgid: Option<Pid>,
+}
+
+impl GroupGuard {
+    fn new(child: &Child) -> Self {
+        // The group's id is the child's pid (`process_group(0)`). It stays that group's while
+        // any member lives, even after the child itself was reaped: the kernel does not hand
+        // out a pid that is still some group's id, so signalling it cannot hit a stranger.
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
+        GroupGuard { pgid }
+    }
+
+    /// Signals every process of the group. ESRCH (nobody left) is the usual outcome once the
+    /// command and its children have exited, and not worth a word.
+    fn kill(&self, signal: Signal) -> bool {
+        match self.pgid {
+            Some(pgid) => match killpg(pgid, signal) {
+                Ok(()) => true,
+                Err(nix::errno::Errno::ESRCH) => false,
+                Err(e) => {
+                    tracing::warn!(pgid = %pgid, %signal, error = %e, "cannot signal a command's process group");
+                    false
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(task = %task, program, error = %e, "waiting for a cancelled command failed; sending SIGKILL");
-                }
-                Err(_) => tracing::info!(
-                    task = %task,
-                    program,
-                    kill_grace = ?grace,
-                    "cancelled command ignored SIGTERM for its kill grace; sending SIGKILL"
-                ),
             },
-            Err(e) => {
-                tracing::warn!(task = %task, program, error = %e, "could not send SIGTERM; sending SIGKILL");
-            }
+            None => false,
         }
     }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill(Signal::SIGKILL);
+    }
+}
+
+/// Stops the process group of a cancelled attempt: SIGTERM to the group, up to `grace` for
+/// the command to exit, then SIGKILL to the group (to whatever of it is left, once the command
+/// has exited by itself); the command is reaped either way. Says how it ended.
+async fn stop(
+    child: &mut Child,
+    group: &GroupGuard,
+    task: TaskId,
+    program: &str,
+    grace: Duration,
+) -> String {
+    if group.kill(Signal::SIGTERM) {
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(Ok(_)) => {
+                tracing::info!(task = %task, program, "cancelled command stopped after SIGTERM");
+                group.kill(Signal::SIGKILL);
+                return format!("stopped {program:?} with SIGTERM");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(task = %task, program, error = %e, "waiting for a cancelled command failed; sending SIGKILL");
+            }
+            Err(_) => tracing::info!(
+                task = %task,
+                program,
+                kill_grace = ?grace,
+                "cancelled command ignored SIGTERM for its kill grace; sending SIGKILL"
+            ),
+        }
+    } else {
+        tracing::warn!(task = %task, program, "could not send SIGTERM; sending SIGKILL");
+    }
+    group.kill(Signal::SIGKILL);
     let _ = child.kill().await;
     format!("killed {program:?} with SIGKILL after a grace of {grace:?}")
 }

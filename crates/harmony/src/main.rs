@@ -29,11 +29,16 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Clap would print the whole help as the error; a new user needs the one line that
+            // says what is missing and what to type next.
+            let line = format!("error: {}", missing_command(&e.render().to_string()));
+            report_error(json_requested(), commands::EXIT_USAGE, &line);
+            return ExitCode::from(commands::EXIT_USAGE);
+        }
         Err(e) => {
-            // Parsing failed, so whether --json was given is read from the raw arguments.
-            let json = std::env::args_os().any(|a| a == "--json");
             let line = one_line(&e.render().to_string());
-            report_error(json, commands::EXIT_USAGE, &line);
+            report_error(json_requested(), commands::EXIT_USAGE, &line);
             return ExitCode::from(commands::EXIT_USAGE);
         }
     };
@@ -72,9 +77,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints a failed command's one error line on stderr; with `--json`, as an object
-/// `{"error": "…", "kind": "…"}` so that scripts need not parse text.
+/// Whether `--json` was given, read from the raw arguments (for errors of parsing them).
+fn json_requested() -> bool {
+    std::env::args_os().any(|a| a == "--json")
+}
+
+/// Prints a failed command's one error line on stderr, its echoed values cut to a readable
+/// length; with `--json`, as an object `{"error": "…", "kind": "…"}` so that scripts need not
+/// parse text.
 fn report_error(json: bool, code: u8, line: &str) {
+    let line = &output::readable(line);
     if json {
         let message = line.strip_prefix("error: ").unwrap_or(line);
         let value = serde_json::json!({ "error": message, "kind": commands::exit_kind(code) });
@@ -94,6 +106,35 @@ fn one_line(rendered: &str) -> String {
         .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A one-line usage for a command given without its subcommand (`harmony`, `harmony task`),
+/// from the help clap rendered: its usage line and the names of the commands it lists.
+fn missing_command(help: &str) -> String {
+    let usage = help
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage:"))
+        .map_or("harmony <COMMAND>", str::trim);
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    // `harmony task [OPTIONS] <COMMAND>` → `harmony task`, the prefix to ask --help of.
+    let prefix = usage
+        .split(" [")
+        .next()
+        .unwrap_or(usage)
+        .split(" <")
+        .next()
+        .unwrap_or(usage);
+    format!(
+        "a command is missing; usage: {usage}, COMMAND one of: {}; `{prefix} --help` describes them",
+        commands.join(", ")
+    )
 }
 
 /// First SIGINT or SIGTERM: cancel `shutdown` (the command shuts down gracefully). A second
@@ -160,6 +201,37 @@ fn init_tracing(cli: &Cli) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_command_is_one_usage_line() {
+        for (args, usage, listed) in [
+            (
+                &["harmony"][..],
+                "usage: harmony [OPTIONS] <COMMAND>",
+                "db, run, task, machine, demo, bench;",
+            ),
+            (
+                &["harmony", "task"][..],
+                "usage: harmony task [OPTIONS] <COMMAND>",
+                "add, ls,",
+            ),
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            let line = missing_command(&e.render().to_string());
+            assert!(!line.contains('\n'), "{line}");
+            assert!(line.contains(usage) && line.contains(listed), "{line}");
+            assert!(!line.contains("help,"), "{line}");
+        }
+        let e = Cli::try_parse_from(["harmony", "task"]).unwrap_err();
+        assert!(
+            missing_command(&e.render().to_string())
+                .ends_with("`harmony task --help` describes them")
+        );
+    }
 
     #[test]
     fn clap_errors_fit_on_one_line() {

@@ -1072,4 +1072,136 @@ singleton = "1s"
             "{e}"
         );
     }
+
+    /// Valid files the fuzz test below starts from.
+    const FUZZ_SEEDS: &[&str] = &[
+        "[[task]]\nname = \"transcode\"\ncommand = [\"ffmpeg\", \"-i\", \"{arg.input}\", \"out-{task_id}.mp4\"]\ncost = { cpu = 2, ram = \"4GiB\", gpu = 0.5 }\nmax = 2\nmax_cluster = 8\nmax_failures = 3\nretry_wait = { initial = \"1s\", factor = 2.0, max = \"1m\" }\ntimeout = \"5m\"\nenv = { KEY = \"value\" }\nkill_grace = \"30s\"\n",
+        "[[task]]\nname = \"a\"\nbuiltin = \"bench_noop\"\nsingleton = \"10m\"\n\n[[task]]\nname = \"b\"\ncommand = [\"true\"]\nfollows = [\"a\"]\nmay_follow = [\"a\"]\ntime_sensitive = true\n",
+        "[[task]]\nname = \"c:d_1\"\ncommand = [\"sh\", \"-c\", \"\"\"\necho {{x}}\n\"\"\"]\ncan_yield = true\nuninterruptible = false\nretry_wait = \"0s\"\n",
+    ];
+
+    /// Pieces the mutations splice in: TOML syntax, values of the wrong type or out of range,
+    /// placeholders, control and multi-byte characters.
+    const FUZZ_PIECES: &[&str] = &[
+        "\"",
+        "'",
+        "[",
+        "]",
+        "{",
+        "}",
+        "=",
+        ",",
+        "\n",
+        "[[task]]\n",
+        "\"\"\"",
+        "'''",
+        "\\",
+        "\\u0000",
+        "\0",
+        "\u{FFFD}",
+        "é",
+        "🦀",
+        "\t",
+        "#",
+        ".",
+        "-1",
+        "1e999",
+        "nan",
+        "inf",
+        "-0.0",
+        "99999999999999999999",
+        "18446744073709551616",
+        "\"1e308\"",
+        "\"-4GiB\"",
+        "\"12XB\"",
+        "\"9999999TiB\"",
+        "\"1ns\"",
+        "\"999999h\"",
+        "{arg.}",
+        "{task_id",
+        "{{",
+        "true",
+        "[]",
+        "{}",
+        "name = \"x\"",
+        "command = []",
+        "builtin = \"nope\"",
+        "follows = [\"b\", \"b\"]",
+        "cost = { cpu = 1e9 }",
+        "max = -1",
+        "retry_wait = { factor = -2.0 }",
+        "x');DROP--",
+    ];
+
+    fn fuzz_mutate(rng: &mut fastrand::Rng, base: &str) -> String {
+        let mut text: Vec<char> = base.chars().collect();
+        for _ in 0..rng.usize(1..=4) {
+            let at = rng.usize(..=text.len());
+            match rng.u8(..5) {
+                // Delete a range.
+                0 => {
+                    let end = (at + rng.usize(..=20)).min(text.len());
+                    text.drain(at..end);
+                }
+                // Splice in a piece.
+                1 | 2 => {
+                    let piece = FUZZ_PIECES[rng.usize(..FUZZ_PIECES.len())];
+                    text.splice(at..at, piece.chars());
+                }
+                // Random characters, ASCII or not.
+                3 => {
+                    let n = rng.usize(1..8);
+                    let chars: Vec<char> = (0..n)
+                        .map(|_| {
+                            if rng.bool() {
+                                char::from(rng.u8(0..128))
+                            } else {
+                                rng.char(..)
+                            }
+                        })
+                        .collect();
+                    text.splice(at..at, chars);
+                }
+                // Repeat a slice (duplicate keys and entries, long values).
+                _ => {
+                    let end = (at + rng.usize(..=40)).min(text.len());
+                    let slice: Vec<char> = text[at..end].to_vec();
+                    let times = if rng.u8(..10) == 0 { 2000 } else { 2 };
+                    for _ in 0..times {
+                        text.splice(at..at, slice.iter().copied());
+                    }
+                }
+            }
+        }
+        text.into_iter().collect()
+    }
+
+    /// Thousands of malformed tasks files, generated from a fixed seed: each parses, or is
+    /// refused with one line naming the file. None panics. A failing case prints its index and
+    /// its text, and the same seed reproduces it.
+    #[test]
+    fn fuzzed_tasks_files_get_a_clean_error() {
+        const CASES: usize = 3000;
+        let mut rng = fastrand::Rng::with_seed(0x1457_a5c5);
+        let (mut ok, mut refused) = (0, 0);
+        for case in 0..CASES {
+            let base = FUZZ_SEEDS[rng.usize(..FUZZ_SEEDS.len())];
+            let text = fuzz_mutate(&mut rng, base);
+            let parsed = std::panic::catch_unwind(|| parse("fuzz.toml", &text));
+            match parsed {
+                Err(_) => panic!("case {case} panicked; the file was:\n{text}"),
+                Ok(Ok(_)) => ok += 1,
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.starts_with("fuzz.toml") && !msg.contains('\n'),
+                        "case {case}: not one line naming the file: {msg:?}; the file was:\n{text}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        // The generator must reach both sides, or it tests nothing.
+        assert!(refused > CASES / 2 && ok > 0, "ok {ok}, refused {refused}");
+    }
 }

@@ -89,3 +89,17 @@ async fn an_unknown_workload_is_refused() {
     let out = harmony(&["bench", "cluster", "--nodes", "0"]).await;
     out.assert_usage_error(&["--nodes"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_every_old_row_while_a_node_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("ignored.db").display());
+    let results = bench(&db, &["prune", "--tasks", "25000"]).await;
+    let r = &results[0];
+    assert_eq!(r["workload"], "prune");
+    assert_eq!(r["tasks"], 25_000, "every old row was pruned: {r}");
+    positive(r, "tasks_per_s");
+    positive(r, "max_ms");
+    let detail = r["detail"].as_str().unwrap();
+    assert!(detail.contains(", 0 old rows left;"), "{r}");
+}

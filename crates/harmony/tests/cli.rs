@@ -10,7 +10,10 @@ use harmony_testkit::{TestDb, eventually};
 use harmonydb::Executor;
 use nix::sys::signal::Signal;
 
-harmony_testkit::both_backends!(machine_ls_shows_the_cpu_budget_as_given);
+harmony_testkit::both_backends!(
+    machine_ls_shows_the_cpu_budget_as_given,
+    task_prune_deletes_old_history,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_task_add_input_is_refused_and_writes_nothing() {
@@ -314,6 +317,7 @@ const READING: &[&[&str]] = &[
     &["task", "run-now", "bench_noop"],
     &["machine", "ls"],
     &["machine", "cordon", "1"],
+    &["task", "prune", "--older-than", "7d"],
 ];
 
 /// Pointed at a database that was never migrated, they say so and how to fix it, instead of
@@ -744,33 +748,6 @@ async fn machine_ls_shows_the_cpu_budget_as_given(t: &TestDb) {
     }
 }
 
-/// Waits until the process whose pid is in `pid_file` has exited (gone, or a zombie awaiting
-/// its parent's reaping).
-async fn wait_process_gone(pid_file: &std::path::Path) {
-    let pid = std::fs::read_to_string(pid_file)
-        .expect("pid file")
-        .trim()
-        .to_owned();
-    harmony_testkit::eventually(
-        &format!("process {pid} to exit"),
-        Duration::from_secs(30),
-        || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-            async move {
-                match stat {
-                    Err(_) => Some(()),
-                    // The state follows the parenthesised command name.
-                    Ok(s) => s
-                        .rsplit_once(") ")
-                        .is_some_and(|(_, rest)| rest.starts_with('Z'))
-                        .then_some(()),
-                }
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_prints_a_summary() {
     let dir = tempfile::tempdir().unwrap();
@@ -1055,4 +1032,288 @@ async fn json_errors_and_help_text() {
         "{}",
         run_help.stdout
     );
+}
+
+/// `harmony` or `harmony task` without a command: one usage line naming the commands (exit 2),
+/// not the whole help printed as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_prints_one_usage_line() {
+    let out = harmony(&[]).await;
+    out.assert_usage_error(&[
+        "a command is missing",
+        "usage: harmony [OPTIONS] <COMMAND>",
+        "run, task, machine",
+        "`harmony --help`",
+    ]);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    let out = harmony(&["task"]).await;
+    out.assert_usage_error(&["usage: harmony task", "add, ls", "`harmony task --help`"]);
+}
+
+/// A Postgres URL naming a database that does not exist is the server refusing us (exit 3, as
+/// for a wrong password or an unreachable server), not bad input: the URL is well formed, and
+/// the remedy is on the server. One line says so, for every kind of command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_database_that_does_not_exist_is_refused_with_exit_3() {
+    if !harmony_testkit::postgres_or_skip("missing_database").await {
+        return;
+    }
+    let base = harmony_testkit::pg_base_url();
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("a database in HARMONY_TEST_PG");
+    let name = format!("harmony_absent_{}", harmony_testkit::unique_suffix());
+    let url = format!("{server}/{name}");
+    let commands: &[&[&str]] = &[
+        &["task", "ls"],
+        &["db", "status"],
+        &["db", "migrate"],
+        &["task", "add", "bench_noop"],
+        &["run", "--builtin"],
+    ];
+    for args in commands {
+        let mut all = vec!["--db", url.as_str()];
+        all.extend_from_slice(args);
+        let out = harmony(&all).await;
+        assert_eq!(out.code, Some(3), "{all:?}: {}", out.stderr);
+        let lines = out.stderr_lines();
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ")
+                && last.contains(&format!("database \"{name}\" does not exist"))
+                && last.contains("CREATE DATABASE"),
+            "{all:?}: {lines:#?}"
+        );
+        // `run` logs its start first; every other command prints just the error.
+        if args[0] != "run" {
+            assert_eq!(lines.len(), 1, "{all:?}: {lines:#?}");
+        }
+    }
+}
+
+/// A huge bad value is not echoed in full: the error line shows its start and its length,
+/// and keeps the advice. (A command-line argument is at most 128 KiB on Linux; the tasks file
+/// carries a 1 MB one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_bad_values_are_cut_in_errors() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let big = "x".repeat(100_000);
+    let mega = "y".repeat(1_000_000);
+    let file = tasks_file(
+        dir.path(),
+        &format!("[[task]]\nname = \"{mega}\"\ncommand = [\"true\"]\n"),
+    );
+    let file = file.to_str().unwrap();
+    let pg_url = format!("postgres://u@h:{big}/db");
+    let ram = format!("{big}GiB");
+    let arg = format!("{big}=1");
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        (vec!["--db", &pg_url, "task", "ls"], &["invalid port"]),
+        (vec!["--db", db, "run", "--ram", &ram], &["--ram"]),
+        (vec!["--db", db, "task", "add", &big], &["limit is 16"]),
+        (
+            vec!["--db", db, "task", "add", "bench_noop", "--arg", &arg],
+            &["not a valid argument name"],
+        ),
+        (
+            vec!["--db", db, "run", "--tasks", file],
+            &["line 2", "name:", "limit is 16"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let out = harmony(&args).await;
+        out.assert_usage_error(needles);
+        let line = out.stderr_lines()[0];
+        assert!(line.len() < 1_000, "{} bytes: {line}", line.len());
+        assert!(line.contains(" characters in all]"), "{line}");
+    }
+    assert_nothing_written(&t).await;
+}
+
+/// `task prune`: the dry run counts and deletes nothing, the prune deletes what is older than
+/// `--older-than` (of one type with `--type`) and keeps the rest and a pending task's rows;
+/// while a node holds the prune lease it refuses; bad flags are usage errors. A node started
+/// with `--history-keep` prunes by itself.
+async fn task_prune_deletes_old_history(t: &TestDb) {
+    let db = t.url.as_str();
+    let now = harmonydb::Timestamp::from_system(std::time::SystemTime::now());
+    let days = |n: i64| harmonydb::Timestamp::from_millis(now.as_millis() - n * 86_400_000);
+    // (task, type, age in days); task 3 is still pending.
+    for (task, name, age) in [
+        (1_i64, "a", 10),
+        (1, "a", 9),
+        (2, "b", 8),
+        (3, "a", 20),
+        (4, "a", 1),
+    ] {
+        t.db.exec(
+            "INSERT INTO harmony_task_history (task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port)
+             VALUES ($1, $2, $3, $3, $3, $4, '', 'test:1')",
+            &[&task, &name, &days(age), &true],
+        )
+        .await
+        .unwrap();
+        t.db.exec(
+            "INSERT INTO harmony_task_args (task_id, key, value) VALUES ($1, 'k', 'v') ON CONFLICT DO NOTHING",
+            &[&task],
+        )
+        .await
+        .unwrap();
+    }
+    t.db.exec(
+        "INSERT INTO harmony_task (id, name, posted_time, update_time, added_by, retries) VALUES (3, 'a', $1, $1, 0, 1)",
+        &[&days(21)],
+    )
+    .await
+    .unwrap();
+    let history = || count(t, "SELECT count(*) FROM harmony_task_history");
+
+    let dry = harmony(&[
+        "--db",
+        db,
+        "--json",
+        "task",
+        "prune",
+        "--older-than",
+        "7d",
+        "--dry-run",
+    ])
+    .await
+    .json();
+    assert_eq!(
+        (dry["history"].as_u64(), dry["args"].as_u64()),
+        (Some(3), Some(2)),
+        "{dry}"
+    );
+    let out = harmony(&[
+        "--db",
+        db,
+        "task",
+        "prune",
+        "--older-than",
+        "7d",
+        "--dry-run",
+    ])
+    .await;
+    assert!(
+        out.stdout
+            .contains("would delete 3 history rows and 2 argument rows older than 7days"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(history().await, 5);
+
+    // Type b only: task 2's row and its arguments.
+    let done = harmony(&[
+        "--db",
+        db,
+        "--json",
+        "task",
+        "prune",
+        "--older-than",
+        "7d",
+        "--type",
+        "b",
+    ])
+    .await
+    .json();
+    assert_eq!(
+        (done["history"].as_u64(), done["args"].as_u64()),
+        (Some(1), Some(1)),
+        "{done}"
+    );
+    // A node mid-prune holds the lease: the command names it and deletes nothing.
+    harmonytask::Admin::new(t.db.clone())
+        .lease_acquire(
+            harmonytask::retention::PRUNE_LEASE,
+            "machine 7 (10.0.0.5:4701)",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let out = harmony(&["--db", db, "task", "prune", "--older-than", "7d"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("machine 7 (10.0.0.5:4701) is pruning history right now"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(history().await, 4);
+    harmonytask::Admin::new(t.db.clone())
+        .lease_release(
+            harmonytask::retention::PRUNE_LEASE,
+            "machine 7 (10.0.0.5:4701)",
+        )
+        .await
+        .unwrap();
+    let out = harmony(&["--db", db, "task", "prune", "--older-than", "7d"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("deleted 2 history rows and 1 argument rows older than 7days"),
+        "{}",
+        out.stdout
+    );
+    let left: Vec<(i64,)> =
+        t.db.select(
+            "SELECT task_id FROM harmony_task_history ORDER BY task_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        [(3,), (4,)],
+        "the pending task's and the new row stay"
+    );
+
+    for (args, needles) in [
+        (
+            &["task", "prune", "--older-than", "soon"][..],
+            &["--older-than"][..],
+        ),
+        (
+            &["task", "prune", "--older-than", "0s"][..],
+            &["--older-than", "positive"][..],
+        ),
+        (
+            &["task", "prune", "--older-than", "7d", "--type", "x;y"][..],
+            &["--type"][..],
+        ),
+        (
+            &["run", "--history-keep", "never"][..],
+            &["--history-keep", "or off"][..],
+        ),
+        (
+            &["run", "--history-keep", "0s"][..],
+            &["--history-keep", "use off"][..],
+        ),
+        (
+            &["run", "--history-keep-per-type", "0"][..],
+            &["--history-keep-per-type", "at least 1"][..],
+        ),
+    ] {
+        let mut all = vec!["--db", db];
+        all.extend_from_slice(args);
+        harmony(&all).await.assert_usage_error(needles);
+    }
+
+    // A node keeping 12 hours of history prunes task 4's day-old row by itself; task 3's stays.
+    let dir = tempfile::tempdir().unwrap();
+    let _node = Node::start(
+        db,
+        dir.path(),
+        &["--history-keep", "12h", "--prune-interval", "100ms"],
+    );
+    eventually("the node to prune", Duration::from_secs(30), || async {
+        let left: Vec<(i64,)> =
+            t.db.select("SELECT task_id FROM harmony_task_history", &[])
+                .await
+                .ok()?;
+        (left == [(3,)]).then_some(())
+    })
+    .await;
 }

@@ -748,3 +748,100 @@ async fn restart_exits_100_only_after_the_running_task(t: &TestDb) {
     );
     assert!(!s.contains_key(&later));
 }
+
+/// Commands that start children of their own: each shell starts a `sleep` in the background,
+/// writes its pid, and waits for it. `g_timeout` times out, `g_yield` is stopped by a cordon,
+/// `g_stay` by the node's shutdown.
+const GROUP_TASKS: &str = r#"
+[[task]]
+name = "g_timeout"
+command = ["sh", "-c", "sleep 300 & echo $! > \"$0.tmp\" && mv \"$0.tmp\" \"$0\"; wait", "{arg.pidfile}"]
+timeout = "3s"
+max_failures = 1
+
+[[task]]
+name = "g_yield"
+command = ["sh", "-c", "sleep 300 & echo $! > \"$0.tmp\" && mv \"$0.tmp\" \"$0\"; wait", "{arg.pidfile}"]
+can_yield = true
+
+[[task]]
+name = "g_stay"
+command = ["sh", "-c", "sleep 300 & echo $! > \"$0.tmp\" && mv \"$0.tmp\" \"$0\"; wait", "{arg.pidfile}"]
+"#;
+
+/// A command's own children die with its attempt, whichever way the attempt ends: a timeout,
+/// a cancellation (a cordon stopping a `can_yield` type) and the node's shutdown each stop the
+/// whole process group, not only the shell the node started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_children_are_stopped_with_it() {
+    let t = TestDb::sqlite().await;
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let file = tasks_file(dir.path(), GROUP_TASKS);
+    let file = file.to_str().unwrap();
+    let mut node = Node::start_plain(
+        db,
+        dir.path(),
+        &node_args(file, &[&["--shutdown-grace", "100ms"][..], FAST].concat()),
+    );
+    let machine = node.machine_id(&t).await;
+    let pid_of = |name: &str| dir.path().join(format!("{name}.pid"));
+    let add_with_pidfile = |name: &'static str| {
+        let arg = format!("pidfile={}", pid_of(name).display());
+        async move { add(db, name, &["--arg", &arg]).await[0] }
+    };
+    let started = |names: &'static [&'static str]| {
+        let files: Vec<_> = names.iter().map(|n| pid_of(n)).collect();
+        async move {
+            eventually(
+                &format!("{names:?} to start their children"),
+                Duration::from_secs(30),
+                || {
+                    let all = files.iter().all(|f| f.exists());
+                    async move { all.then_some(()) }
+                },
+            )
+            .await;
+        }
+    };
+
+    add_with_pidfile("g_timeout").await;
+    started(&["g_timeout"]).await;
+    wait_process_gone(&pid_of("g_timeout")).await;
+    wait_count(
+        &t,
+        "the timed-out attempt to be recorded",
+        Duration::from_secs(30),
+        1,
+        "SELECT count(*) FROM harmony_task_history WHERE name = 'g_timeout' AND err LIKE 'timeout%'",
+        &[],
+    )
+    .await;
+
+    add_with_pidfile("g_yield").await;
+    let stay = add_with_pidfile("g_stay").await;
+    started(&["g_yield", "g_stay"]).await;
+    ok_json(db, &["machine", "cordon", &machine.to_string()]).await;
+    wait_process_gone(&pid_of("g_yield")).await;
+    wait_count(
+        &t,
+        "the yielded attempt to be recorded",
+        Duration::from_secs(30),
+        1,
+        "SELECT count(*) FROM harmony_task_history WHERE name = 'g_yield' AND err = 'yielded'",
+        &[],
+    )
+    .await;
+
+    node.signal(Signal::SIGTERM);
+    assert_eq!(node.exit_code(Duration::from_secs(30)).await, Some(0));
+    wait_process_gone(&pid_of("g_stay")).await;
+    let released: Vec<(i64, Option<i64>)> =
+        t.db.select(
+            "SELECT id, owner_id FROM harmony_task WHERE name = 'g_stay'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(released, [(stay, None)], "released at shutdown");
+}

@@ -30,6 +30,10 @@ pub enum ErrorKind {
     Connection,
     /// The server refused our credentials.
     Authentication,
+    /// The server refused the connection for a reason other than our credentials: the
+    /// database named does not exist (Postgres 3D000). Like a refused password, it is the same
+    /// on every host and does not go away by retrying.
+    Refused,
     /// A statement or connection attempt ran out of time.
     Timeout,
     /// The configuration (URL, flags, paths) is invalid; the message says which part.
@@ -76,6 +80,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::NotFound => "not found",
             ErrorKind::Connection => "connection error",
             ErrorKind::Authentication => "authentication failed",
+            ErrorKind::Refused => "connection refused by the server",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Config => "invalid configuration",
             ErrorKind::Migration => "migration error",
@@ -285,6 +290,7 @@ mod tests {
             ErrorKind::UniqueViolation,
             ErrorKind::NotFound,
             ErrorKind::Authentication,
+            ErrorKind::Refused,
             ErrorKind::Decode,
             ErrorKind::Other,
         ] {

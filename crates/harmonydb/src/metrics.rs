@@ -154,6 +154,7 @@ fn kind_label(kind: ErrorKind) -> &'static str {
         ErrorKind::NotFound => "not_found",
         ErrorKind::Connection => "connection",
         ErrorKind::Authentication => "authentication",
+        ErrorKind::Refused => "refused",
         ErrorKind::Timeout => "timeout",
         ErrorKind::Config => "config",
         ErrorKind::Migration => "migration",

@@ -63,6 +63,7 @@ migrations! {
     4 => "0004_follow_preempt",
     5 => "0005_machine_cpu_fraction",
     6 => "0006_machine_address_unique",
+    7 => "0007_lease",
 }
 
 /// Serialises migrations across processes on Postgres (`pg_advisory_xact_lock` key).
@@ -257,6 +258,7 @@ fn as_migration(e: Error) -> Error {
         ErrorKind::Migration
         | ErrorKind::Connection
         | ErrorKind::Authentication
+        | ErrorKind::Refused
         | ErrorKind::Timeout => e,
         _ => Error::new(
             ErrorKind::Migration,

@@ -210,7 +210,10 @@ impl PgManager {
                 }
                 Err(e) => {
                     // Credentials and a missing database are the same on every host; stop.
-                    if matches!(e.kind(), ErrorKind::Authentication | ErrorKind::Config) {
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Authentication | ErrorKind::Refused | ErrorKind::Config
+                    ) {
                         return Err(e.context(format!("connecting to {}", self.cfg.hosts[index])));
                     }
                     failures.push(format!("{}: {}", self.cfg.hosts[index], e.message()));
@@ -639,7 +642,7 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> Error {
         {
             ErrorKind::Authentication
         } else if *code == SqlState::INVALID_CATALOG_NAME {
-            ErrorKind::Config
+            ErrorKind::Refused
         } else if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
             ErrorKind::Timeout
         } else if code.code().starts_with("08")
@@ -657,6 +660,10 @@ pub(crate) fn map_error(e: tokio_postgres::Error) -> Error {
             msg.push_str(" (");
             msg.push_str(detail);
             msg.push(')');
+        }
+        if kind == ErrorKind::Refused {
+            // Harmony creates schemas, never databases: say what the operator can do.
+            msg.push_str("; create it (CREATE DATABASE) or name an existing one in the URL");
         }
         return Error::new(kind, msg).with_code(code.code());
     }

@@ -160,4 +160,48 @@ impl Admin {
     pub async fn follow_pending(&self) -> Result<Vec<(String, String, i64)>> {
         self.store.follow_pending().await
     }
+
+    /// One history prune round under the cluster's prune lease (see [`crate::retention`]):
+    /// `Busy` names the holder when another node or command is pruning.
+    pub async fn prune_history(
+        &self,
+        holder: &str,
+        rule: &crate::retention::PruneRule,
+        now: Timestamp,
+        batch_max: usize,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<crate::retention::PruneOutcome> {
+        crate::retention::prune(&self.store, holder, rule, now, batch_max, stop).await
+    }
+
+    /// What a prune of history older than `older_than` (of `name`, or all) would delete.
+    pub async fn prune_count(
+        &self,
+        older_than: std::time::Duration,
+        name: Option<&str>,
+        now: Timestamp,
+    ) -> Result<crate::model::PruneCounts> {
+        crate::retention::prune_count(&self.store, older_than, name, now).await
+    }
+
+    /// Who holds the lease `name` now (an expired lease is nobody's).
+    pub async fn lease_holder(&self, name: &str) -> Result<Option<String>> {
+        self.store.lease_holder(name).await
+    }
+
+    /// Takes (or renews) the lease `name` for `holder` for `ttl`; false while another
+    /// holder's lease runs. Leases only keep cluster-wide chores (pruning) to one node.
+    pub async fn lease_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool> {
+        self.store.lease_acquire(name, holder, ttl).await
+    }
+
+    /// Gives up the lease `name` if `holder` has it.
+    pub async fn lease_release(&self, name: &str, holder: &str) -> Result<()> {
+        self.store.lease_release(name, holder).await
+    }
 }

@@ -6,6 +6,9 @@ use std::time::Duration;
 use crate::error::ConfigError;
 use crate::resources::Resources;
 
+/// How long task history is kept by default: 30 days.
+pub const HISTORY_KEEP_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// How an engine runs. Build with [`EngineConfig::default`] and override fields.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -55,6 +58,15 @@ pub struct EngineConfig {
     /// After `can_accept` refused everything (or the cluster limit was hit), wait this long
     /// before offering the type's tasks again, unless new work arrives.
     pub refused_retry_interval: Duration,
+    /// Task history (and the arguments of finished tasks) older than this is deleted;
+    /// `None` keeps it forever (unless `history_keep_per_type` applies).
+    pub history_keep: Option<Duration>,
+    /// Of each type, keep only the newest this many history rows; `None`: no per-type limit.
+    pub history_keep_per_type: Option<u64>,
+    /// How often a node tries to prune (one node at a time does, holding a lease).
+    pub prune_interval: Duration,
+    /// Most history rows deleted by one prune transaction.
+    pub prune_batch_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +92,10 @@ impl Default for EngineConfig {
             view_max_per_type: 400,
             record_batch_max: 512,
             refused_retry_interval: Duration::from_secs(1),
+            history_keep: Some(HISTORY_KEEP_DEFAULT),
+            history_keep_per_type: None,
+            prune_interval: Duration::from_secs(3600),
+            prune_batch_max: 10_000,
         }
     }
 }
@@ -96,6 +112,7 @@ impl EngineConfig {
             ("dead_after", self.dead_after),
             ("reaper_interval", self.reaper_interval),
             ("refused_retry_interval", self.refused_retry_interval),
+            ("prune_interval", self.prune_interval),
         ];
         for (name, d) in positive {
             if d.is_zero() {
@@ -119,6 +136,21 @@ impl EngineConfig {
             if n == 0 {
                 return Err(ConfigError::new(name, "must be positive"));
             }
+        }
+        if self.history_keep.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::new(
+                "history_keep",
+                "must be positive (None keeps history forever)",
+            ));
+        }
+        if self.history_keep_per_type == Some(0) {
+            return Err(ConfigError::new(
+                "history_keep_per_type",
+                "must be at least 1 (None: no per-type limit)",
+            ));
+        }
+        if self.prune_batch_max == 0 {
+            return Err(ConfigError::new("prune_batch_max", "must be positive"));
         }
         if self.host_and_port.is_empty() || self.host_and_port.len() > 300 {
             return Err(ConfigError::new(

@@ -807,6 +807,24 @@ impl EngineBuilder {
             );
         }
         shared.tracker.spawn(
+            crate::retention::Pruner {
+                store: shared.store.clone(),
+                clock: Arc::clone(&shared.clock),
+                rule: crate::retention::PruneRule {
+                    older_than: shared.config.history_keep,
+                    keep_per_type: shared.config.history_keep_per_type,
+                    name: None,
+                },
+                holder: format!(
+                    "machine {} ({})",
+                    shared.machine, shared.config.host_and_port
+                ),
+                interval: shared.config.prune_interval,
+                batch_max: shared.config.prune_batch_max,
+            }
+            .run(shared.stop_liveness.clone()),
+        );
+        shared.tracker.spawn(
             Followers {
                 shared: Arc::clone(&shared),
             }

@@ -23,8 +23,9 @@
 //!
 //! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
 //! (the actor and its pure decisions), `runner` (one attempt), `recorder` (batched, fenced
-//! outcomes), `machine` (heartbeat, reaper, ownership), `store` (all engine SQL, crate-private),
-//! [`Admin`] (the operator's reads and writes), [`model`] (value types), [`resources`].
+//! outcomes), `machine` (heartbeat, reaper, ownership), [`retention`] (history pruning, one
+//! node at a time), `store` (all engine SQL, crate-private), [`Admin`] (the operator's reads
+//! and writes), [`model`] (value types), [`resources`].
 
 mod admin;
 pub mod clock;
@@ -40,6 +41,7 @@ pub mod model;
 mod notify;
 mod recorder;
 pub mod resources;
+pub mod retention;
 mod runner;
 mod scheduler;
 pub mod singleton;
@@ -55,10 +57,11 @@ pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
 pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
 pub use model::{
-    AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, SingletonRow, TaskRow,
-    TypeSummary,
+    AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, PruneCounts, SingletonRow,
+    TaskRow, TypeSummary,
 };
 pub use resources::{ByteSize, Resource, Resources};
+pub use retention::{PruneOutcome, PruneReport, PruneRule};
 pub use singleton::{BoredContext, IAmBored, singleton};
 pub use status::{EngineStatus, RunningTask, TypeStatus};
 pub use task::{

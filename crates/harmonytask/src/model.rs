@@ -525,3 +525,19 @@ pub struct SingletonRow {
     /// An operator asked it to run now and no node has acted on it yet.
     pub run_now_request: bool,
 }
+
+/// Rows one prune step deleted (or, for a dry run, would delete).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PruneCounts {
+    /// `harmony_task_history` rows.
+    pub history: u64,
+    /// `harmony_task_args` rows.
+    pub args: u64,
+}
+
+impl std::ops::AddAssign for PruneCounts {
+    fn add_assign(&mut self, other: PruneCounts) {
+        self.history += other.history;
+        self.args += other.args;
+    }
+}

@@ -31,7 +31,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
     let notify = cli.notify.enabled();
     match cli.command {
         Command::Db(cmd) => db::run(&cli.db, cli.json, cmd).await,
-        Command::Run(args) => run::run(&cli.db, args, notify, shutdown).await,
+        Command::Run(args) => run::run(&cli.db, *args, notify, shutdown).await,
         Command::Task(cmd) => task::run(&cli.db, cli.json, notify, cmd).await,
         Command::Machine(cmd) => machine::run(&cli.db, cli.json, notify, cmd).await,
         Command::Demo(args) => crate::demo::run(args, cli.json, notify, shutdown).await,
@@ -90,7 +90,10 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
 fn db_exit_code(kind: ErrorKind) -> u8 {
     match kind {
         ErrorKind::Config | ErrorKind::Misuse => EXIT_USAGE,
-        ErrorKind::Connection | ErrorKind::Authentication | ErrorKind::Timeout => EXIT_DATABASE,
+        ErrorKind::Connection
+        | ErrorKind::Authentication
+        | ErrorKind::Refused
+        | ErrorKind::Timeout => EXIT_DATABASE,
         _ => EXIT_ERROR,
     }
 }

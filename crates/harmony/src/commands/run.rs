@@ -208,6 +208,15 @@ fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
     if let Some(d) = args.shutdown_grace {
         config.shutdown_grace = d;
     }
+    if let Some(keep) = args.history_keep {
+        config.history_keep = keep.0;
+    }
+    if args.history_keep_per_type.is_some() {
+        config.history_keep_per_type = args.history_keep_per_type;
+    }
+    if let Some(d) = args.prune_interval {
+        config.prune_interval = d;
+    }
     config.validate().map_err(config_usage_error)?;
     Ok(config)
 }
@@ -233,6 +242,9 @@ fn config_usage_error(e: harmonytask::ConfigError) -> UsageError {
         "iambored_interval" => "iambored-interval",
         "reaper_interval" => "reaper-interval",
         "host_and_port" => "listen",
+        "history_keep" => "history-keep",
+        "history_keep_per_type" => "history-keep-per-type",
+        "prune_interval" => "prune-interval",
         _ => "the run flags",
     };
     UsageError(format!("{e} (set with --{flag})"))

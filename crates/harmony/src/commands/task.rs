@@ -1,4 +1,4 @@
-//! `harmony task add|ls|show|history|restart|run-now`.
+//! `harmony task add|ls|show|history|restart|run-now|prune`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -41,6 +41,11 @@ pub async fn run(db_url: &str, json: bool, notify: bool, cmd: TaskCommand) -> an
         } => history(db_url, json, type_name, failed, limit).await,
         TaskCommand::Restart { id } => restart(db_url, json, notify, id).await,
         TaskCommand::RunNow { name } => run_now(db_url, json, notify, &name).await,
+        TaskCommand::Prune {
+            older_than,
+            type_name,
+            dry_run,
+        } => prune(db_url, json, older_than, type_name, dry_run).await,
     }
 }
 
@@ -410,6 +415,96 @@ async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Res
         output::json(&serde_json::json!({ "restarted": id }))?;
     } else {
         outln!("task {id} re-queued");
+    }
+    Ok(EXIT_OK)
+}
+
+/// Most history rows one `task prune` transaction deletes (as a node's default).
+const PRUNE_BATCH_MAX: usize = 10_000;
+
+/// `task prune`: one prune round under the same lease the nodes use, or (`--dry-run`) the
+/// counts of what it would delete.
+async fn prune(
+    db_url: &str,
+    json: bool,
+    older_than: Duration,
+    type_name: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
+    if let Some(name) = &type_name {
+        check_type_name("--type", name)?;
+    }
+    if older_than.is_zero() {
+        return Err(UsageError(
+            "--older-than: must be positive (0s would delete all finished history)".into(),
+        )
+        .into());
+    }
+    let db = open_existing(db_url).await?;
+    let admin = Admin::new(db);
+    let now = Timestamp::from_system(std::time::SystemTime::now());
+    let age = humantime::format_duration(older_than).to_string();
+    let scope = type_name
+        .as_deref()
+        .map_or_else(String::new, |n| format!(" of type {n}"));
+    if dry_run {
+        let would = admin
+            .prune_count(older_than, type_name.as_deref(), now)
+            .await?;
+        if json {
+            output::json(&serde_json::json!({
+                "dry_run": true,
+                "history": would.history,
+                "args": would.args,
+            }))?;
+        } else {
+            outln!(
+                "would delete {} history rows and {} argument rows{scope} older than {age} (dry run: nothing deleted)",
+                would.history,
+                would.args
+            );
+        }
+        return Ok(EXIT_OK);
+    }
+    let rule = harmonytask::PruneRule {
+        older_than: Some(older_than),
+        keep_per_type: None,
+        name: type_name,
+    };
+    let holder = format!("harmony task prune (pid {})", std::process::id());
+    let outcome = admin
+        .prune_history(
+            &holder,
+            &rule,
+            now,
+            PRUNE_BATCH_MAX,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await?;
+    let report = match outcome {
+        harmonytask::PruneOutcome::Ran(r) => r,
+        harmonytask::PruneOutcome::Busy { holder } => {
+            anyhow::bail!(
+                "{holder} is pruning history right now (it holds the prune lease); run this again once it is done"
+            );
+        }
+    };
+    if json {
+        output::json(&serde_json::json!({
+            "dry_run": false,
+            "history": report.deleted.history,
+            "args": report.deleted.args,
+            "batches": report.batches,
+            "longest_batch_ms": report.longest_batch_ms,
+        }))?;
+    } else {
+        outln!(
+            "deleted {} history rows and {} argument rows{scope} older than {age} ({} batches, longest {:.1} ms)",
+            report.deleted.history,
+            report.deleted.args,
+            report.batches,
+            report.longest_batch_ms
+        );
     }
     Ok(EXIT_OK)
 }

@@ -597,3 +597,30 @@ pub fn peak_per_machine(by_task: &BTreeMap<i64, Vec<Attempt>>) -> BTreeMap<i64, 
         })
         .collect()
 }
+
+/// Waits until the process whose pid is in `pid_file` has exited (gone, or a zombie awaiting
+/// its parent's reaping).
+pub async fn wait_process_gone(pid_file: &Path) {
+    let pid = std::fs::read_to_string(pid_file)
+        .expect("pid file")
+        .trim()
+        .to_owned();
+    eventually(
+        &format!("process {pid} to exit"),
+        Duration::from_secs(30),
+        || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+            async move {
+                match stat {
+                    Err(_) => Some(()),
+                    // The state follows the parenthesised command name.
+                    Ok(s) => s
+                        .rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+                        .then_some(()),
+                }
+            }
+        },
+    )
+    .await;
+}

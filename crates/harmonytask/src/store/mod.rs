@@ -31,6 +31,7 @@ mod admin;
 mod follow;
 mod machine;
 mod preempt;
+mod retention;
 mod singleton;
 mod task;
 #[cfg(test)]
