@@ -24,76 +24,28 @@ use crate::machine::{Heartbeat, NodeFlags, Ownership, Reaper};
 use crate::metrics::{EngineMetrics, TypeMetrics};
 use crate::notify::{Hint, Listener};
 use crate::recorder::{self, Recorder};
-use crate::resources::{Amounts, Resources};
-use crate::runner::StopReason;
+use crate::resources::Resources;
 use crate::scheduler::admission::downstream_order;
-use crate::scheduler::{ClaimResult, PollResult, Scheduler};
+use crate::scheduler::{Event, Msg, RunningCounts, Scheduler, StopReason};
 use crate::status::EngineStatus;
 use crate::store::{Candidate, MachineRegister, Store};
 use crate::task::{MachineId, Task, TaskId, TypeDetails, validate_name};
-
-/// Events for the scheduler actor.
-pub(crate) enum Event {
-    /// Tasks added by this process.
-    Added { ty: usize, tasks: Vec<Candidate> },
-    /// A task released by this node (retry or preemption), recorded.
-    Released { ty: usize, task: Candidate },
-    /// An attempt returned; its resources are free.
-    Finished { ty: usize, id: TaskId },
-    /// A claim job ended.
-    Claimed(ClaimResult),
-    /// A poll job ended.
-    Polled(PollResult),
-    /// Status request.
-    Status(oneshot::Sender<EngineStatus>),
-    /// Stop claiming.
-    Drain,
-    /// Cancel running attempts.
-    StopRunning {
-        reason: StopReason,
-        include_protected: bool,
-    },
-    /// The heartbeat saw this node become cordoned: running attempts of `can_yield` types
-    /// give way.
-    Cordoned,
-    /// Another node hinted at new or released work of a type: poll it.
-    Wake { ty: usize },
-    /// Call the type's IAmBored now (run-now request).
-    RunNow { ty: usize },
-    /// An IAmBored call returned.
-    BoredDone { ty: usize },
-    /// A preemption bid ended.
-    Preempted(crate::scheduler::PreemptResult),
-}
 
 /// Scheduler event channel size; adds beyond it fall back to a poll.
 const EVENTS_MAX: usize = 8192;
 /// Recorder queue size.
 const RECORD_QUEUE_MAX: usize = 8192;
 
-/// Running attempts, as published by the scheduler.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct RunningCounts {
-    pub total: usize,
-    /// Time-sensitive or uninterruptible: awaited at shutdown, never cancelled.
-    pub protected: usize,
-}
-
 /// A registered type as the engine holds it.
 pub(crate) struct TypeEntry {
     pub task: Arc<dyn Task>,
     pub details: TypeDetails,
     pub name: Arc<str>,
-    pub cost: Amounts,
     pub ownership: Arc<Ownership>,
     pub metrics: TypeMetrics,
 }
 
 impl TypeEntry {
-    pub(crate) fn protected(&self) -> bool {
-        self.details.time_sensitive || self.details.uninterruptible
-    }
-
     pub(crate) fn is_singleton(&self) -> bool {
         self.details
             .iambored
@@ -127,7 +79,7 @@ pub(crate) struct Shared {
     pub type_index: HashMap<String, usize>,
     /// Names of registered types with a cluster-wide limit.
     pub cluster_limited: Vec<String>,
-    pub events: mpsc::Sender<Event>,
+    pub events: mpsc::Sender<Msg>,
     pub nudged: Notify,
     poll_requested: AtomicBool,
     /// Notifications are flowing (the poll can be slow).
@@ -162,8 +114,8 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Sends an event to the scheduler, waiting for room; a stopped scheduler is ignored.
-    pub(crate) async fn send(&self, ev: Event) {
-        let _ = self.events.send(ev).await;
+    pub(crate) async fn send(&self, msg: impl Into<Msg>) {
+        let _ = self.events.send(msg.into()).await;
     }
 
     /// Wakes the scheduler for a pass.
@@ -184,7 +136,7 @@ impl Shared {
     /// A hint about new or released work of `name`: poll it if it runs here.
     pub(crate) fn wake_type(&self, name: &str) {
         if let Some(&ty) = self.type_index.get(name)
-            && self.events.try_send(Event::Wake { ty }).is_err()
+            && self.events.try_send(Event::Wake { ty }.into()).is_err()
         {
             self.request_poll();
         }
@@ -218,7 +170,7 @@ impl Shared {
         if let Some(&ty) = self.type_index.get(name)
             && self.types[ty].details.iambored.is_some()
         {
-            let _ = self.events.try_send(Event::RunNow { ty });
+            let _ = self.events.try_send(Event::RunNow { ty }.into());
         }
     }
 
@@ -227,7 +179,11 @@ impl Shared {
         match self.type_index.get(name) {
             Some(&ty) => {
                 self.types[ty].metrics.added.inc_by(tasks.len() as u64);
-                if self.events.try_send(Event::Added { ty, tasks }).is_err() {
+                if self
+                    .events
+                    .try_send(Event::Added { ty, tasks }.into())
+                    .is_err()
+                {
                     // Scheduler busy: it will find them with a poll instead.
                     self.request_poll();
                 }
@@ -738,7 +694,6 @@ impl EngineBuilder {
                 }),
                 metrics: metrics.for_type(&d.name),
                 name: Arc::from(d.name.as_str()),
-                cost: d.cost.amounts(),
                 details: d,
                 task,
             })
@@ -983,7 +938,7 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.shared
             .events
-            .send(Event::Status(tx))
+            .send(Msg::Status(tx))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)

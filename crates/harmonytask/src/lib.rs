@@ -38,7 +38,7 @@ mod notify;
 mod recorder;
 pub mod resources;
 mod runner;
-mod scheduler;
+pub mod scheduler;
 pub mod singleton;
 pub mod status;
 pub mod store;

@@ -95,9 +95,7 @@ impl Heartbeat {
                     let was = s.flags.cordoned.swap(flags.unschedulable, Ordering::AcqRel);
                     if was != flags.unschedulable {
                         tracing::info!(cordoned = flags.unschedulable, "scheduling flag changed");
-                        if flags.unschedulable {
-                            s.send(crate::engine::Event::Cordoned).await;
-                        }
+                        s.send(crate::scheduler::Msg::CordonChanged).await;
                         s.nudge();
                     }
                     if flags.restart_requested

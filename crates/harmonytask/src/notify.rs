@@ -24,7 +24,8 @@ use std::time::Duration;
 use harmonydb::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Event, Shared};
+use crate::engine::Shared;
+use crate::scheduler::Event;
 use crate::store::Candidate;
 use crate::task::{MachineId, TaskId};
 
@@ -192,7 +193,7 @@ impl Listener {
                         retries: 0,
                     };
                     if s.events
-                        .try_send(Event::Added { ty, tasks: vec![c] })
+                        .try_send(Event::Added { ty, tasks: vec![c] }.into())
                         .is_err()
                     {
                         s.request_poll();

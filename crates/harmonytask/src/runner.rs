@@ -10,34 +10,11 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Event, Shared};
+use crate::engine::Shared;
 use crate::recorder::{Request, Verdict};
+use crate::scheduler::{Event, StopReason};
 use crate::store::{AttemptResult, Candidate, Fate, Outcome};
 use crate::task::{Done, RunContext, TaskError};
-
-/// Why an attempt's cancellation token fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum StopReason {
-    None = 0,
-    Shutdown = 1,
-    Preempted = 2,
-    Fenced = 3,
-    /// The node was cordoned and the type is `can_yield`: it gives way to other nodes.
-    Yielded = 4,
-}
-
-impl StopReason {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => StopReason::Shutdown,
-            2 => StopReason::Preempted,
-            3 => StopReason::Fenced,
-            4 => StopReason::Yielded,
-            _ => StopReason::None,
-        }
-    }
-}
 
 /// The scheduler's handle on a running attempt.
 #[derive(Clone)]
