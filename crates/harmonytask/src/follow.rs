@@ -22,6 +22,7 @@ use std::time::Duration;
 use harmonydb::{Timestamp, Tx, TxOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::engine::Shared;
 use crate::notify::Hint;
 use crate::store::{Candidate, Store};
@@ -134,6 +135,11 @@ impl FollowAdd {
     }
 }
 
+/// First wait before retrying failed follow-ups.
+const FOLLOW_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between retries of failed follow-ups.
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 /// Most queued follow-ups consumed per transaction.
 const FOLLOW_BATCH_MAX: usize = 100;
 
@@ -166,7 +172,7 @@ impl Followers {
         if pairs.is_empty() {
             return;
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(FOLLOW_BACKOFF_INITIAL, FOLLOW_BACKOFF_MAX);
         loop {
             let mut failed = false;
             for p in &pairs {
@@ -183,10 +189,9 @@ impl Followers {
                 }
             }
             let wait = if failed {
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                backoff
+                backoff.next_wait()
             } else {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 s.poll_interval()
             };
             tokio::select! {

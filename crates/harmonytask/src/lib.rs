@@ -26,6 +26,7 @@
 //! outcomes), `machine` (heartbeat, reaper, ownership), [`store`] (all engine SQL),
 //! [`resources`], [`builtin`] (test and benchmark types).
 
+mod backoff;
 pub mod builtin;
 pub mod clock;
 pub mod config;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backoff::Backoff;
 use crate::engine::Shared;
 use crate::store::{Outcome, RecordBatch};
 
@@ -34,6 +35,8 @@ pub(crate) struct Request {
     pub reply: oneshot::Sender<Verdict>,
 }
 
+/// First wait before retrying a failed batch.
+const RECORD_BACKOFF_INITIAL: Duration = Duration::from_millis(50);
 /// Longest wait between retries of a failed batch.
 const RECORD_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -65,7 +68,7 @@ impl Recorder {
     async fn record(&self, batch: &mut Vec<Request>) {
         let s = &self.shared;
         let outcomes: Vec<Outcome> = batch.iter().map(|r| r.outcome.clone()).collect();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(RECORD_BACKOFF_INITIAL, RECORD_BACKOFF_MAX);
         loop {
             if s.fatal.is_cancelled() {
                 for r in batch.drain(..) {
@@ -101,12 +104,12 @@ impl Recorder {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, outcomes = outcomes.len(), retry_in = ?backoff, "recording outcomes failed; retrying");
+                    let wait = backoff.next_wait();
+                    tracing::warn!(error = %e, outcomes = outcomes.len(), retry_in = ?wait, "recording outcomes failed; retrying");
                     tokio::select! {
                         () = s.fatal.cancelled() => {}
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(RECORD_BACKOFF_MAX);
                 }
             }
         }
