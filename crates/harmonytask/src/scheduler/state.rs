@@ -580,6 +580,35 @@ impl SchedulerState {
         self.types[ty].blocked.as_ref()
     }
 
+    /// A type with waiting tasks that is neither being claimed nor blocked for a named reason
+    /// (checked after a tick: "nothing sits silent").
+    pub fn unexplained_waiting(&self) -> Option<usize> {
+        self.types.iter().position(|t| {
+            !t.view.is_empty() && !t.claim_in_flight && !t.preempt_in_flight && t.blocked.is_none()
+        })
+    }
+
+    /// A type's scheduling state in words, for a simulator's violation reports.
+    pub fn describe(&self, ty: usize, now: Now) -> String {
+        let t = &self.types[ty];
+        format!(
+            "view {} (more {}), running {}, held {}, claim in flight {} ({}), preempt in flight {}, blocked {:?}, hold {:?}, next eligible {:?}, contended {:?}, cordoned {}",
+            t.view.len(),
+            t.view.maybe_more,
+            t.running,
+            t.held,
+            t.claim_in_flight,
+            t.claim_reserved,
+            t.preempt_in_flight,
+            t.blocked,
+            t.hold_until.map(|h| h.saturating_duration_since(now.mono)),
+            t.next_eligible,
+            t.contended_until
+                .map(|h| h.saturating_duration_since(now.mono)),
+            self.cordoned,
+        )
+    }
+
     /// Whether a type's view holds `id`.
     pub fn knows(&self, ty: usize, id: TaskId) -> bool {
         self.types[ty].view.get(id).is_some()
@@ -736,7 +765,12 @@ impl SchedulerState {
                     return;
                 }
                 tracing::warn!(task_type = %self.specs[ty].name, error = %e, "claim failed; will retry");
-                self.types[ty].hold_until = Some(now.mono + self.config.refused_retry_interval);
+                let t = &mut self.types[ty];
+                t.hold_until = Some(now.mono + self.config.refused_retry_interval);
+                // Nothing sits silent: the wait has a reason (the simulator found it missing).
+                t.blocked = Some(Blocked::ClaimFailed {
+                    error: e.to_string(),
+                });
                 self.poll_wanted.insert(ty);
                 return;
             }
@@ -1065,14 +1099,19 @@ impl SchedulerState {
         self.types[ty].preempt_in_flight = false;
         let task = match r.outcome {
             Ok(Some(task)) => task,
-            Ok(None) => {
-                // Lost the bid, refused, or another node took the task: nothing to do here.
-                self.types[ty].hold_until = Some(now.mono + self.config.refused_retry_interval);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(task_type = %self.specs[ty].name, error = %e, "preemption bid failed");
-                self.types[ty].hold_until = Some(now.mono + self.config.refused_retry_interval);
+            other => {
+                // Lost the bid, refused, or another node took the task: nothing to do here
+                // but wait before bidding again. Only while the type is still short of room:
+                // if a claim meanwhile found room (or lost a race), holding it back would
+                // delay time-sensitive work for nothing, and silently (the simulator found
+                // such a hold with no blocked reason).
+                if let Err(e) = other {
+                    tracing::warn!(task_type = %self.specs[ty].name, error = %e, "preemption bid failed");
+                }
+                let t = &mut self.types[ty];
+                if matches!(t.blocked, Some(Blocked::Resources { .. })) {
+                    t.hold_until = Some(now.mono + self.config.refused_retry_interval);
+                }
                 return;
             }
         };
@@ -1307,6 +1346,10 @@ mod tests {
         }));
         assert!(a.is_empty());
         assert_eq!(sim.state.reserved().cpu, 0);
+        assert!(matches!(
+            sim.state.blocked(0),
+            Some(Blocked::ClaimFailed { .. })
+        ));
         // Held for the retry interval, then offered again.
         assert!(claims(&sim.tick()).is_empty());
         sim.advance(Duration::from_secs(1));
@@ -1473,6 +1516,42 @@ mod tests {
         });
         assert_eq!(sim.state.reserved().cpu, 2000);
         assert_eq!(sim.state.counts().protected, 1);
+    }
+
+    #[test]
+    fn a_lost_preemption_bid_does_not_hold_back_a_type_that_found_room() {
+        // Simulation seed 158: the bid came back empty after a claim had found room; the
+        // type was then held for a second with no blocked reason.
+        let mut urgent = spec("urgent", 1.0);
+        urgent.time_sensitive = true;
+        let mut sim = Sim::new(vec![spec("a", 1.0), urgent], 1.0, 1);
+        sim.add(0, [1]);
+        let a = sim.tick();
+        let claim = claims(&a)[0].clone();
+        sim.claim_reply(&claim, 1);
+        sim.add(1, [50, 51]);
+        let a = sim.tick();
+        assert!(a.iter().any(|a| matches!(a, Action::Preempt { .. })));
+        // The ordinary task ends by itself; the time-sensitive type claims at once.
+        sim.ev(Event::Finished {
+            ty: 0,
+            id: TaskId(1),
+        });
+        let a = sim.tick();
+        let claim = claims(&a)[0].clone();
+        assert!(matches!(claim, Action::Claim { ty: 1, .. }));
+        sim.claim_reply(&claim, 0);
+        sim.ev(Event::Preempted(PreemptResult {
+            ty: 1,
+            outcome: Ok(None),
+        }));
+        let a = sim.tick();
+        assert!(
+            a.iter().any(|a| matches!(a, Action::Poll { .. })),
+            "looks for more at once: {a:?}"
+        );
+        sim.add(1, [52]);
+        assert_eq!(claims(&sim.tick()).len(), 1, "not held");
     }
 
     #[test]
