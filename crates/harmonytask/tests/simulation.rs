@@ -30,7 +30,7 @@ use harmonydb::{Db, ErrorKind, Executor, Timestamp};
 use harmonytask::resources::Amounts;
 use harmonytask::scheduler::{
     Action, ClaimResult, Event, Now, PollResult, PreemptResult, SchedConfig, SchedulerState,
-    StopReason, TypeSpec,
+    StopReason, TypeSpec, undo_failed_claim,
 };
 use harmonytask::store::{
     Candidate, Fate, MachineRegister, Outcome, RecordBatch, Store, TaskClaim,
@@ -79,7 +79,8 @@ enum Job {
         cost_ms: u64,
     },
     Release(TaskId),
-    Record(Outcome, usize, Candidate),
+    /// An outcome to record; `true` when an earlier try committed but its reply was lost.
+    Record(Outcome, usize, Candidate, bool),
 }
 
 struct Attempt {
@@ -99,6 +100,8 @@ struct Node {
     /// Its machine row was deleted by the (simulated) reaper or at its own request.
     reaped: bool,
     last_heartbeat: Duration,
+    /// When its heartbeat loop next runs (a resumed process runs its other loops first).
+    next_heartbeat: Duration,
     jobs: Vec<Job>,
     running: BTreeMap<TaskId, Attempt>,
     budget: Amounts,
@@ -135,9 +138,25 @@ struct Sim {
     attempts: HashMap<TaskId, Vec<usize>>,
     faults: bool,
     incarnations: u64,
+    stats: Stats,
 }
 
 type Check = Result<(), String>;
+
+/// Chance, in percent, that a committed claim's reply is lost.
+const LOST_CLAIM_REPLY_PCT: u64 = 3;
+
+/// What the seeds exercised, to show the faults were reached.
+#[derive(Debug, Default)]
+struct Stats {
+    claimed: u64,
+    short_claims: u64,
+    lost_replies: u64,
+    fenced_records: u64,
+    reaped: u64,
+    preempted: u64,
+    zombies_fenced: u64,
+}
 
 impl Sim {
     async fn new(seed: u64, db: Db) -> Self {
@@ -191,6 +210,7 @@ impl Sim {
             attempts: HashMap::new(),
             faults: true,
             incarnations: 0,
+            stats: Stats::default(),
         };
         let n_nodes = sim.rng.usize(1..=4);
         for _ in 0..n_nodes {
@@ -250,6 +270,7 @@ impl Sim {
             life: Life::Alive,
             reaped: false,
             last_heartbeat: self.t,
+            next_heartbeat: self.t + HEARTBEAT_INTERVAL,
             jobs: Vec::new(),
             running: BTreeMap::new(),
             budget: budget.amounts(),
@@ -292,7 +313,10 @@ impl Sim {
             } => self.nodes[n].jobs.push(Job::Preempt { ty, task, cost_ms }),
             Action::Release { task } => self.nodes[n].jobs.push(Job::Release(task)),
             Action::Bored { .. } => {}
-            Action::Fenced => self.kill(n),
+            Action::Fenced => {
+                self.stats.zombies_fenced += 1;
+                self.kill(n);
+            }
             Action::Start { ty, task, stop } => {
                 // Never two attempts of one task by live nodes.
                 let others = self.attempts.entry(task.id).or_default();
@@ -361,6 +385,9 @@ impl Sim {
                 }
             }
             Action::Stop { id, reason } => {
+                if reason == StopReason::Preempted {
+                    self.stats.preempted += 1;
+                }
                 if let Some(a) = self.nodes[n].running.get_mut(&id) {
                     a.stopped.get_or_insert(reason);
                     // Cancellation is honoured soon, not at once.
@@ -461,14 +488,19 @@ impl Sim {
                 // Resumes as it was: if it was reaped meanwhile, it is now a zombie whose
                 // results must be fenced, until its heartbeat tells it.
                 self.nodes[n].life = Life::Alive;
+                self.nodes[n].next_heartbeat =
+                    self.t + Duration::from_millis(self.rng.u64(0..5_000));
             }
         }
         for n in 0..self.nodes.len() {
             let node = &self.nodes[n];
-            if node.life == Life::Alive && self.t >= node.last_heartbeat + HEARTBEAT_INTERVAL {
+            if node.life == Life::Alive && self.t >= node.next_heartbeat {
                 let machine = node.machine;
                 match self.store.machine_heartbeat(machine).await {
-                    Ok(Some(_)) => self.nodes[n].last_heartbeat = self.t,
+                    Ok(Some(_)) => {
+                        self.nodes[n].last_heartbeat = self.t;
+                        self.nodes[n].next_heartbeat = self.t + HEARTBEAT_INTERVAL;
+                    }
                     // Its row is gone: it stops at once (DESIGN §9).
                     Ok(None) => self.kill(n),
                     Err(e) => return Err(format!("heartbeat: {e}")),
@@ -488,6 +520,7 @@ impl Sim {
                     .await
                     .map_err(|e| format!("reap: {e}"))?;
                 self.nodes[n].reaped = true;
+                self.stats.reaped += 1;
             }
         }
         self.finish_attempts()
@@ -537,7 +570,9 @@ impl Sim {
                     },
                 };
                 self.feed(n, Event::Finished { ty: a.ty, id })?;
-                self.nodes[n].jobs.push(Job::Record(outcome, a.ty, a.cand));
+                self.nodes[n]
+                    .jobs
+                    .push(Job::Record(outcome, a.ty, a.cand, false));
             }
         }
         Ok(())
@@ -557,7 +592,8 @@ impl Sim {
                     Err(self.db_error())
                 } else {
                     let spec = &self.types[ty].spec;
-                    self.store
+                    let r = self
+                        .store
                         .task_claim(&TaskClaim {
                             name: &spec.name,
                             ids: &accepted,
@@ -565,8 +601,30 @@ impl Sim {
                             owner: machine,
                             max_cluster: spec.max_cluster,
                         })
-                        .await
+                        .await;
+                    if let Ok(o) = &r {
+                        self.stats.claimed += o.claimed.len() as u64;
+                        if o.claimed.len() < k.min(accepted.len()) {
+                            self.stats.short_claims += 1;
+                        }
+                    }
+                    if r.is_ok() && self.injected(LOST_CLAIM_REPLY_PCT) {
+                        // Committed, but the reply was lost: the node owns rows it does not
+                        // know about.
+                        self.stats.lost_replies += 1;
+                        Err(self.db_error())
+                    } else {
+                        r
+                    }
                 };
+                if let Err(e) = &outcome
+                    && e.db_kind() != Some(ErrorKind::ForeignKey)
+                {
+                    // What the engine's claim job does before it reports a failed claim.
+                    undo_failed_claim(&self.store, &accepted, machine, self.clock.now())
+                        .await
+                        .map_err(|e| format!("undo: {e}"))?;
+                }
                 self.feed(
                     n,
                     Event::Claimed(ClaimResult {
@@ -605,7 +663,9 @@ impl Sim {
                         .map_err(|e| format!("release: {e}"))?;
                 }
             }
-            Job::Record(outcome, ty, cand) => self.record(n, outcome, ty, cand).await?,
+            Job::Record(outcome, ty, cand, retry) => {
+                self.record(n, outcome, ty, cand, retry).await?
+            }
         }
         Ok(())
     }
@@ -641,12 +701,22 @@ impl Sim {
         Ok(claimed.claimed.into_iter().next())
     }
 
-    async fn record(&mut self, n: usize, outcome: Outcome, ty: usize, cand: Candidate) -> Check {
+    async fn record(
+        &mut self,
+        n: usize,
+        outcome: Outcome,
+        ty: usize,
+        cand: Candidate,
+        retry: bool,
+    ) -> Check {
         if self.injected(5) {
             // The transaction never ran: the recorder retries later.
-            self.nodes[n].jobs.push(Job::Record(outcome, ty, cand));
+            self.nodes[n]
+                .jobs
+                .push(Job::Record(outcome, ty, cand, retry));
             return Ok(());
         }
+        let lose_reply = self.injected(3);
         let node = &self.nodes[n];
         let recorded = self
             .store
@@ -662,7 +732,18 @@ impl Sim {
             .map_err(|e| format!("record: {e}"))?;
         if recorded.applied.is_empty() {
             // Fenced: the task belongs to someone else now. Only a node whose row was reaped
-            // can be fenced out.
+            // can be fenced out, or one whose earlier try committed.
+            if lose_reply {
+                self.stats.lost_replies += 1;
+                self.nodes[n]
+                    .jobs
+                    .push(Job::Record(outcome, ty, cand, retry));
+                return Ok(());
+            }
+            if retry {
+                return Ok(());
+            }
+            self.stats.fenced_records += 1;
             if !node.reaped {
                 return Err(format!(
                     "node {n} (registered) was fenced out recording task {}",
@@ -674,6 +755,12 @@ impl Sim {
         if node.reaped {
             return Err(format!(
                 "node {n}, reaped, recorded task {} over the fence",
+                outcome.id
+            ));
+        }
+        if retry {
+            return Err(format!(
+                "node {n} recorded one attempt of task {} twice (the first commit's reply was lost)",
                 outcome.id
             ));
         }
@@ -701,6 +788,14 @@ impl Sim {
             }
             Fate::Release => Some(cand.retries),
         };
+        if lose_reply {
+            // Committed, but the recorder saw an error: it tries again.
+            self.stats.lost_replies += 1;
+            self.nodes[n]
+                .jobs
+                .push(Job::Record(outcome, ty, cand, true));
+            return Ok(());
+        }
         if let Some(retries) = retries {
             let task = Candidate {
                 id: outcome.id,
@@ -922,17 +1017,34 @@ async fn wipe(db: &Db) {
 }
 
 /// Runs one seed; the number of steps taken, or the step and the violation.
-async fn run_seed(seed: u64, db: &Db) -> Result<usize, (usize, String)> {
+async fn run_seed(seed: u64, db: &Db, total: &mut Stats) -> Result<usize, (usize, String)> {
     wipe(db).await;
     let mut sim = Sim::new(seed, db.clone()).await;
-    for step in 0..STEPS_PER_SEED {
-        sim.step().await.map_err(|e| (step, e))?;
+    let result = async {
+        for step in 0..STEPS_PER_SEED {
+            sim.step().await.map_err(|e| (step, e))?;
+        }
+        let settled = sim.settle().await.map_err(|e| (STEPS_PER_SEED, e))?;
+        sim.check_history()
+            .await
+            .map_err(|e| (STEPS_PER_SEED + settled, e))?;
+        Ok(STEPS_PER_SEED + settled)
     }
-    let settled = sim.settle().await.map_err(|e| (STEPS_PER_SEED, e))?;
-    sim.check_history()
-        .await
-        .map_err(|e| (STEPS_PER_SEED + settled, e))?;
-    Ok(STEPS_PER_SEED + settled)
+    .await;
+    total.add(&sim.stats);
+    result
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.claimed += o.claimed;
+        self.short_claims += o.short_claims;
+        self.lost_replies += o.lost_replies;
+        self.fenced_records += o.fenced_records;
+        self.reaped += o.reaped;
+        self.preempted += o.preempted;
+        self.zombies_fenced += o.zombies_fenced;
+    }
 }
 
 fn seeds() -> Vec<u64> {
@@ -945,12 +1057,22 @@ fn seeds() -> Vec<u64> {
     (0..n).collect()
 }
 
-/// Seeds that once found a real bug, replayed on every run.
+/// Seeds that found a real bug when it was found, replayed on every run. (A change to the
+/// simulator changes what a seed does; each bug also has a focused test: seed 3 and 158 in the
+/// scheduler's unit tests.)
 async fn regression(seed: u64) {
     let t = TestDb::sqlite().await;
-    if let Err((step, why)) = run_seed(seed, &t.db).await {
+    if let Err((step, why)) = run_seed(seed, &t.db, &mut Stats::default()).await {
         panic!("simulation: seed {seed} failed at step {step}: {why}");
     }
+}
+
+/// A claim that committed but whose reply was lost left rows owned by a live node that did
+/// not know it owned them: they waited until that node shut down. The claim job now gives back
+/// what a failed claim may have claimed (`undo_failed_claim`).
+#[tokio::test(flavor = "current_thread")]
+async fn seed_0_a_claim_whose_reply_was_lost_strands_nothing() {
+    regression(0).await;
 }
 
 /// A claim that failed in the database held its type with no blocked reason (now
@@ -973,8 +1095,9 @@ async fn simulation() {
     let mut steps = 0;
     let mut violations = 0;
     let seeds = seeds();
+    let mut stats = Stats::default();
     for &seed in &seeds {
-        match run_seed(seed, &t.db).await {
+        match run_seed(seed, &t.db, &mut stats).await {
             Ok(s) => steps += s,
             Err((step, why)) => {
                 violations += 1;
@@ -982,6 +1105,7 @@ async fn simulation() {
             }
         }
     }
+    println!("simulation: exercised {stats:?}");
     println!(
         "simulation: seeds={} steps={steps} violations={violations}",
         seeds.len()

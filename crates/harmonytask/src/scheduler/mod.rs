@@ -24,18 +24,21 @@ pub(crate) mod view;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
+use harmonydb::{ErrorKind, Timestamp};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::engine::Shared;
 use crate::error::Error;
 use crate::resources::Resources;
 use crate::runner::{RunHandle, run_one};
 use crate::status::EngineStatus;
-use crate::store::{Candidate, ClaimOutcome, TaskClaim};
-use crate::task::{EngineView, TaskId};
+use crate::store::{Candidate, ClaimOutcome, Store, TaskClaim};
+use crate::task::{EngineView, MachineId, TaskId};
 
 pub use self::state::{
     Action, ClaimResult, Event, Now, PollResult, PreemptResult, RunningCounts, SchedConfig,
@@ -336,7 +339,7 @@ async fn claim_job(
         Ok(ClaimOutcome::default())
     } else {
         shared.metrics.claim();
-        shared
+        let claimed = shared
             .store
             .task_claim(&TaskClaim {
                 name: &entry.name,
@@ -345,7 +348,13 @@ async fn claim_job(
                 owner: shared.machine,
                 max_cluster: entry.details.max_cluster,
             })
-            .await
+            .await;
+        if let Err(e) = &claimed
+            && e.db_kind() != Some(ErrorKind::ForeignKey)
+        {
+            undo_with_backoff(shared, &entry.name, &accepted).await;
+        }
+        claimed
     };
     ClaimResult {
         ty,
@@ -354,6 +363,56 @@ async fn claim_job(
         accepted,
         outcome,
     }
+}
+
+/// Most tries to give back what a failed claim may have claimed.
+const UNDO_TRIES_MAX: usize = 5;
+/// First wait between those tries.
+const UNDO_BACKOFF_INITIAL: Duration = Duration::from_millis(50);
+/// Longest wait between those tries.
+const UNDO_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+async fn undo_with_backoff(shared: &Shared, name: &str, ids: &[TaskId]) {
+    let mut backoff = Backoff::new(UNDO_BACKOFF_INITIAL, UNDO_BACKOFF_MAX);
+    for _ in 0..UNDO_TRIES_MAX {
+        match undo_failed_claim(&shared.store, ids, shared.machine, shared.clock.now()).await {
+            Ok(0) => return,
+            Ok(n) => {
+                tracing::info!(
+                    task_type = name,
+                    released = n,
+                    "gave back tasks a failed claim had claimed"
+                );
+                return;
+            }
+            Err(e) => {
+                let wait = backoff.next_wait();
+                tracing::warn!(task_type = name, error = %e, retry_in = ?wait, "could not give back what a failed claim may have claimed");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    // Still owned, maybe: such rows are released when this node shuts down or is reaped.
+}
+
+/// Gives back (owner back to NULL, retries unchanged) those of `ids` that `owner` holds after
+/// a claim of them failed: the claim may have committed with its reply lost (a connection
+/// dropped after the commit), and rows this node owns without knowing would otherwise wait
+/// until it shuts down. The scheduler keeps the type's claim in flight until this returns, so
+/// no later claim of the same ids can be undone by it. Returns how many were given back.
+pub async fn undo_failed_claim(
+    store: &Store,
+    ids: &[TaskId],
+    owner: MachineId,
+    now: Timestamp,
+) -> Result<u64, Error> {
+    let mut released = 0;
+    for id in ids {
+        if store.task_release(*id, owner, now).await? {
+            released += 1;
+        }
+    }
+    Ok(released)
 }
 
 /// Bids to preempt for `task`, waits the bid window, and claims the task if this node's bid

@@ -935,7 +935,10 @@ impl SchedulerState {
                 t.blocked = Some(Blocked::Draining);
                 continue;
             }
-            if t.claim_in_flight {
+            // One claim at a time per type, and none while a preemption bid may be claiming
+            // one of its tasks: a failed claim gives back rows it may have claimed without
+            // knowing, which must never include the bid's.
+            if t.claim_in_flight || t.preempt_in_flight {
                 continue;
             }
             if t.hold_until.is_some_and(|h| h > now.mono) {
@@ -1102,15 +1105,14 @@ impl SchedulerState {
             other => {
                 // Lost the bid, refused, or another node took the task: nothing to do here
                 // but wait before bidding again. Only while the type is still short of room:
-                // if a claim meanwhile found room (or lost a race), holding it back would
-                // delay time-sensitive work for nothing, and silently (the simulator found
-                // such a hold with no blocked reason).
+                // if work ended meanwhile, holding it back would delay time-sensitive work
+                // for nothing (the simulator found such a hold, with no blocked reason).
                 if let Err(e) = other {
                     tracing::warn!(task_type = %self.specs[ty].name, error = %e, "preemption bid failed");
                 }
-                let t = &mut self.types[ty];
-                if matches!(t.blocked, Some(Blocked::Resources { .. })) {
-                    t.hold_until = Some(now.mono + self.config.refused_retry_interval);
+                let free = self.budget.minus(&self.reserved);
+                if !self.specs[ty].cost.fits_in(&free) {
+                    self.types[ty].hold_until = Some(now.mono + self.config.refused_retry_interval);
                 }
                 return;
             }
@@ -1520,8 +1522,8 @@ mod tests {
 
     #[test]
     fn a_lost_preemption_bid_does_not_hold_back_a_type_that_found_room() {
-        // Simulation seed 158: the bid came back empty after a claim had found room; the
-        // type was then held for a second with no blocked reason.
+        // Simulation seed 158: the bid came back empty after room had appeared; the type was
+        // then held for a second with no blocked reason.
         let mut urgent = spec("urgent", 1.0);
         urgent.time_sensitive = true;
         let mut sim = Sim::new(vec![spec("a", 1.0), urgent], 1.0, 1);
@@ -1532,26 +1534,21 @@ mod tests {
         sim.add(1, [50, 51]);
         let a = sim.tick();
         assert!(a.iter().any(|a| matches!(a, Action::Preempt { .. })));
-        // The ordinary task ends by itself; the time-sensitive type claims at once.
+        // The ordinary task ends by itself while the bid runs: no claim until the bid is back.
         sim.ev(Event::Finished {
             ty: 0,
             id: TaskId(1),
         });
-        let a = sim.tick();
-        let claim = claims(&a)[0].clone();
-        assert!(matches!(claim, Action::Claim { ty: 1, .. }));
-        sim.claim_reply(&claim, 0);
+        assert!(claims(&sim.tick()).is_empty());
         sim.ev(Event::Preempted(PreemptResult {
             ty: 1,
             outcome: Ok(None),
         }));
         let a = sim.tick();
         assert!(
-            a.iter().any(|a| matches!(a, Action::Poll { .. })),
-            "looks for more at once: {a:?}"
+            matches!(claims(&a)[..], [Action::Claim { ty: 1, .. }]),
+            "claims at once, not held: {a:?}"
         );
-        sim.add(1, [52]);
-        assert_eq!(claims(&sim.tick()).len(), 1, "not held");
     }
 
     #[test]
