@@ -158,6 +158,7 @@ impl Followers {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let s = &self.shared;
         let pairs: Vec<Pair> = s
+            .registry
             .types
             .iter()
             .enumerate()
@@ -181,7 +182,7 @@ impl Followers {
                         Ok(n) if n >= FOLLOW_BATCH_MAX => continue,
                         Ok(_) => break,
                         Err(e) => {
-                            tracing::warn!(from = %p.from, to = %s.types[p.to].name, error = %e, "follow-up failed; will retry");
+                            tracing::warn!(from = %p.from, to = %s.registry.types[p.to].name, error = %e, "follow-up failed; will retry");
                             failed = true;
                             break;
                         }
@@ -205,7 +206,7 @@ impl Followers {
     /// Consumes up to a batch of queued follow-ups of one pair in one transaction.
     async fn consume(&self, p: &Pair) -> crate::Result<usize> {
         let s = &self.shared;
-        let to_name = s.types[p.to].name.to_string();
+        let to_name = s.registry.types[p.to].name.to_string();
         let posted = s.clock.now();
         let (from, to, make) = (&p.from, &to_name, &p.make);
         let done =

@@ -37,6 +37,7 @@ mod machine;
 pub mod metrics;
 mod notify;
 mod recorder;
+mod registry;
 pub mod resources;
 mod runner;
 pub mod scheduler;

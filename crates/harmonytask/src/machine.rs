@@ -103,6 +103,9 @@ impl Heartbeat {
                     {
                         tracing::info!("restart requested: draining, then exiting");
                         let shared = Arc::clone(s);
+                        // Not on the tracker: the restart sequence closes and awaits the
+                        // tracker, so a task on it would wait for itself. It ends with the
+                        // engine (`done`), which `Engine::wait` awaits.
                         tokio::spawn(async move {
                             shared
                                 .stop_with(crate::engine::StopCause::RestartRequested)

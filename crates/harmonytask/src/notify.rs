@@ -192,19 +192,14 @@ impl Listener {
                 name,
                 task: Some((id, posted)),
             } => {
-                if let Some(&ty) = s.type_index.get(&name) {
+                if let Some(&ty) = s.registry.index.get(&name) {
                     let c = Candidate {
                         id,
                         posted,
                         updated: posted,
                         retries: 0,
                     };
-                    if s.events
-                        .try_send(Event::Added { ty, tasks: vec![c] }.into())
-                        .is_err()
-                    {
-                        s.request_poll();
-                    }
+                    s.inbox.offer(Event::Added { ty, tasks: vec![c] });
                 }
             }
             Hint::Added { name, task: None } | Hint::Released { name } => s.wake_type(&name),

@@ -12,11 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::engine::Shared;
-use crate::store::{Outcome, RecordBatch};
+use crate::clock::Clock;
+use crate::store::{Outcome, RecordBatch, Store};
+use crate::task::MachineId;
 
 /// What happened to one outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,23 +42,36 @@ const RECORD_BACKOFF_INITIAL: Duration = Duration::from_millis(50);
 /// Longest wait between retries of a failed batch.
 const RECORD_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The recorder loop, with only what it uses.
 pub(crate) struct Recorder {
-    pub shared: Arc<Shared>,
     pub rx: mpsc::Receiver<Request>,
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    pub machine: MachineId,
+    pub host_and_port: String,
+    /// Send wake-up hints with each commit.
+    pub notify: bool,
+    pub batch_max: usize,
+    /// Types with a cluster-wide limit (their completions are hinted).
+    pub cluster_limited: Vec<String>,
+    /// Fired on a fatal error: outcomes are abandoned.
+    pub fatal: CancellationToken,
+    /// Wakes the follower loop after completions that queued follow-ups (`None` when no local
+    /// type follows anything).
+    pub followers: Option<Arc<Notify>>,
 }
 
 impl Recorder {
     /// Runs until every sender is gone (all attempts finished) or the engine fails fatally.
-    pub(crate) async fn run(mut self) {
-        let max = self.shared.config.record_batch_max;
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let max = self.batch_max;
         let mut batch: Vec<Request> = Vec::with_capacity(max);
-        let stop = self.shared.stop.clone();
         loop {
-            // By the time `stop` fires, every attempt has returned and been recorded (or
+            // By the time `shutdown` fires, every attempt has returned and been recorded (or
             // abandoned), so nothing is left behind.
             let n = tokio::select! {
                 n = self.rx.recv_many(&mut batch, max) => n,
-                () = stop.cancelled() => return,
+                () = shutdown.cancelled() => return,
             };
             if n == 0 {
                 return;
@@ -66,7 +81,7 @@ impl Recorder {
     }
 
     async fn record(&self, batch: &mut Vec<Request>) {
-        let s = &self.shared;
+        let s = self;
         let outcomes: Vec<Outcome> = batch.iter().map(|r| r.outcome.clone()).collect();
         let mut backoff = Backoff::new(RECORD_BACKOFF_INITIAL, RECORD_BACKOFF_MAX);
         loop {
@@ -77,10 +92,10 @@ impl Recorder {
                 return;
             }
             let b = RecordBatch {
-                notify: s.config.notify,
+                notify: s.notify,
                 cluster_limited: &s.cluster_limited,
                 owner: s.machine,
-                host_and_port: &s.config.host_and_port,
+                host_and_port: &s.host_and_port,
                 now: s.clock.now(),
                 outcomes: &outcomes,
             };
@@ -89,8 +104,10 @@ impl Recorder {
             tracing::debug!(outcomes = outcomes.len(), took = ?t0.elapsed(), "record batch");
             match result {
                 Ok(recorded) => {
-                    if !recorded.followed.is_empty() {
-                        s.wake_followers(None);
+                    if !recorded.followed.is_empty()
+                        && let Some(f) = &s.followers
+                    {
+                        f.notify_one();
                     }
                     // A task appears at most once per batch: it is released only by recording.
                     let applied: std::collections::HashMap<_, _> =

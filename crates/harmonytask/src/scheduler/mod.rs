@@ -24,18 +24,21 @@ pub(crate) mod view;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use harmonydb::{ErrorKind, Timestamp};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::engine::Shared;
 use crate::error::Error;
+use crate::registry::Registry;
 use crate::resources::Resources;
-use crate::runner::{RunHandle, run_one};
+use crate::runner::{RunEnv, RunHandle, run_one};
 use crate::status::EngineStatus;
 use crate::store::{Candidate, ClaimOutcome, Store, TaskClaim};
 use crate::task::{EngineView, MachineId, TaskId};
@@ -61,8 +64,90 @@ impl From<Event> for Msg {
     }
 }
 
+/// The scheduler's inbox: what every other part of the engine holds to tell it something.
+pub(crate) struct Inbox {
+    events: mpsc::Sender<Msg>,
+    nudged: Notify,
+    poll_requested: AtomicBool,
+    registry: Arc<Registry>,
+}
+
+impl Inbox {
+    pub(crate) fn new(events: mpsc::Sender<Msg>, registry: Arc<Registry>) -> Self {
+        Inbox {
+            events,
+            nudged: Notify::new(),
+            poll_requested: AtomicBool::new(false),
+            registry,
+        }
+    }
+
+    /// Sends a message, waiting for room; a stopped scheduler is ignored.
+    pub(crate) async fn send(&self, msg: impl Into<Msg>) {
+        let _ = self.events.send(msg.into()).await;
+    }
+
+    /// Sends a message, waiting for room; an error when the scheduler has stopped.
+    pub(crate) async fn send_now(&self, msg: Msg) -> Result<(), ()> {
+        self.events.send(msg).await.map_err(|_| ())
+    }
+
+    /// Wakes the scheduler for a pass.
+    pub(crate) fn nudge(&self) {
+        self.nudged.notify_one();
+    }
+
+    /// Asks the scheduler to poll every type soon.
+    pub(crate) fn request_poll(&self) {
+        self.poll_requested.store(true, Ordering::Release);
+        self.nudge();
+    }
+
+    fn take_poll_request(&self) -> bool {
+        self.poll_requested.swap(false, Ordering::AcqRel)
+    }
+
+    /// Sends without waiting; when the channel is full, a poll finds what the event said.
+    pub(crate) fn offer(&self, ev: Event) {
+        if self.events.try_send(ev.into()).is_err() {
+            self.request_poll();
+        }
+    }
+
+    /// A hint about new or released work of `name`: poll it if it runs here.
+    pub(crate) fn wake_type(&self, name: &str) {
+        if let Some(&ty) = self.registry.index.get(name) {
+            self.offer(Event::Wake { ty });
+        }
+    }
+
+    /// A run-now request for `name`: call its IAmBored at once if it runs here.
+    pub(crate) fn run_now(&self, name: &str) {
+        if let Some(&ty) = self.registry.index.get(name)
+            && self.registry.types[ty].details.iambored.is_some()
+        {
+            let _ = self.events.try_send(Event::RunNow { ty }.into());
+        }
+    }
+
+    /// Tasks added by this process (or announced by a hint); `false` when the type does not
+    /// run here.
+    pub(crate) fn added(&self, name: &str, tasks: Vec<Candidate>) -> bool {
+        let Some(&ty) = self.registry.index.get(name) else {
+            return false;
+        };
+        self.registry.types[ty]
+            .metrics
+            .added
+            .inc_by(tasks.len() as u64);
+        self.offer(Event::Added { ty, tasks });
+        true
+    }
+}
+
 pub(crate) struct Scheduler {
     shared: Arc<Shared>,
+    run_env: Arc<RunEnv>,
     rx: mpsc::Receiver<Msg>,
     counts: watch::Sender<RunningCounts>,
     state: SchedulerState,
@@ -73,11 +158,13 @@ pub(crate) struct Scheduler {
 impl Scheduler {
     pub(crate) fn new(
         shared: Arc<Shared>,
+        run_env: Arc<RunEnv>,
         rx: mpsc::Receiver<Msg>,
         counts: watch::Sender<RunningCounts>,
         downstream: HashMap<String, Vec<String>>,
     ) -> Self {
         let specs = shared
+            .registry
             .types
             .iter()
             .map(|t| TypeSpec::from_details(&t.details))
@@ -92,6 +179,7 @@ impl Scheduler {
         );
         Scheduler {
             shared,
+            run_env,
             rx,
             counts,
             state,
@@ -100,7 +188,9 @@ impl Scheduler {
         }
     }
 
-    pub(crate) async fn run(mut self) {
+    /// Runs until `shutdown` fires (the end of a graceful shutdown, or a fatal error) or every
+    /// sender is gone.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let shared = Arc::clone(&self.shared);
         let mut poll_all = false;
         loop {
@@ -112,7 +202,7 @@ impl Scheduler {
             let wake = self.state.next_wake(now(&shared));
             tokio::select! {
                 biased;
-                () = shared.stop.cancelled() => break,
+                () = shutdown.cancelled() => break,
                 msg = self.rx.recv() => {
                     let Some(msg) = msg else { break };
                     self.receive(msg);
@@ -120,8 +210,8 @@ impl Scheduler {
                         self.receive(msg);
                     }
                 }
-                () = shared.nudged.notified() => {
-                    poll_all = shared.take_poll_request();
+                () = shared.inbox.nudged.notified() => {
+                    poll_all = shared.inbox.take_poll_request();
                 }
                 () = tokio::time::sleep_until(wake) => {}
             }
@@ -160,7 +250,7 @@ impl Scheduler {
         if let Event::Finished { ty, id } = &ev
             && self.handles.remove(id).is_some()
         {
-            self.shared.types[*ty].metrics.running.dec();
+            self.shared.registry.types[*ty].metrics.running.dec();
         }
         let mut actions = std::mem::take(&mut self.actions);
         self.state.handle_into(ev, now(&self.shared), &mut actions);
@@ -201,10 +291,10 @@ impl Scheduler {
             Action::Start { ty, task, stop } => {
                 let handle = RunHandle::new(ty);
                 self.handles.insert(task.id, handle.clone());
-                shared.types[ty].metrics.running.inc();
+                shared.registry.types[ty].metrics.running.inc();
                 shared
                     .runs
-                    .spawn(run_one(Arc::clone(shared), ty, task, handle.clone()));
+                    .spawn(run_one(Arc::clone(&self.run_env), ty, task, handle.clone()));
                 if let Some(reason) = stop {
                     handle.stop(reason);
                 }
@@ -212,7 +302,7 @@ impl Scheduler {
             Action::Stop { id, reason } => {
                 if let Some(h) = self.handles.get(&id) {
                     if reason == StopReason::Preempted {
-                        shared.types[h.ty].metrics.preempted.inc();
+                        shared.registry.types[h.ty].metrics.preempted.inc();
                     }
                     h.stop(reason);
                 }
@@ -246,14 +336,14 @@ impl Scheduler {
     }
 
     fn call_bored(&self, ty: usize, run_now: bool) {
-        let Some(bored) = self.shared.types[ty].details.iambored.clone() else {
+        let Some(bored) = self.shared.registry.types[ty].details.iambored.clone() else {
             return;
         };
         let shared = Arc::clone(&self.shared);
         let adder = shared.adder(ty);
         self.shared.tracker.spawn(async move {
             let ctx = crate::singleton::BoredContext { adder, run_now };
-            let name = Arc::clone(&shared.types[ty].name);
+            let name = Arc::clone(&shared.registry.types[ty].name);
             match AssertUnwindSafe((bored.call)(ctx)).catch_unwind().await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(task_type = %name, error = %e, "IAmBored failed"),
@@ -280,7 +370,10 @@ async fn poll_job(shared: Arc<Shared>, epoch: u64, types: Vec<usize>) {
         async move {
             (
                 ty,
-                shared.store.task_poll(&shared.types[ty].name, limit).await,
+                shared
+                    .store
+                    .task_poll(&shared.registry.types[ty].name, limit)
+                    .await,
             )
         }
     });
@@ -289,7 +382,12 @@ async fn poll_job(shared: Arc<Shared>, epoch: u64, types: Vec<usize>) {
         .send(Event::Polled(PollResult { epoch, polled }))
         .await;
     // Run-now requests are also found by polling (SQLite has no notifications).
-    if shared.types.iter().any(|t| t.details.iambored.is_some()) {
+    if shared
+        .registry
+        .types
+        .iter()
+        .any(|t| t.details.iambored.is_some())
+    {
         match shared.store.singleton_requests().await {
             Ok(names) => {
                 for name in names {
@@ -308,7 +406,7 @@ async fn claim_job(
     n: usize,
     free: Resources,
 ) -> ClaimResult {
-    let entry = &shared.types[ty];
+    let entry = &shared.registry.types[ty];
     let view = EngineView {
         machine: shared.machine,
         db: shared.db.clone(),
@@ -424,7 +522,7 @@ async fn preempt_job(
     cost_ms: u64,
     free: Resources,
 ) -> Result<Option<Candidate>, Error> {
-    let entry = &shared.types[ty];
+    let entry = &shared.registry.types[ty];
     let view = EngineView {
         machine: shared.machine,
         db: shared.db.clone(),
