@@ -21,8 +21,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
-//! (the actor and its pure decisions), `runner` (one attempt), `recorder` (batched, fenced
+//! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), [`scheduler`]
+//! (the sans-IO decisions, public so that simulations can drive them, and the actor), `runner` (one attempt), `recorder` (batched, fenced
 //! outcomes), `machine` (heartbeat, reaper, ownership), [`store`] (all engine SQL),
 //! [`resources`], [`builtin`] (test and benchmark types).
 
