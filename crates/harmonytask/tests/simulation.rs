@@ -1058,8 +1058,8 @@ fn seeds() -> Vec<u64> {
 }
 
 /// Seeds that found a real bug when it was found, replayed on every run. (A change to the
-/// simulator changes what a seed does; each bug also has a focused test: seed 3 and 158 in the
-/// scheduler's unit tests.)
+/// simulator changes what a seed does; each bug also has a focused test: seeds 3, 158 and 406 in
+/// the scheduler's unit tests.)
 async fn regression(seed: u64) {
     let t = TestDb::sqlite().await;
     if let Err((step, why)) = run_seed(seed, &t.db, &mut Stats::default()).await {
@@ -1087,6 +1087,13 @@ async fn seed_3_a_failed_claim_names_its_reason() {
 #[tokio::test(flavor = "current_thread")]
 async fn seed_158_a_lost_bid_does_not_hold_a_type_with_room() {
     regression(158).await;
+}
+
+/// After a refusal the view emptied and a poll refilled it; the new tasks waited out the old
+/// hold, with no blocked reason.
+#[tokio::test(flavor = "current_thread")]
+async fn seed_406_a_hold_ends_with_the_tasks_it_was_about() {
+    regression(406).await;
 }
 
 #[tokio::test(flavor = "current_thread")]

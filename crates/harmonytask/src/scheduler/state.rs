@@ -25,7 +25,7 @@ use harmonydb::{ErrorKind, Timestamp};
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::resources::{Amounts, Resources};
+use crate::resources::{Amounts, Resource, Resources};
 use crate::status::{RunningTask, TypeStatus};
 use crate::store::{Candidate, ClaimOutcome};
 use crate::task::{RetryWait, TaskId, TypeDetails};
@@ -928,6 +928,10 @@ impl SchedulerState {
                 if !t.claim_in_flight {
                     t.blocked = None;
                 }
+                // A hold (after a refusal or a full cluster) is about tasks that are gone now:
+                // whatever a poll finds next is offered at once. Kept, it held the next tasks
+                // back with no blocked reason (simulation seed 406).
+                t.hold_until = None;
                 t.next_eligible = None;
                 continue;
             }
@@ -1111,8 +1115,18 @@ impl SchedulerState {
                     tracing::warn!(task_type = %self.specs[ty].name, error = %e, "preemption bid failed");
                 }
                 let free = self.budget.minus(&self.reserved);
-                if !self.specs[ty].cost.fits_in(&free) {
-                    self.types[ty].hold_until = Some(now.mono + self.config.refused_retry_interval);
+                let need = self.specs[ty].cost;
+                if !need.fits_in(&free) {
+                    // The hold names its reason, even when the view emptied (and its reason was
+                    // cleared) and refilled while the bid ran.
+                    let resource = need.how_many_fit(&free).1.unwrap_or(Resource::Cpu);
+                    let t = &mut self.types[ty];
+                    t.blocked = Some(Blocked::Resources {
+                        resource,
+                        needed: need.get(resource),
+                        free: free.get(resource),
+                    });
+                    t.hold_until = Some(now.mono + self.config.refused_retry_interval);
                 }
                 return;
             }
@@ -1548,6 +1562,50 @@ mod tests {
         assert!(
             matches!(claims(&a)[..], [Action::Claim { ty: 1, .. }]),
             "claims at once, not held: {a:?}"
+        );
+    }
+
+    #[test]
+    fn a_hold_after_a_refusal_ends_when_its_tasks_are_gone() {
+        // Simulation seed 406: refused, the view emptied, a poll refilled it, and the new
+        // tasks waited out the old hold with no blocked reason.
+        let mut sim = Sim::new(vec![spec("a", 1.0)], 1.0, 1);
+        sim.add(0, [1]);
+        let a = sim.tick();
+        let Action::Claim { n, offered, .. } = claims(&a)[0].clone() else {
+            unreachable!()
+        };
+        sim.ev(Event::Claimed(ClaimResult {
+            ty: 0,
+            reserved: n,
+            offered,
+            accepted: Vec::new(),
+            outcome: Ok(ClaimOutcome::default()),
+        }));
+        assert_eq!(sim.state.blocked(0), Some(&Blocked::Refused));
+        let poll = |sim: &mut Sim, rows: Vec<Candidate>| {
+            let a = sim.ev(Event::Tick {
+                poll_interval: POLL,
+                poll_all: true,
+            });
+            let Some(Action::Poll { epoch, .. }) =
+                a.iter().find(|a| matches!(a, Action::Poll { .. })).cloned()
+            else {
+                panic!("polls: {a:?}")
+            };
+            sim.ev(Event::Polled(PollResult {
+                epoch,
+                polled: vec![(0, Ok(rows))],
+            }));
+        };
+        poll(&mut sim, Vec::new());
+        sim.tick();
+        poll(&mut sim, vec![cand(2, 2)]);
+        let a = sim.tick();
+        assert_eq!(
+            claims(&a).len(),
+            1,
+            "the new task is offered at once: {a:?}"
         );
     }
 
