@@ -82,14 +82,37 @@ impl Recorder {
 
     async fn record(&self, batch: &mut Vec<Request>) {
         let s = self;
-        let outcomes: Vec<Outcome> = batch.iter().map(|r| r.outcome.clone()).collect();
+        let mut outcomes: Vec<Outcome> = batch.iter().map(|r| r.outcome.clone()).collect();
         let mut backoff = Backoff::new(RECORD_BACKOFF_INITIAL, RECORD_BACKOFF_MAX);
+        // A failed try may have committed anyway (its reply lost): before the next one, find
+        // the outcomes it recorded, so that no attempt is recorded twice.
+        let mut uncertain = false;
         loop {
             if s.fatal.is_cancelled() {
                 for r in batch.drain(..) {
                     let _ = r.reply.send(Verdict::Abandoned);
                 }
                 return;
+            }
+            if uncertain {
+                match s.take_recorded(batch).await {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        outcomes = batch.iter().map(|r| r.outcome.clone()).collect();
+                        if batch.is_empty() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_wait();
+                        tracing::warn!(error = %e, retry_in = ?wait, "checking what a failed recording committed failed; retrying");
+                        tokio::select! {
+                            () = s.fatal.cancelled() => {}
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    }
+                }
             }
             let b = RecordBatch {
                 notify: s.notify,
@@ -121,6 +144,7 @@ impl Recorder {
                     return;
                 }
                 Err(e) => {
+                    uncertain = true;
                     let wait = backoff.next_wait();
                     tracing::warn!(error = %e, outcomes = outcomes.len(), retry_in = ?wait, "recording outcomes failed; retrying");
                     tokio::select! {
@@ -130,5 +154,28 @@ impl Recorder {
                 }
             }
         }
+    }
+
+    /// Answers, and removes from `batch`, the outcomes whose history row exists: an earlier
+    /// try committed them. Returns how many.
+    async fn take_recorded(&self, batch: &mut Vec<Request>) -> crate::Result<usize> {
+        let mut taken = 0;
+        let mut i = 0;
+        while i < batch.len() {
+            let o = &batch[i].outcome;
+            let found = self
+                .store
+                .history_of_attempt(o.id, o.work_start, o.work_end, &self.host_and_port)
+                .await?;
+            match found {
+                Some(history_id) => {
+                    let r = batch.swap_remove(i);
+                    let _ = r.reply.send(Verdict::Applied(history_id));
+                    taken += 1;
+                }
+                None => i += 1,
+            }
+        }
+        Ok(taken)
     }
 }

@@ -472,7 +472,11 @@ impl SchedulerState {
                 let t = &mut self.types[ty];
                 t.hold_until = None;
                 self.claimed_during_poll.remove(&task.id);
-                t.view.insert(task, self.epoch);
+                // A release learned late (its recording was retried) may find the task
+                // claimed again and running here.
+                if !self.running.contains_key(&task.id) {
+                    t.view.insert(task, self.epoch);
+                }
             }
             Event::Wake { ty } => {
                 self.types[ty].hold_until = None;
@@ -710,8 +714,14 @@ impl SchedulerState {
             self.budget
         );
         self.types[ty].held += n;
-        if let Some((key, _)) = self.specs[ty].limiter {
-            *self.limiter_used.entry(key).or_default() += n;
+        if let Some((key, max)) = self.specs[ty].limiter {
+            let used = self.limiter_used.entry(key).or_default();
+            *used += n;
+            debug_assert!(
+                max == 0 || *used <= max,
+                "limiter of {} at {used} > max {max}",
+                self.specs[ty].name
+            );
         }
     }
 
@@ -1138,7 +1148,25 @@ impl SchedulerState {
         let plan = plan_preemption(&need, &free, &self.victims(now)).unwrap_or_default();
         let fits_after =
             need.fits_in(&free.plus(&plan.iter().fold(Amounts::default(), |a, v| a.plus(&v.cost))));
-        if self.draining || !fits_after {
+        // The per-node limit too: other types sharing the limiter may have claimed its last
+        // slot while the bid ran (simulation seed 1674 found a limiter over its max). Victims
+        // of the same limiter give their slots back.
+        let limit_ok = match self.specs[ty].limiter {
+            Some((key, max)) if max > 0 => {
+                let freed = plan
+                    .iter()
+                    .filter(|v| {
+                        self.running
+                            .get(&v.id)
+                            .is_some_and(|r| self.specs[r.ty].limiter.is_some_and(|l| l.0 == key))
+                    })
+                    .count();
+                let used = self.limiter_used.get(&key).copied().unwrap_or(0);
+                used.saturating_sub(freed) < max
+            }
+            _ => true,
+        };
+        if self.draining || !fits_after || !limit_ok {
             out.push(Action::Release { task: task.id });
             return;
         }
@@ -1607,6 +1635,43 @@ mod tests {
             1,
             "the new task is offered at once: {a:?}"
         );
+    }
+
+    #[test]
+    fn a_won_bid_respects_the_limiter_filled_while_it_ran() {
+        // Simulation seed 1674: another type sharing the limiter took its last slot while the
+        // bid ran; starting the time-sensitive task anyway put the limiter over its max.
+        let mut urgent = spec("urgent", 1.0);
+        urgent.time_sensitive = true;
+        urgent.limiter = Some((7, 1));
+        let mut other = spec("other", 0.0);
+        other.limiter = Some((7, 1));
+        let mut sim = Sim::new(vec![spec("a", 1.0), urgent, other], 1.0, 1);
+        sim.add(0, [1]);
+        let a = sim.tick();
+        let claim = claims(&a)[0].clone();
+        sim.claim_reply(&claim, 1);
+        sim.add(1, [50]);
+        let a = sim.tick();
+        let Some(Action::Preempt { task, .. }) = a
+            .iter()
+            .find(|a| matches!(a, Action::Preempt { .. }))
+            .cloned()
+        else {
+            panic!("bids: {a:?}")
+        };
+        // While the bid runs, a task of the other type takes the limiter's only slot.
+        sim.add(2, [60]);
+        let a = sim.tick();
+        let claim = claims(&a)[0].clone();
+        assert!(matches!(claim, Action::Claim { ty: 2, .. }));
+        assert_eq!(started(&sim.claim_reply(&claim, 1)), vec![60]);
+        // The bid is won, but the task must not start: it is given back, nothing preempted.
+        let a = sim.ev(Event::Preempted(PreemptResult {
+            ty: 1,
+            outcome: Ok(Some(task)),
+        }));
+        assert_eq!(a, vec![Action::Release { task: TaskId(50) }]);
     }
 
     #[test]
