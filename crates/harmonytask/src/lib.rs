@@ -22,9 +22,10 @@
 //! ```
 //!
 //! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), [`scheduler`]
-//! (the sans-IO decisions, public so that simulations can drive them, and the actor), `runner` (one attempt), `recorder` (batched, fenced
-//! outcomes), `machine` (heartbeat, reaper, ownership), [`store`] (all engine SQL),
-//! [`resources`], [`builtin`] (test and benchmark types).
+//! (the decisions without I/O, public so that simulations can drive them, and the actor),
+//! `runner` (one attempt), `recorder` (batched, fenced outcomes), `machine` (heartbeat, reaper,
+//! ownership), [`store`] (all engine SQL), [`resources`], [`builtin`] (test and benchmark
+//! types).
 
 mod backoff;
 pub mod builtin;
