@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harmonydb::{Db, ErrorKind, Timestamp, Tx, TxOptions};
@@ -21,91 +21,25 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::follow::Followers;
 use crate::machine::{Heartbeat, NodeFlags, Ownership, Reaper};
-use crate::metrics::{EngineMetrics, TypeMetrics};
+use crate::metrics::EngineMetrics;
 use crate::notify::{Hint, Listener};
-use crate::recorder::{self, Recorder};
-use crate::resources::{Amounts, Resources};
-use crate::runner::StopReason;
+use crate::recorder::Recorder;
+use crate::registry::{Registry, TypeEntry};
+use crate::resources::Resources;
+use crate::runner::RunEnv;
 use crate::scheduler::admission::downstream_order;
-use crate::scheduler::{ClaimResult, PollResult, Scheduler};
+use crate::scheduler::{Event, Inbox, Msg, RunningCounts, Scheduler, StopReason};
 use crate::status::EngineStatus;
 use crate::store::prelude::*;
 use crate::store::{Candidate, MachineRegister, NewTask, Store};
-use crate::task::{MachineId, Task, TaskId, TypeDetails, validate_name};
-
-/// Events for the scheduler actor.
-pub(crate) enum Event {
-    /// Tasks added by this process.
-    Added { ty: usize, tasks: Vec<Candidate> },
-    /// A task released by this node (retry or preemption), recorded.
-    Released { ty: usize, task: Candidate },
-    /// An attempt returned; its resources are free.
-    Finished { ty: usize, id: TaskId },
-    /// A claim job ended.
-    Claimed(ClaimResult),
-    /// A poll job ended.
-    Polled(PollResult),
-    /// Status request.
-    Status(oneshot::Sender<EngineStatus>),
-    /// Stop claiming.
-    Drain,
-    /// Cancel running attempts.
-    StopRunning {
-        reason: StopReason,
-        include_protected: bool,
-    },
-    /// The heartbeat saw this node become cordoned: running attempts of `can_yield` types
-    /// give way.
-    Cordoned,
-    /// Another node hinted at new or released work of a type: poll it.
-    Wake { ty: usize },
-    /// Call the type's IAmBored now (run-now request).
-    RunNow { ty: usize },
-    /// An IAmBored call returned.
-    BoredDone { ty: usize },
-    /// A preemption bid ended.
-    Preempted(crate::scheduler::PreemptResult),
-}
+use crate::task::{MachineId, Task, TaskId, validate_name};
 
 /// Scheduler event channel size; adds beyond it fall back to a poll.
 const EVENTS_MAX: usize = 8192;
 /// Recorder queue size.
 const RECORD_QUEUE_MAX: usize = 8192;
 
-/// Running attempts, as published by the scheduler.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct RunningCounts {
-    pub total: usize,
-    /// Time-sensitive or uninterruptible: awaited at shutdown, never cancelled.
-    pub protected: usize,
-}
-
-/// A registered type as the engine holds it.
-pub(crate) struct TypeEntry {
-    pub task: Arc<dyn Task>,
-    pub details: TypeDetails,
-    pub name: Arc<str>,
-    pub cost: Amounts,
-    pub ownership: Arc<Ownership>,
-    pub metrics: TypeMetrics,
-}
-
-impl TypeEntry {
-    pub(crate) fn protected(&self) -> bool {
-        self.details.time_sensitive || self.details.uninterruptible
-    }
-
-    pub(crate) fn is_singleton(&self) -> bool {
-        self.details
-            .iambored
-            .as_ref()
-            .is_some_and(|b| b.singleton_interval().is_some())
-    }
-}
-
-/// Called after a task of the type completed successfully and its completion committed, with
-/// the key/values the attempt set with `RunContext::set_meta`.
-pub type CompleteCallback = Arc<dyn Fn(TaskId, &HashMap<String, String>) + Send + Sync>;
+pub use crate::registry::CompleteCallback;
 
 /// Why the engine stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,21 +58,16 @@ pub(crate) struct Shared {
     pub config: EngineConfig,
     pub clock: Arc<dyn Clock>,
     pub budget: Resources,
-    pub types: Vec<TypeEntry>,
-    pub type_index: HashMap<String, usize>,
-    /// Names of registered types with a cluster-wide limit.
-    pub cluster_limited: Vec<String>,
-    pub events: mpsc::Sender<Event>,
-    pub nudged: Notify,
-    poll_requested: AtomicBool,
+    pub registry: Arc<Registry>,
+    /// The scheduler's inbox.
+    pub inbox: Arc<Inbox>,
     /// Notifications are flowing (the poll can be slow).
     pub notify_healthy: AtomicBool,
     /// Wakes the heartbeat early (operator flags may have changed).
     pub wake_heartbeat: Notify,
     /// Wakes the follower loop.
-    pub follow_wake: Notify,
+    pub follow_wake: Arc<Notify>,
     pub flags: Arc<NodeFlags>,
-    pub recorder: mpsc::Sender<recorder::Request>,
     pub metrics: EngineMetrics,
     /// Background loops (scheduler, recorder, heartbeat, reaper, claim and poll jobs).
     pub tracker: TaskTracker,
@@ -157,49 +86,33 @@ pub(crate) struct Shared {
     /// Set just before this node deletes its own machine row at shutdown: a claim still in
     /// flight then fails on the owner foreign key, which is not a fence.
     unregistered: AtomicBool,
-    callbacks: RwLock<HashMap<usize, Vec<CompleteCallback>>>,
     counts: watch::Receiver<RunningCounts>,
 }
 
 impl Shared {
     /// Sends an event to the scheduler, waiting for room; a stopped scheduler is ignored.
-    pub(crate) async fn send(&self, ev: Event) {
-        let _ = self.events.send(ev).await;
+    pub(crate) async fn send(&self, msg: impl Into<Msg>) {
+        self.inbox.send(msg).await;
     }
 
     /// Wakes the scheduler for a pass.
     pub(crate) fn nudge(&self) {
-        self.nudged.notify_one();
+        self.inbox.nudge();
     }
 
     /// Asks the scheduler to poll every type soon.
     pub(crate) fn request_poll(&self) {
-        self.poll_requested.store(true, Ordering::Release);
-        self.nudge();
-    }
-
-    pub(crate) fn take_poll_request(&self) -> bool {
-        self.poll_requested.swap(false, Ordering::AcqRel)
+        self.inbox.request_poll();
     }
 
     /// A hint about new or released work of `name`: poll it if it runs here.
     pub(crate) fn wake_type(&self, name: &str) {
-        if let Some(&ty) = self.type_index.get(name)
-            && self.events.try_send(Event::Wake { ty }).is_err()
-        {
-            self.request_poll();
-        }
+        self.inbox.wake_type(name);
     }
 
     /// Wakes the follower loop when a local pair follows `from` (any pair for `None`).
     pub(crate) fn wake_followers(&self, from: Option<&str>) {
-        let relevant = self.types.iter().any(|t| {
-            t.details
-                .follows
-                .iter()
-                .any(|f| from.is_none_or(|n| f.from == n))
-        });
-        if relevant {
+        if self.registry.follows(from) {
             self.follow_wake.notify_one();
         }
     }
@@ -210,42 +123,19 @@ impl Shared {
             engine: Engine {
                 shared: Arc::clone(self),
             },
-            name: self.types[ty].name.to_string(),
+            name: self.registry.types[ty].name.to_string(),
         }
     }
 
     /// A run-now request for `name`: call its IAmBored at once if it runs here.
     pub(crate) fn run_now(&self, name: &str) {
-        if let Some(&ty) = self.type_index.get(name)
-            && self.types[ty].details.iambored.is_some()
-        {
-            let _ = self.events.try_send(Event::RunNow { ty });
-        }
+        self.inbox.run_now(name);
     }
 
     /// Tells the local scheduler about tasks this process just added.
     pub(crate) fn notify_added(&self, name: &str, tasks: Vec<Candidate>) {
-        match self.type_index.get(name) {
-            Some(&ty) => {
-                self.types[ty].metrics.added.inc_by(tasks.len() as u64);
-                if self.events.try_send(Event::Added { ty, tasks }).is_err() {
-                    // Scheduler busy: it will find them with a poll instead.
-                    self.request_poll();
-                }
-            }
-            None => self.metrics.added_other(name),
-        }
-    }
-
-    /// Runs the completion callbacks of a successful task.
-    pub(crate) fn task_completed(&self, ty: usize, id: TaskId, meta: &HashMap<String, String>) {
-        let callbacks = self
-            .callbacks
-            .read()
-            .map(|c| c.get(&ty).cloned().unwrap_or_default())
-            .unwrap_or_default();
-        for cb in callbacks {
-            cb(id, meta);
+        if !self.inbox.added(name, tasks) {
+            self.metrics.added_other(name);
         }
     }
 
@@ -349,6 +239,8 @@ impl Shared {
         let done = self.done.clone();
         let runs = self.runs.clone();
         let wait = self.config.cancel_wait;
+        // Not on the tracker, which is closed and being drained: this bounded wait is what
+        // marks the engine done once the attempts have returned.
         tokio::spawn(async move {
             let _ = tokio::time::timeout(wait, runs.wait()).await;
             done.cancel();
@@ -722,17 +614,18 @@ impl EngineBuilder {
                 }),
                 metrics: metrics.for_type(&d.name),
                 name: Arc::from(d.name.as_str()),
-                cost: d.cost.amounts(),
                 details: d,
                 task,
             })
             .collect();
-        let type_index = types
+        let cluster_limited: Vec<String> = types
             .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.to_string(), i))
+            .filter(|t| t.details.max_cluster > 0)
+            .map(|t| t.name.to_string())
             .collect();
+        let registry = Arc::new(Registry::new(types));
         let (events_tx, events_rx) = mpsc::channel(EVENTS_MAX);
+        let inbox = Arc::new(Inbox::new(events_tx, Arc::clone(&registry)));
         let (record_tx, record_rx) = mpsc::channel(RECORD_QUEUE_MAX);
         let (counts_tx, counts_rx) = watch::channel(RunningCounts::default());
         let client = Client {
@@ -741,6 +634,29 @@ impl EngineBuilder {
             added_by: machine,
             notify: self.config.notify,
         };
+        let follow_wake = Arc::new(Notify::new());
+        let fatal = CancellationToken::new();
+        let recorder = Recorder {
+            rx: record_rx,
+            store: store.clone(),
+            clock: Arc::clone(&self.clock),
+            machine,
+            host_and_port: self.config.host_and_port.clone(),
+            notify: self.config.notify,
+            batch_max: self.config.record_batch_max,
+            cluster_limited,
+            fatal: fatal.clone(),
+            followers: registry.follows(None).then(|| Arc::clone(&follow_wake)),
+        };
+        let run_env = Arc::new(RunEnv {
+            registry: Arc::clone(&registry),
+            inbox: Arc::clone(&inbox),
+            recorder: record_tx,
+            db: self.db.clone(),
+            store: store.clone(),
+            clock: Arc::clone(&self.clock),
+            machine,
+        });
         let shared = Arc::new(Shared {
             client,
             db: self.db,
@@ -749,43 +665,33 @@ impl EngineBuilder {
             config: self.config,
             clock: self.clock,
             budget,
-            cluster_limited: types
-                .iter()
-                .filter(|t| t.details.max_cluster > 0)
-                .map(|t| t.name.to_string())
-                .collect(),
-            types,
-            type_index,
-            events: events_tx,
-            nudged: Notify::new(),
-            poll_requested: AtomicBool::new(false),
+            registry,
+            inbox,
             notify_healthy: AtomicBool::new(false),
             wake_heartbeat: Notify::new(),
-            follow_wake: Notify::new(),
+            follow_wake,
             flags,
-            recorder: record_tx,
             metrics,
             tracker: TaskTracker::new(),
             runs: TaskTracker::new(),
             stop: CancellationToken::new(),
             stop_liveness: CancellationToken::new(),
-            fatal: CancellationToken::new(),
+            fatal,
             done: CancellationToken::new(),
             cause: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             unregistered: AtomicBool::new(false),
-            callbacks: RwLock::new(HashMap::new()),
             counts: counts_rx,
         });
-        let scheduler = Scheduler::new(Arc::clone(&shared), events_rx, counts_tx, downstream);
-        shared.tracker.spawn(scheduler.run());
-        shared.tracker.spawn(
-            Recorder {
-                shared: Arc::clone(&shared),
-                rx: record_rx,
-            }
-            .run(),
+        let scheduler = Scheduler::new(
+            Arc::clone(&shared),
+            run_env,
+            events_rx,
+            counts_tx,
+            downstream,
         );
+        shared.tracker.spawn(scheduler.run(shared.stop.clone()));
+        shared.tracker.spawn(recorder.run(shared.stop.clone()));
         shared.tracker.spawn(
             Heartbeat {
                 shared: Arc::clone(&shared),
@@ -831,7 +737,7 @@ impl EngineBuilder {
             .run(shared.stop_liveness.clone()),
         );
         let engine = Engine { shared };
-        for entry in &engine.shared.types {
+        for entry in &engine.shared.registry.types {
             entry.task.adder(TaskAdder {
                 engine: engine.clone(),
                 name: entry.name.to_string(),
@@ -881,6 +787,7 @@ impl Engine {
     /// Names of the types this node runs.
     pub fn task_types(&self) -> Vec<String> {
         self.shared
+            .registry
             .types
             .iter()
             .map(|t| t.name.to_string())
@@ -967,16 +874,13 @@ impl Engine {
     pub fn on_task_complete(&self, name: &str, callback: CompleteCallback) -> Result<()> {
         let ty = *self
             .shared
-            .type_index
+            .registry
+            .index
             .get(name)
             .ok_or_else(|| Error::UnknownType(name.to_owned()))?;
-        self.shared
-            .callbacks
-            .write()
-            .map_err(|_| Error::Stopped)?
-            .entry(ty)
-            .or_default()
-            .push(callback);
+        if !self.shared.registry.on_complete(ty, callback) {
+            return Err(Error::Stopped);
+        }
         Ok(())
     }
 
@@ -984,8 +888,8 @@ impl Engine {
     pub async fn status(&self) -> Result<EngineStatus> {
         let (tx, rx) = oneshot::channel();
         self.shared
-            .events
-            .send(Event::Status(tx))
+            .inbox
+            .send_now(Msg::Status(tx))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)

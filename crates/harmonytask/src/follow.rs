@@ -22,6 +22,7 @@ use std::time::Duration;
 use harmonydb::{Timestamp, Tx, TxOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::engine::Shared;
 use crate::store::{Candidate, NewTask, Store};
 use crate::task::{MachineId, TaskId, validate_name};
@@ -125,6 +126,11 @@ impl FollowAdd {
     }
 }
 
+/// First wait before retrying failed follow-ups.
+const FOLLOW_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between retries of failed follow-ups.
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 /// Most queued follow-ups consumed per transaction.
 const FOLLOW_BATCH_MAX: usize = 100;
 
@@ -143,6 +149,7 @@ impl Followers {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let s = &self.shared;
         let pairs: Vec<Pair> = s
+            .registry
             .types
             .iter()
             .enumerate()
@@ -157,7 +164,7 @@ impl Followers {
         if pairs.is_empty() {
             return;
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(FOLLOW_BACKOFF_INITIAL, FOLLOW_BACKOFF_MAX);
         loop {
             let mut failed = false;
             for p in &pairs {
@@ -166,7 +173,7 @@ impl Followers {
                         Ok(n) if n >= FOLLOW_BATCH_MAX => continue,
                         Ok(_) => break,
                         Err(e) => {
-                            tracing::warn!(from = %p.from, to = %s.types[p.to].name, error = %e, "follow-up failed; will retry");
+                            tracing::warn!(from = %p.from, to = %s.registry.types[p.to].name, error = %e, "follow-up failed; will retry");
                             failed = true;
                             break;
                         }
@@ -174,10 +181,9 @@ impl Followers {
                 }
             }
             let wait = if failed {
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                backoff
+                backoff.next_wait()
             } else {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 s.poll_interval()
             };
             tokio::select! {
@@ -191,7 +197,7 @@ impl Followers {
     /// Consumes up to a batch of queued follow-ups of one pair in one transaction.
     async fn consume(&self, p: &Pair) -> crate::Result<usize> {
         let s = &self.shared;
-        let to_name = s.types[p.to].name.to_string();
+        let to_name = s.registry.types[p.to].name.to_string();
         let posted = s.clock.now();
         let (from, to, make) = (&p.from, &to_name, &p.make);
         let done =

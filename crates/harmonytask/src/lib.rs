@@ -22,12 +22,14 @@
 //! ```
 //!
 //! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
-//! (the actor and its pure decisions), `runner` (one attempt), `recorder` (batched, fenced
-//! outcomes), `machine` (heartbeat, reaper, ownership), [`retention`] (history pruning, one
-//! node at a time), `store` (all engine SQL, crate-private), [`Admin`] (the operator's reads
-//! and writes), [`model`] (value types), [`resources`].
+//! (the decisions without I/O in `SchedulerState`, and the actor that performs them),
+//! `runner` (one attempt), `recorder` (batched, fenced outcomes), `machine` (heartbeat, reaper,
+//! ownership), [`retention`] (history pruning, one node at a time), `store` (all engine SQL,
+//! crate-private), [`Admin`] (the operator's reads and writes), [`model`] (value types),
+//! [`resources`]. The deterministic simulator is the crate's own test module `simulation`.
 
 mod admin;
+mod backoff;
 pub mod clock;
 pub mod config;
 pub mod engine;
@@ -40,10 +42,13 @@ pub mod metrics;
 pub mod model;
 mod notify;
 mod recorder;
+mod registry;
 pub mod resources;
 pub mod retention;
 mod runner;
-mod scheduler;
+pub mod scheduler;
+#[cfg(test)]
+mod simulation;
 pub mod singleton;
 pub mod status;
 pub(crate) mod store;

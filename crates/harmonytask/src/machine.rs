@@ -96,9 +96,7 @@ impl Heartbeat {
                     let was = s.flags.cordoned.swap(flags.unschedulable, Ordering::AcqRel);
                     if was != flags.unschedulable {
                         tracing::info!(cordoned = flags.unschedulable, "scheduling flag changed");
-                        if flags.unschedulable {
-                            s.send(crate::engine::Event::Cordoned).await;
-                        }
+                        s.send(crate::scheduler::Msg::CordonChanged).await;
                         s.nudge();
                     }
                     if flags.restart_requested
@@ -106,6 +104,9 @@ impl Heartbeat {
                     {
                         tracing::info!("restart requested: draining, then exiting");
                         let shared = Arc::clone(s);
+                        // Not on the tracker: the restart sequence closes and awaits the
+                        // tracker, so a task on it would wait for itself. It ends with the
+                        // engine (`done`), which `Engine::wait` awaits.
                         tokio::spawn(async move {
                             shared
                                 .stop_with(crate::engine::StopCause::RestartRequested)

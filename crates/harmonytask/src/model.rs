@@ -480,6 +480,11 @@ pub enum Blocked {
     },
     /// The node is shutting down or restarting.
     Draining,
+    /// The last claim failed in the database; it is tried again shortly.
+    ClaimFailed {
+        /// The error, as logged.
+        error: String,
+    },
 }
 
 impl fmt::Display for Blocked {
@@ -511,6 +516,7 @@ impl fmt::Display for Blocked {
             Blocked::ClusterLimit { max } => write!(f, "cluster limit reached ({max} running)"),
             Blocked::RetryWait { until } => write!(f, "retry wait until {until}"),
             Blocked::Draining => f.write_str("node is draining"),
+            Blocked::ClaimFailed { error } => write!(f, "claim failed, retrying: {error}"),
         }
     }
 }

@@ -23,13 +23,17 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Event, Shared};
+use crate::backoff::Backoff;
+use crate::engine::Shared;
 pub(crate) use crate::hint::{CHANNEL, Hint};
 use crate::model::Candidate;
+use crate::scheduler::Event;
 
 /// How long a notification connection must stay up for its loss to reset the reconnect backoff.
 const LISTEN_STABLE: Duration = Duration::from_secs(10);
 
+/// First wait before reconnecting the listener.
+const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 /// Longest wait between reconnection attempts of the listener.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -41,9 +45,9 @@ pub(crate) struct Listener {
 impl Listener {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let s = &self.shared;
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(RECONNECT_BACKOFF_INITIAL, RECONNECT_BACKOFF_MAX);
         loop {
-            match s.db.listen(&[CHANNEL]).await {
+            let failed = match s.db.listen(&[CHANNEL]).await {
                 Ok(Some(mut listener)) => {
                     let connected = std::time::Instant::now();
                     s.set_notify_healthy(true);
@@ -70,12 +74,13 @@ impl Listener {
                     // A connection that stayed up a while resets the backoff; one that keeps
                     // dying at once (a killed or refused session) backs off further.
                     if connected.elapsed() >= LISTEN_STABLE {
-                        backoff = Duration::from_millis(200);
+                        backoff.reset();
                     }
                     tracing::warn!(
                         "notification connection lost; polling every {:?} until it is back",
                         s.config.poll_interval_unhealthy
                     );
+                    None
                 }
                 Ok(None) => {
                     self.watch_sqlite(&shutdown).await;
@@ -83,14 +88,17 @@ impl Listener {
                 }
                 Err(e) => {
                     s.set_notify_healthy(false);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot open the notification connection");
+                    Some(e)
                 }
+            };
+            let wait = backoff.next_wait();
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot open the notification connection");
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
     }
 
@@ -101,19 +109,14 @@ impl Listener {
                 name,
                 task: Some((id, posted)),
             } => {
-                if let Some(&ty) = s.type_index.get(&name) {
+                if let Some(&ty) = s.registry.index.get(&name) {
                     let c = Candidate {
                         id,
                         posted,
                         updated: posted,
                         retries: 0,
                     };
-                    if s.events
-                        .try_send(Event::Added { ty, tasks: vec![c] })
-                        .is_err()
-                    {
-                        s.request_poll();
-                    }
+                    s.inbox.offer(Event::Added { ty, tasks: vec![c] });
                 }
             }
             Hint::Added { name, task: None } | Hint::Released { name } => s.wake_type(&name),

@@ -7,37 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use futures_util::FutureExt;
-use tokio::sync::oneshot;
+use harmonydb::Db;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Event, Shared};
+use crate::clock::Clock;
 use crate::recorder::{Request, Verdict};
-use crate::store::{AttemptResult, Candidate, Fate, Outcome};
-use crate::task::{Done, RunContext, TaskError};
-
-/// Why an attempt's cancellation token fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum StopReason {
-    None = 0,
-    Shutdown = 1,
-    Preempted = 2,
-    Fenced = 3,
-    /// The node was cordoned and the type is `can_yield`: it gives way to other nodes.
-    Yielded = 4,
-}
-
-impl StopReason {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => StopReason::Shutdown,
-            2 => StopReason::Preempted,
-            3 => StopReason::Fenced,
-            4 => StopReason::Yielded,
-            _ => StopReason::None,
-        }
-    }
-}
+use crate::registry::Registry;
+use crate::scheduler::{Event, Inbox, StopReason};
+use crate::store::{AttemptResult, Candidate, Fate, Outcome, Store};
+use crate::task::{Done, MachineId, RunContext, TaskError};
 
 /// The scheduler's handle on a running attempt.
 #[derive(Clone)]
@@ -79,9 +58,21 @@ enum Attempt {
     TimedOut(std::time::Duration),
 }
 
+/// What an attempt needs: the registered types, the scheduler's inbox (resources freed, tasks
+/// released, run-now), the recorder, the database and the clock. Nothing else of the engine.
+pub(crate) struct RunEnv {
+    pub registry: Arc<Registry>,
+    pub inbox: Arc<Inbox>,
+    pub recorder: mpsc::Sender<Request>,
+    pub db: Db,
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    pub machine: MachineId,
+}
+
 /// Runs one claimed task to its recorded end.
-pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, handle: RunHandle) {
-    let entry = &shared.types[ty];
+pub(crate) async fn run_one(shared: Arc<RunEnv>, ty: usize, cand: Candidate, handle: RunHandle) {
+    let entry = &shared.registry.types[ty];
     let work_start = shared.clock.now();
     let queued_since = if cand.retries == 0 {
         cand.posted
@@ -131,7 +122,7 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
         .observe(handle.started.elapsed().as_secs_f64());
     // Resources come back now, not after recording: the scheduler can start the next task
     // while this outcome is written.
-    shared.send(Event::Finished { ty, id: cand.id }).await;
+    shared.inbox.send(Event::Finished { ty, id: cand.id }).await;
 
     let reason = StopReason::from_u8(handle.reason.load(Ordering::Acquire));
     let db_trouble = db_trouble.lock().ok().and_then(|mut t| t.take());
@@ -177,17 +168,17 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
                 // A run-now request that arrived while this one ran or waited is served now.
                 if fate == Fate::Done {
                     let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
-                    shared.task_completed(ty, cand.id, &meta);
+                    shared.registry.task_completed(ty, cand.id, &meta);
                 }
                 match shared.store.singleton_get(&entry.name).await {
-                    Ok(Some((_, _, true))) => shared.run_now(&entry.name),
+                    Ok(Some((_, _, true))) => shared.inbox.run_now(&entry.name),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "reading the run-now flag failed"),
                 }
             }
             Fate::Done => {
                 let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
-                shared.task_completed(ty, cand.id, &meta);
+                shared.registry.task_completed(ty, cand.id, &meta);
             }
             Fate::Retry | Fate::Release => {
                 let retries = if fate == Fate::Retry {
@@ -196,6 +187,7 @@ pub(crate) async fn run_one(shared: Arc<Shared>, ty: usize, cand: Candidate, han
                     cand.retries
                 };
                 shared
+                    .inbox
                     .send(Event::Released {
                         ty,
                         task: Candidate {

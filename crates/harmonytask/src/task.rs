@@ -410,6 +410,28 @@ pub trait Task: Send + Sync + 'static {
     fn adder(&self, _add: crate::engine::TaskAdder) {}
 }
 
+// The scheduler's view of a type is built here, next to `TypeDetails`, so that the sans-IO
+// scheduler state depends on value types only (never on the programming model, which names
+// the engine).
+impl crate::scheduler::TypeSpec {
+    /// The scheduler's part of a type's declaration.
+    pub fn from_details(d: &TypeDetails) -> Self {
+        crate::scheduler::TypeSpec {
+            name: Arc::from(d.name.as_str()),
+            cost: d.cost.amounts(),
+            cost_resources: d.cost,
+            limiter: d.max.as_ref().map(|l| (l.key(), l.max())),
+            max_cluster: d.max_cluster,
+            time_sensitive: d.time_sensitive,
+            uninterruptible: d.uninterruptible,
+            can_yield: d.can_yield,
+            scheduling_overrides: d.scheduling_overrides.clone(),
+            retry_wait: d.retry_wait.clone(),
+            bored: d.iambored.is_some(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

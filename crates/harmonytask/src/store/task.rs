@@ -548,3 +548,28 @@ async fn enqueue_follow_ups(tx: &Tx, done: &[(&Outcome, i64)]) -> harmonydb::Res
     types.dedup();
     Ok(types)
 }
+
+impl Store {
+    /// The history row of one attempt, if it was recorded. After a recording transaction
+    /// failed, it may still have committed (a connection lost after the commit): the recorder
+    /// asks before it records again, so that one attempt is never recorded twice — a second
+    /// recording would otherwise apply to a later attempt of the same task on this node.
+    pub(crate) async fn history_of_attempt(
+        &self,
+        task: TaskId,
+        work_start: Timestamp,
+        work_end: Timestamp,
+        host_and_port: &str,
+    ) -> Result<Option<i64>> {
+        let row: Option<(i64,)> = self
+            .db
+            .query_opt(
+                "SELECT id FROM harmony_task_history
+                 WHERE task_id = $1 AND work_start = $2 AND work_end = $3
+                   AND completed_by_host_and_port = $4",
+                &[&task, &work_start, &work_end, &host_and_port],
+            )
+            .await?;
+        Ok(row.map(|(id,)| id))
+    }
+}
