@@ -1,7 +1,7 @@
 //! The scheduler's decisions, without I/O: [`SchedulerState::handle`] takes one [`Event`] and
 //! the time, updates the state and returns the [`Action`]s a driver must perform (claims,
 //! polls, attempts to start or stop, IAmBored calls, preemption bids). The driver
-//! (`scheduler::Scheduler` in the engine, the simulator in `tests/simulation.rs`) performs
+//! (`scheduler::Scheduler` in the engine, the simulator in `simulation.rs`) performs
 //! them and feeds their results back as events.
 //!
 //! **What it owns.** Per registered type: a bounded [`TypeView`] of the oldest waiting tasks,
