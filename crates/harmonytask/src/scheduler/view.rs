@@ -110,9 +110,20 @@ impl TypeView {
         }
         self.maybe_more = false;
         for c in polled {
-            if !skip(c.id) {
-                self.insert(c, epoch);
+            if skip(c.id) {
+                continue;
             }
+            // A poll is a snapshot from when it read; the view may have learned something
+            // newer since (a release recorded after the read, with its retries and update
+            // time). Keeping the older snapshot would offer a failed task before its retry
+            // wait is over.
+            if self
+                .get(c.id)
+                .is_some_and(|known| (known.updated, known.retries) > (c.updated, c.retries))
+            {
+                continue;
+            }
+            self.insert(c, epoch);
         }
         if !complete {
             self.maybe_more = true;
@@ -182,6 +193,26 @@ mod tests {
         assert_eq!(ids, vec![TaskId(2), TaskId(3), TaskId(1)]);
         assert_eq!(next, None);
         assert_eq!(v.oldest(), Some(Timestamp::from_millis(100)));
+    }
+
+    /// A poll that read a task before its failure was recorded must not replace what the
+    /// release told the view (found by `engine::retries_wait_then_succeed` under load: the
+    /// retry started 4 ms after the failure instead of after its 300 ms wait).
+    #[test]
+    fn a_stale_poll_does_not_undo_a_release() {
+        let mut v = TypeView::new(10);
+        let released = Candidate {
+            updated: Timestamp::from_millis(500),
+            retries: 1,
+            ..cand(1, 100)
+        };
+        v.insert(released.clone(), 2);
+        v.merge_poll(1, vec![cand(1, 100)], true, |_| false);
+        assert_eq!(v.get(TaskId(1)), Some(&released));
+        let wait = RetryWait::constant(std::time::Duration::from_millis(300));
+        let (ids, next) = v.eligible(Timestamp::from_millis(600), &wait, 10);
+        assert!(ids.is_empty(), "offered during its retry wait");
+        assert_eq!(next, Some(Timestamp::from_millis(800)));
     }
 
     #[test]
