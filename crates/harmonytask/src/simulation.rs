@@ -83,7 +83,7 @@ enum Job {
         task: Candidate,
         cost_ms: u64,
     },
-    Release(TaskId),
+    Release(TaskId, Option<Timestamp>),
     /// An outcome to record; `true` when an earlier try committed but its reply was lost.
     Record(Outcome, usize, Candidate, bool),
 }
@@ -126,6 +126,10 @@ struct TaskLedger {
     failures: u32,
     /// Attempts recorded (history rows).
     recorded: u32,
+    /// After a failed attempt: the earliest wall-clock time the next attempt may start (the
+    /// failure's end plus the type's retry wait). The engine counts the wait from the
+    /// update time it records, which is no earlier, so a start before this is a violation.
+    not_before: Option<Timestamp>,
 }
 
 struct Sim {
@@ -316,13 +320,27 @@ impl Sim {
             Action::Preempt {
                 ty, task, cost_ms, ..
             } => self.nodes[n].jobs.push(Job::Preempt { ty, task, cost_ms }),
-            Action::Release { task } => self.nodes[n].jobs.push(Job::Release(task)),
+            Action::Release { task, update_time } => {
+                self.nodes[n].jobs.push(Job::Release(task, update_time))
+            }
             Action::Bored { .. } => {}
             Action::Fenced => {
                 self.stats.zombies_fenced += 1;
                 self.kill(n);
             }
             Action::Start { ty, task, stop } => {
+                // Never before the retry wait of its last failure is over.
+                if let Some(nb) = self.tasks.get(&task.id).and_then(|l| l.not_before)
+                    && self.clock.now() < nb
+                {
+                    return Err(format!(
+                        "task {} started at {} during its retry wait (until {nb}; offered as {:?}, time-sensitive {})",
+                        task.id,
+                        self.clock.now(),
+                        task,
+                        self.types[ty].spec.time_sensitive
+                    ));
+                }
                 // Never two attempts of one task by live nodes.
                 let others = self.attempts.entry(task.id).or_default();
                 for &o in others.iter() {
@@ -453,6 +471,7 @@ impl Sim {
                     end: TaskEnd::Pending,
                     failures: 0,
                     recorded: 0,
+                    not_before: None,
                 },
             );
             // The hint reaches each live node, or is lost, or arrives twice.
@@ -658,12 +677,12 @@ impl Sim {
                 let outcome = self.preempt(machine, ty, &task, cost_ms).await;
                 self.feed(n, Event::Preempted(PreemptResult { ty, outcome }))?;
             }
-            Job::Release(id) => {
+            Job::Release(id, update_time) => {
                 if self.injected(4) {
-                    self.nodes[n].jobs.push(Job::Release(id));
+                    self.nodes[n].jobs.push(Job::Release(id, update_time));
                 } else {
                     self.store
-                        .task_release(id, machine, self.clock.now())
+                        .task_release(id, machine, update_time.unwrap_or_else(|| self.clock.now()))
                         .await
                         .map_err(|e| format!("release: {e}"))?;
                 }
@@ -807,6 +826,8 @@ impl Sim {
             }
             Fate::Retry => {
                 l.failures += 1;
+                let wait = self.types[l.ty].spec.retry_wait.wait(cand.retries + 1);
+                l.not_before = Some(outcome.work_end + wait);
                 Some(cand.retries + 1)
             }
             Fate::Release => Some(cand.retries),
@@ -1142,6 +1163,15 @@ async fn seed_406_a_hold_ends_with_the_tasks_it_was_about() {
 #[tokio::test(flavor = "current_thread")]
 async fn seed_1674_a_won_bid_respects_the_per_node_max() {
     regression(1674).await;
+}
+
+/// A view entry older than the task's last failure (a late or repeated add hint, a poll's
+/// snapshot) let a failed task be claimed and started before its retry wait ended; the claim
+/// statement does not check the wait. A claimed task still in its wait now goes back at once
+/// with its update time unchanged. Seeds 5, 6, 7, 9, 11, 13, 14, 15 all found it.
+#[tokio::test(flavor = "current_thread")]
+async fn seed_5_a_failed_task_never_starts_during_its_retry_wait() {
+    regression(5).await;
 }
 
 /// A recording that committed but whose reply was lost was tried again after the node had

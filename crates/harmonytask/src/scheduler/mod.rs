@@ -323,12 +323,12 @@ impl Scheduler {
                         .await;
                 });
             }
-            Action::Release { task } => {
+            Action::Release { task, update_time } => {
                 let shared = Arc::clone(shared);
                 self.shared.tracker.spawn(async move {
-                    let now = shared.clock.now();
-                    if let Err(e) = shared.store.task_release(task, shared.machine, now).await {
-                        tracing::warn!(task = %task, error = %e, "could not release a claimed time-sensitive task");
+                    let at = update_time.unwrap_or_else(|| shared.clock.now());
+                    if let Err(e) = shared.store.task_release(task, shared.machine, at).await {
+                        tracing::warn!(task = %task, error = %e, "could not give back a claimed task; it is released when this node stops");
                     }
                 });
             }

@@ -293,6 +293,9 @@ pub enum Action {
     Release {
         /// The task.
         task: TaskId,
+        /// The update time to leave on the row (a task given back during its retry wait keeps
+        /// the time its wait counts from); `None`: now.
+        update_time: Option<Timestamp>,
     },
     /// The claim found this machine's row gone: this node was declared dead and must stop.
     Fenced,
@@ -826,6 +829,19 @@ impl SchedulerState {
             return;
         }
         for c in outcome.claimed {
+            // The claimed row is the database's truth. What the view offered can be older than
+            // the task's last failure (a late or repeated add hint, a poll's snapshot), so a
+            // task still in its retry wait goes back at once, its update time unchanged, and
+            // waits in the view, instead of starting early.
+            if TypeView::eligible_at(&c, &self.specs[ty].retry_wait) > now.wall {
+                self.release(ty, 1);
+                out.push(Action::Release {
+                    task: c.id,
+                    update_time: Some(c.updated),
+                });
+                self.types[ty].view.insert(c, self.epoch);
+                continue;
+            }
             self.start(ty, c, now, out);
         }
     }
@@ -1150,7 +1166,10 @@ impl SchedulerState {
             _ => true,
         };
         if self.draining || !fits_after || !limit_ok {
-            out.push(Action::Release { task: task.id });
+            out.push(Action::Release {
+                task: task.id,
+                update_time: None,
+            });
             return;
         }
         for v in &plan {
@@ -1654,7 +1673,13 @@ mod tests {
             ty: 1,
             outcome: Ok(Some(task)),
         }));
-        assert_eq!(a, vec![Action::Release { task: TaskId(50) }]);
+        assert_eq!(
+            a,
+            vec![Action::Release {
+                task: TaskId(50),
+                update_time: None
+            }]
+        );
     }
 
     #[test]

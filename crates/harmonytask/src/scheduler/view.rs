@@ -131,7 +131,7 @@ impl TypeView {
     }
 
     /// Whether a task is past its retry wait at `now`.
-    fn eligible_at(c: &Candidate, retry: &RetryWait) -> Timestamp {
+    pub(crate) fn eligible_at(c: &Candidate, retry: &RetryWait) -> Timestamp {
         if c.retries == 0 {
             return c.updated;
         }
