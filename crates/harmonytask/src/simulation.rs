@@ -1174,6 +1174,13 @@ async fn seed_5_a_failed_task_never_starts_during_its_retry_wait() {
     regression(5).await;
 }
 
+/// The same through a won preemption bid: the bid claims the task directly, so the claimed
+/// row's retry wait is checked there too.
+#[tokio::test(flavor = "current_thread")]
+async fn seed_486_a_won_bid_never_starts_a_task_during_its_retry_wait() {
+    regression(486).await;
+}
+
 /// A recording that committed but whose reply was lost was tried again after the node had
 /// claimed the task anew: the retry applied to the new attempt (a second history row, retries
 /// counted twice, the running attempt's row released under it). The recorder now first looks

@@ -1141,6 +1141,16 @@ impl SchedulerState {
             }
         };
         self.types[ty].view.remove(task.id);
+        // As for a claim: the claimed row is the truth, and a task still in its retry wait
+        // goes back with its update time unchanged (simulation seed 486).
+        if TypeView::eligible_at(&task, &self.specs[ty].retry_wait) > now.wall {
+            out.push(Action::Release {
+                task: task.id,
+                update_time: Some(task.updated),
+            });
+            self.types[ty].view.insert(task, self.epoch);
+            return;
+        }
         let need = self.specs[ty].cost;
         let free = self.budget.minus(&self.reserved);
         // Recompute: work may have finished while the bid ran.
