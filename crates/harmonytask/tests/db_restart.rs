@@ -144,7 +144,7 @@ async fn a_restart_during_the_tasks_own_query_releases_it_with_retries_unchanged
         vec![0, 0],
         "the interrupted attempt was not counted"
     );
-    drained_on(&db).await;
+    drained_db(&db, DEADLINE).await;
     shutdown(&engine).await;
 }
 
@@ -214,20 +214,6 @@ async fn an_args_read_while_the_server_is_down_releases_the_task() {
     assert!(rows[1].0, "the task ran again and succeeded: {rows:?}");
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(*seen.lock().unwrap(), vec![0, 0]);
-    drained_on(&db).await;
+    drained_db(&db, DEADLINE).await;
     shutdown(&engine).await;
-}
-
-async fn drained_on(db: &Db) {
-    eventually("the task row to be gone", DEADLINE, || {
-        let db = db.clone();
-        async move {
-            let n: i64 = db
-                .scalar("SELECT count(*) FROM harmony_task", &[])
-                .await
-                .ok()?;
-            (n == 0).then_some(())
-        }
-    })
-    .await;
 }

@@ -107,7 +107,12 @@ pub fn big_budget() -> Resources {
 
 /// Waits until `harmony_task` is empty (every task done or failed for good).
 pub async fn drained(t: &TestDb, deadline: Duration) {
-    let db = t.db.clone();
+    drained_db(&t.db, deadline).await;
+}
+
+/// [`drained`] for any handle (a test on its own server has no `TestDb`).
+pub async fn drained_db(db: &harmonydb::Db, deadline: Duration) {
+    let db = db.clone();
     eventually("every task to finish", deadline, || {
         let db = db.clone();
         async move {
