@@ -315,7 +315,12 @@ async fn the_lease_lets_one_pruner_at_a_time(t: &TestDb) {
                 {
                     PruneOutcome::Ran(r) => Some(r),
                     PruneOutcome::Busy { holder } => {
-                        assert_eq!(holder, "dead");
+                        // The lease may expire between the failed take and the read of its
+                        // holder (a loaded machine): then no name is known.
+                        assert!(
+                            holder == "dead" || holder == "another holder, just now",
+                            "{holder}"
+                        );
                         None
                     }
                 }
