@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use harmonydb::{Db, Timestamp};
 
+use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
-use crate::engine::Client;
 use crate::error::{Error, Result};
 use crate::model::{
     HistoryQuery, HistoryRow, MachineId, MachineRow, SingletonRow, TaskId, TaskRow, TypeSummary,

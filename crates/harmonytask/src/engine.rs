@@ -1,9 +1,11 @@
 //! The engine: registration, start-up, adding tasks, status, shutdown.
 //!
 //! [`Engine::builder`] collects task types and settings; [`EngineBuilder::start`] registers the
-//! machine and spawns the background loops, all on one `TaskTracker`: the scheduler actor, the
-//! recorder, the heartbeat and the reaper. Each loop stops on a cancellation token; shutdown is
-//! "cancel, then a bounded wait".
+//! machine and assembles the node: it builds each background loop with only the handles that
+//! loop uses — the scheduler actor, the recorder, the heartbeat, the reaper, the listener,
+//! the follower loop and the pruner — and spawns them on one `TaskTracker`. Each loop stops
+//! on a cancellation token; shutdown is "cancel, then a bounded wait". This is the top of the
+//! crate: it imports every layer, and nothing imports it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,28 +13,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use harmonydb::{Db, ErrorKind, Timestamp, Tx, TxOptions};
+use harmonydb::{Db, Timestamp, Tx};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::client::{Client, TaskAdder};
 use crate::clock::{Clock, SystemClock};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
-use crate::follow::Followers;
-use crate::machine::{Heartbeat, NodeFlags, Ownership, Reaper};
+use crate::follow::FollowWake;
+use crate::follower::Followers;
+use crate::lifecycle::Supervisor;
+use crate::machine::{Heartbeat, Reaper};
 use crate::metrics::EngineMetrics;
-use crate::notify::{Hint, Listener};
+use crate::notify::{Listener, PollPace};
+use crate::ownership::{NodeFlags, Ownership};
 use crate::recorder::Recorder;
 use crate::registry::{Registry, TypeEntry};
 use crate::resources::Resources;
 use crate::runner::RunEnv;
 use crate::scheduler::admission::downstream_order;
-use crate::scheduler::{Event, Inbox, Msg, RunningCounts, Scheduler, StopReason};
+use crate::scheduler::inbox::{Inbox, InboxType, Msg};
+use crate::scheduler::{Event, RunningCounts, SchedConfig, Scheduler, SchedulerEnv, StopReason};
 use crate::status::EngineStatus;
 use crate::store::prelude::*;
-use crate::store::{Candidate, MachineRegister, NewTask, Store};
-use crate::task::{MachineId, Task, TaskId, validate_name};
+use crate::store::{MachineRegister, Store};
+use crate::task::{MachineId, Task, TaskId};
 
 /// Scheduler event channel size; adds beyond it fall back to a poll.
 const EVENTS_MAX: usize = 8192;
@@ -43,42 +50,38 @@ pub use crate::registry::CompleteCallback;
 
 /// Why the engine stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum StopCause {
+enum StopCause {
     Shutdown,
     Fenced(i64),
     RestartRequested,
 }
 
-/// State shared by the engine's handle and its loops.
-pub(crate) struct Shared {
-    pub db: Db,
-    pub client: Client,
-    pub store: Store,
-    pub machine: MachineId,
-    pub config: EngineConfig,
-    pub clock: Arc<dyn Clock>,
-    pub budget: Resources,
-    pub registry: Arc<Registry>,
+/// The engine's own state: what its handle and its stop sequence use. The loops never see it;
+/// each is built below with only the handles it uses, and reaches the stop controls through
+/// [`Supervisor`].
+struct Shared {
+    db: Db,
+    client: Client,
+    store: Store,
+    machine: MachineId,
+    config: EngineConfig,
+    clock: Arc<dyn Clock>,
+    budget: Resources,
+    registry: Arc<Registry>,
     /// The scheduler's inbox.
-    pub inbox: Arc<Inbox>,
-    /// Notifications are flowing (the poll can be slow).
-    pub notify_healthy: AtomicBool,
-    /// Wakes the heartbeat early (operator flags may have changed).
-    pub wake_heartbeat: Notify,
-    /// Wakes the follower loop.
-    pub follow_wake: Arc<Notify>,
-    pub flags: Arc<NodeFlags>,
-    pub metrics: EngineMetrics,
+    inbox: Arc<Inbox>,
+    flags: Arc<NodeFlags>,
+    metrics: EngineMetrics,
     /// Background loops (scheduler, recorder, heartbeat, reaper, claim and poll jobs).
-    pub tracker: TaskTracker,
+    tracker: TaskTracker,
     /// Task attempts.
-    pub runs: TaskTracker,
+    runs: TaskTracker,
     /// Stops the scheduler.
-    pub stop: CancellationToken,
+    stop: CancellationToken,
     /// Stops heartbeat and reaper.
-    pub stop_liveness: CancellationToken,
+    stop_liveness: CancellationToken,
     /// Fired on a fatal error (fenced).
-    pub fatal: CancellationToken,
+    fatal: CancellationToken,
     /// Fired when the engine has fully stopped.
     done: CancellationToken,
     cause: Mutex<Option<StopCause>>,
@@ -89,66 +92,30 @@ pub(crate) struct Shared {
     counts: watch::Receiver<RunningCounts>,
 }
 
+impl Supervisor for Shared {
+    fn fail(&self, err: Error) {
+        Shared::fail(self, err);
+    }
+
+    fn restart(self: Arc<Self>) {
+        // Not on the tracker: the restart sequence closes and awaits the tracker, so a task
+        // on it would wait for itself. It ends with the engine (`done`), which `Engine::wait`
+        // awaits.
+        tokio::spawn(async move { self.stop_with(StopCause::RestartRequested).await });
+    }
+}
+
 impl Shared {
-    /// Sends an event to the scheduler, waiting for room; a stopped scheduler is ignored.
-    pub(crate) async fn send(&self, msg: impl Into<Msg>) {
-        self.inbox.send(msg).await;
-    }
-
-    /// Wakes the scheduler for a pass.
-    pub(crate) fn nudge(&self) {
-        self.inbox.nudge();
-    }
-
-    /// Asks the scheduler to poll every type soon.
-    pub(crate) fn request_poll(&self) {
-        self.inbox.request_poll();
-    }
-
-    /// A hint about new or released work of `name`: poll it if it runs here.
-    pub(crate) fn wake_type(&self, name: &str) {
-        self.inbox.wake_type(name);
-    }
-
-    /// Wakes the follower loop when a local pair follows `from` (any pair for `None`).
-    pub(crate) fn wake_followers(&self, from: Option<&str>) {
-        if self.registry.follows(from) {
-            self.follow_wake.notify_one();
-        }
-    }
-
-    /// An adder for a registered type.
-    pub(crate) fn adder(self: &Arc<Self>, ty: usize) -> TaskAdder {
-        TaskAdder {
-            engine: Engine {
-                shared: Arc::clone(self),
-            },
-            name: self.registry.types[ty].name.to_string(),
-        }
-    }
-
-    /// A run-now request for `name`: call its IAmBored at once if it runs here.
-    pub(crate) fn run_now(&self, name: &str) {
-        self.inbox.run_now(name);
-    }
-
-    /// Tells the local scheduler about tasks this process just added.
-    pub(crate) fn notify_added(&self, name: &str, tasks: Vec<Candidate>) {
-        if !self.inbox.added(name, tasks) {
-            self.metrics.added_other(name);
-        }
-    }
-
     /// Drains and stops. `Shutdown` gives ordinary tasks the grace period, then cancels them;
     /// `RestartRequested` waits for every task to finish (an operator asked for a drain).
-    pub(crate) async fn stop_with(&self, cause: StopCause) {
+    async fn stop_with(&self, cause: StopCause) {
         let s = self;
         if s.shutting_down.swap(true, Ordering::AcqRel) || s.fatal.is_cancelled() {
             s.done.cancelled().await;
             return;
         }
         s.flags.draining.store(true, Ordering::Release);
-        s.send(Event::Drain).await;
+        s.inbox.send(Event::Drain).await;
         let mut counts = s.counts.clone();
         let grace = match cause {
             StopCause::RestartRequested => Duration::MAX,
@@ -164,11 +131,12 @@ impl Shared {
                 running = counts.borrow().total,
                 "grace period over; cancelling running tasks"
             );
-            s.send(Event::StopRunning {
-                reason: StopReason::Shutdown,
-                include_protected: false,
-            })
-            .await;
+            s.inbox
+                .send(Event::StopRunning {
+                    reason: StopReason::Shutdown,
+                    include_protected: false,
+                })
+                .await;
             let _ =
                 tokio::time::timeout(s.config.cancel_wait, counts.wait_for(only_protected)).await;
         }
@@ -213,7 +181,7 @@ impl Shared {
     }
 
     /// Stops the engine because it can no longer run safely (its machine row is gone).
-    pub(crate) fn fail(&self, err: Error) {
+    fn fail(&self, err: Error) {
         if self.unregistered.load(Ordering::Acquire) {
             tracing::debug!(error = %err, "ignored after unregistering");
             return;
@@ -245,234 +213,6 @@ impl Shared {
             let _ = tokio::time::timeout(wait, runs.wait()).await;
             done.cancel();
         });
-    }
-}
-
-/// Adds and restarts tasks without running a node: for CLIs, web handlers and other programs
-/// that post work. Rows it adds have `added_by = 0` unless it belongs to an engine.
-#[derive(Clone)]
-pub struct Client {
-    db: Db,
-    clock: Arc<dyn Clock>,
-    added_by: MachineId,
-    notify: bool,
-}
-
-impl Client {
-    /// A client on `db` using the system clock.
-    pub fn new(db: Db) -> Self {
-        Client {
-            db,
-            clock: Arc::new(SystemClock),
-            added_by: MachineId(0),
-            notify: true,
-        }
-    }
-
-    /// Whether adds send wake-up notifications (Postgres); on by default. Turn off for
-    /// backends without `NOTIFY`.
-    pub fn with_notify(mut self, notify: bool) -> Self {
-        self.notify = notify;
-        self
-    }
-
-    /// Asks a singleton type to run now. A type that no node registered as a singleton is
-    /// refused with [`Error::NotSingleton`] and nothing is written.
-    pub async fn run_now(&self, name: &str) -> Result<()> {
-        validate_name(name)?;
-        Store::new(self.db.clone())
-            .singleton_run_now(name, self.notify)
-            .await
-    }
-
-    /// The database.
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
-    /// Adds one task; see [`Engine::add_task`]. Returns the new task as a scheduler candidate.
-    pub(crate) async fn add<F, Fut>(
-        &self,
-        name: &str,
-        previous: Option<TaskId>,
-        extra: F,
-    ) -> Result<Option<Candidate>>
-    where
-        F: Fn(TaskId, Tx) -> Fut + Send + Sync,
-        Fut: Future<Output = harmonydb::Result<bool>> + Send,
-    {
-        validate_name(name)?;
-        let posted = self.clock.now();
-        let added_by = self.added_by;
-        let notify = self.notify;
-        let extra = &extra;
-        let result = self
-            .db
-            .transaction_with(TxOptions::retry(), |tx| async move {
-                let new = NewTask {
-                    name,
-                    posted,
-                    added_by,
-                    previous,
-                    notify,
-                };
-                let c = Store::task_add(&tx, &new).await?;
-                Ok(extra(c.id, tx).await?.then_some(c))
-            })
-            .await;
-        match result {
-            Ok(Some(c)) => Ok(Some(c)),
-            Ok(None) => Ok(None),
-            Err(e) if e.kind() == ErrorKind::UniqueViolation => {
-                tracing::debug!(task_type = name, "task already queued");
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub(crate) async fn add_many<F, Fut>(
-        &self,
-        name: &str,
-        count: usize,
-        extra: F,
-    ) -> Result<Vec<Candidate>>
-    where
-        F: Fn(Vec<TaskId>, Tx) -> Fut + Send + Sync,
-        Fut: Future<Output = harmonydb::Result<bool>> + Send,
-    {
-        validate_name(name)?;
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let posted = self.clock.now();
-        let added_by = self.added_by;
-        let notify = self.notify;
-        let extra = &extra;
-        let new = NewTask {
-            name,
-            posted,
-            added_by,
-            previous: None,
-            notify,
-        };
-        let added = self
-            .db
-            .transaction_with(TxOptions::retry(), |tx| async move {
-                let added = Store::task_add_many(&tx, &new, count).await?;
-                let ids = added.iter().map(|c| c.id).collect();
-                Ok(extra(ids, tx).await?.then_some(added))
-            })
-            .await?
-            .unwrap_or_default();
-        Ok(added)
-    }
-
-    pub(crate) async fn restart(&self, id: TaskId) -> Result<(String, Candidate)> {
-        let store = Store::new(self.db.clone());
-        let now = self.clock.now();
-        let name = store.task_restart(id, self.added_by, now).await?;
-        let posted = store.task_get(id).await?.map_or(now, |t| t.posted_time);
-        if self.notify {
-            let hint = Hint::Added {
-                name: name.clone(),
-                task: Some((id, posted)),
-            };
-            store.notify(&hint.payload(self.added_by)).await?;
-        }
-        Ok((
-            name,
-            Candidate {
-                id,
-                posted,
-                updated: now,
-                retries: 0,
-            },
-        ))
-    }
-
-    /// Adds one task with arguments; returns its id (`None` if it was already queued).
-    pub async fn add_task_with_args(
-        &self,
-        name: &str,
-        args: &[(String, String)],
-    ) -> Result<Option<TaskId>> {
-        let c = self.add_with_args(name, args).await?;
-        Ok(c.map(|c| c.id))
-    }
-
-    /// Adds one task with arguments. Without arguments there are no rows of the caller's to
-    /// write, so the row (and its wake-up notification) goes in with one statement.
-    pub(crate) async fn add_with_args(
-        &self,
-        name: &str,
-        args: &[(String, String)],
-    ) -> Result<Option<Candidate>> {
-        if !args.is_empty() {
-            return self
-                .add(name, None, |id, tx| async move {
-                    Store::task_args_insert(&tx, id, args).await?;
-                    Ok(true)
-                })
-                .await;
-        }
-        validate_name(name)?;
-        let posted = self.clock.now();
-        let id = Store::new(self.db.clone())
-            .task_insert_alone(name, posted, self.added_by, self.notify)
-            .await?;
-        Ok(Some(Candidate::added(id, posted)))
-    }
-
-    /// Adds `count` tasks of one type, each with the same arguments, in one transaction.
-    pub async fn add_tasks_with_args(
-        &self,
-        name: &str,
-        count: usize,
-        args: &[(String, String)],
-    ) -> Result<Vec<TaskId>> {
-        let added = self
-            .add_many(name, count, |ids, tx| async move {
-                for id in ids {
-                    Store::task_args_insert(&tx, id, args).await?;
-                }
-                Ok(true)
-            })
-            .await?;
-        Ok(added.into_iter().map(|c| c.id).collect())
-    }
-
-    /// Re-queues a permanently failed task with its original id and posted time.
-    pub async fn restart_task(&self, id: TaskId) -> Result<()> {
-        self.restart(id).await.map(|_| ())
-    }
-}
-
-/// Adds tasks of one type; handed to [`Task::adder`].
-#[derive(Clone)]
-pub struct TaskAdder {
-    engine: Engine,
-    name: String,
-}
-
-impl TaskAdder {
-    /// The type this adder adds.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The engine's clock reading.
-    pub fn now(&self) -> Timestamp {
-        self.engine.now()
-    }
-
-    /// Adds one task of this type; see [`Engine::add_task`].
-    pub async fn add<F, Fut>(&self, extra: F) -> Result<Option<TaskId>>
-    where
-        F: Fn(TaskId, Tx) -> Fut + Send + Sync,
-        Fut: Future<Output = harmonydb::Result<bool>> + Send,
-    {
-        self.engine.add_task(&self.name, extra).await
     }
 }
 
@@ -623,127 +363,197 @@ impl EngineBuilder {
             .filter(|t| t.details.max_cluster > 0)
             .map(|t| t.name.to_string())
             .collect();
+        let singletons: Vec<String> = types
+            .iter()
+            .filter(|t| t.is_singleton())
+            .map(|t| t.name.to_string())
+            .collect();
+        let follows_from: Vec<String> = types
+            .iter()
+            .flat_map(|t| t.details.follows.iter().map(|f| f.from.clone()))
+            .collect();
+        let inbox_types = types
+            .iter()
+            .map(|t| InboxType {
+                bored: t.details.iambored.is_some(),
+                added: t.metrics.added.clone(),
+            })
+            .collect();
         let registry = Arc::new(Registry::new(types));
         let (events_tx, events_rx) = mpsc::channel(EVENTS_MAX);
-        let inbox = Arc::new(Inbox::new(events_tx, Arc::clone(&registry)));
+        let inbox = Arc::new(Inbox::new(
+            events_tx,
+            registry.index.clone(),
+            inbox_types,
+            metrics.clone(),
+        ));
         let (record_tx, record_rx) = mpsc::channel(RECORD_QUEUE_MAX);
         let (counts_tx, counts_rx) = watch::channel(RunningCounts::default());
-        let client = Client {
-            db: self.db.clone(),
-            clock: Arc::clone(&self.clock),
-            added_by: machine,
-            notify: self.config.notify,
-        };
-        let follow_wake = Arc::new(Notify::new());
-        let fatal = CancellationToken::new();
-        let recorder = Recorder {
-            rx: record_rx,
-            store: store.clone(),
-            clock: Arc::clone(&self.clock),
+        let client = Client::of_node(
+            self.db.clone(),
+            Arc::clone(&self.clock),
             machine,
-            host_and_port: self.config.host_and_port.clone(),
-            notify: self.config.notify,
-            batch_max: self.config.record_batch_max,
-            cluster_limited,
-            fatal: fatal.clone(),
-            followers: registry.follows(None).then(|| Arc::clone(&follow_wake)),
-        };
-        let run_env = Arc::new(RunEnv {
+            self.config.notify,
+            Arc::clone(&inbox),
+        );
+        let follow_wake = FollowWake::new(follows_from);
+        let pace = Arc::new(PollPace::new(
+            self.config.poll_interval,
+            self.config.poll_interval_unhealthy,
+        ));
+        let wake_heartbeat = Arc::new(Notify::new());
+        let config = self.config;
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            db: self.db.clone(),
+            store: store.clone(),
+            machine,
+            config: config.clone(),
+            clock: Arc::clone(&self.clock),
+            budget,
             registry: Arc::clone(&registry),
             inbox: Arc::clone(&inbox),
-            recorder: record_tx,
-            db: self.db.clone(),
-            store: store.clone(),
-            clock: Arc::clone(&self.clock),
-            machine,
-        });
-        let shared = Arc::new(Shared {
-            client,
-            db: self.db,
-            store,
-            machine,
-            config: self.config,
-            clock: self.clock,
-            budget,
-            registry,
-            inbox,
-            notify_healthy: AtomicBool::new(false),
-            wake_heartbeat: Notify::new(),
-            follow_wake,
-            flags,
-            metrics,
+            flags: Arc::clone(&flags),
+            metrics: metrics.clone(),
             tracker: TaskTracker::new(),
             runs: TaskTracker::new(),
             stop: CancellationToken::new(),
             stop_liveness: CancellationToken::new(),
-            fatal,
+            fatal: CancellationToken::new(),
             done: CancellationToken::new(),
             cause: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             unregistered: AtomicBool::new(false),
             counts: counts_rx,
         });
+        let supervisor: Arc<dyn Supervisor> = Arc::clone(&shared) as Arc<dyn Supervisor>;
+        let tracker = &shared.tracker;
+        let run_env = Arc::new(RunEnv {
+            registry: Arc::clone(&registry),
+            inbox: Arc::clone(&inbox),
+            recorder: record_tx,
+            db: self.db.clone(),
+            clock: Arc::clone(&self.clock),
+            machine,
+        });
         let scheduler = Scheduler::new(
-            Arc::clone(&shared),
+            Arc::new(SchedulerEnv {
+                db: self.db.clone(),
+                store: store.clone(),
+                machine,
+                host_and_port: config.host_and_port.clone(),
+                clock: Arc::clone(&self.clock),
+                budget,
+                registry: Arc::clone(&registry),
+                inbox: Arc::clone(&inbox),
+                pace: Arc::clone(&pace),
+                flags: Arc::clone(&flags),
+                metrics: metrics.clone(),
+                client: client.clone(),
+                supervisor: Arc::clone(&supervisor),
+                view_max_per_type: config.view_max_per_type,
+                preempt_bid_window: config.preempt_bid_window,
+                jobs: shared.tracker.clone(),
+                runs: shared.runs.clone(),
+                fatal: shared.fatal.clone(),
+            }),
             run_env,
             events_rx,
             counts_tx,
+            SchedConfig::from_engine(&config),
             downstream,
         );
-        shared.tracker.spawn(scheduler.run(shared.stop.clone()));
-        shared.tracker.spawn(recorder.run(shared.stop.clone()));
-        shared.tracker.spawn(
+        tracker.spawn(scheduler.run(shared.stop.clone()));
+        tracker.spawn(
+            Recorder {
+                rx: record_rx,
+                store: store.clone(),
+                clock: Arc::clone(&self.clock),
+                machine,
+                host_and_port: config.host_and_port.clone(),
+                notify: config.notify,
+                batch_max: config.record_batch_max,
+                cluster_limited,
+                singletons,
+                fatal: shared.fatal.clone(),
+                followers: follow_wake.clone(),
+                registry: Arc::clone(&registry),
+                inbox: Arc::clone(&inbox),
+            }
+            .run(shared.stop.clone()),
+        );
+        tracker.spawn(
             Heartbeat {
-                shared: Arc::clone(&shared),
+                store: store.clone(),
+                machine,
+                interval: config.heartbeat_interval,
+                wake: Arc::clone(&wake_heartbeat),
+                flags: Arc::clone(&flags),
+                inbox: Arc::clone(&inbox),
+                supervisor: Arc::clone(&supervisor),
             }
             .run(shared.stop_liveness.clone()),
         );
-        shared.tracker.spawn(
+        tracker.spawn(
             Reaper {
-                shared: Arc::clone(&shared),
+                store: store.clone(),
+                machine,
+                interval: config.reaper_interval,
+                dead_after: config.dead_after,
+                notify: config.notify,
+                metrics: metrics.clone(),
+                inbox: Arc::clone(&inbox),
             }
             .run(shared.stop_liveness.clone()),
         );
-        if shared.config.notify {
-            shared.tracker.spawn(
+        if config.notify {
+            tracker.spawn(
                 Listener {
-                    shared: Arc::clone(&shared),
+                    db: self.db.clone(),
+                    machine,
+                    inbox: Arc::clone(&inbox),
+                    pace: Arc::clone(&pace),
+                    change_check_interval: config.change_check_interval,
+                    wake_heartbeat,
+                    followers: follow_wake.clone(),
                 }
                 .run(shared.stop_liveness.clone()),
             );
         }
-        shared.tracker.spawn(
+        tracker.spawn(
             crate::retention::Pruner {
-                store: shared.store.clone(),
-                clock: Arc::clone(&shared.clock),
+                store: store.clone(),
+                clock: Arc::clone(&self.clock),
                 rule: crate::retention::PruneRule {
-                    older_than: shared.config.history_keep,
-                    keep_per_type: shared.config.history_keep_per_type,
+                    older_than: config.history_keep,
+                    keep_per_type: config.history_keep_per_type,
                     name: None,
                 },
-                holder: format!(
-                    "machine {} ({})",
-                    shared.machine, shared.config.host_and_port
-                ),
-                interval: shared.config.prune_interval,
-                batch_max: shared.config.prune_batch_max,
+                holder: format!("machine {} ({})", machine, config.host_and_port),
+                interval: config.prune_interval,
+                batch_max: config.prune_batch_max,
             }
             .run(shared.stop_liveness.clone()),
         );
-        shared.tracker.spawn(
+        tracker.spawn(
             Followers {
-                shared: Arc::clone(&shared),
+                db: self.db,
+                registry: Arc::clone(&registry),
+                clock: self.clock,
+                machine,
+                notify: config.notify,
+                pace,
+                wake: follow_wake,
+                client: client.clone(),
             }
             .run(shared.stop_liveness.clone()),
         );
-        let engine = Engine { shared };
-        for entry in &engine.shared.registry.types {
-            entry.task.adder(TaskAdder {
-                engine: engine.clone(),
-                name: entry.name.to_string(),
-            });
+        for entry in &registry.types {
+            entry
+                .task
+                .adder(TaskAdder::new(client.clone(), entry.name.to_string()));
         }
-        Ok(engine)
+        Ok(Engine { shared })
     }
 }
 
@@ -821,10 +631,7 @@ impl Engine {
         Fut: Future<Output = harmonydb::Result<bool>> + Send,
     {
         let added = self.shared.client.add(name, previous, extra).await?;
-        Ok(added.map(|c| {
-            self.shared.notify_added(name, vec![c.clone()]);
-            c.id
-        }))
+        Ok(added.map(|c| c.id))
     }
 
     /// Adds a task with arguments (stored in `harmony_task_args`).
@@ -833,11 +640,7 @@ impl Engine {
         name: &str,
         args: &[(String, String)],
     ) -> Result<Option<TaskId>> {
-        let added = self.shared.client.add_with_args(name, args).await?;
-        Ok(added.map(|c| {
-            self.shared.notify_added(name, vec![c.clone()]);
-            c.id
-        }))
+        self.shared.client.add_task_with_args(name, args).await
     }
 
     /// Adds `count` tasks of one type in one transaction (one insert statement); `extra` gets
@@ -848,26 +651,18 @@ impl Engine {
         Fut: Future<Output = harmonydb::Result<bool>> + Send,
     {
         let added = self.shared.client.add_many(name, count, extra).await?;
-        let ids = added.iter().map(|c| c.id).collect();
-        if !added.is_empty() {
-            self.shared.notify_added(name, added);
-        }
-        Ok(ids)
+        Ok(added.iter().map(|c| c.id).collect())
     }
 
     /// Re-queues a permanently failed task with its original id and posted time.
     pub async fn restart_task(&self, id: TaskId) -> Result<()> {
-        let (name, c) = self.shared.client.restart(id).await?;
-        self.shared.notify_added(&name, vec![c]);
-        Ok(())
+        self.shared.client.restart_task(id).await
     }
 
     /// Asks a singleton type to run now (see [`Client::run_now`]); this node acts on it at
     /// once when it runs the type, whatever the backend.
     pub async fn run_now(&self, name: &str) -> Result<()> {
-        self.shared.client.run_now(name).await?;
-        self.shared.run_now(name);
-        Ok(())
+        self.shared.client.run_now(name).await
     }
 
     /// Registers a callback run after each successful completion of a type.
@@ -897,7 +692,7 @@ impl Engine {
 
     /// Polls the database now instead of at the next interval.
     pub fn poll_now(&self) {
-        self.shared.request_poll();
+        self.shared.inbox.request_poll();
     }
 
     /// Waits until the engine has stopped: `Ok` after a graceful shutdown, an error when it

@@ -17,15 +17,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use harmonydb::{Timestamp, Tx, TxOptions};
-use tokio_util::sync::CancellationToken;
+use harmonydb::{Timestamp, Tx};
+use tokio::sync::Notify;
 
-use crate::backoff::Backoff;
-use crate::engine::Shared;
-use crate::store::{Candidate, NewTask, Store};
-use crate::task::{MachineId, TaskId, validate_name};
+use crate::model::{Candidate, MachineId, TaskId};
+use crate::name::validate_name;
+use crate::store::{NewTask, Store};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -69,20 +67,20 @@ impl Follow {
     }
 }
 
-struct AddShared {
-    tx: Tx,
-    own_type: String,
-    added_by: MachineId,
-    posted: Timestamp,
-    notify: bool,
-    added: Mutex<Vec<(String, Candidate)>>,
+pub(crate) struct AddShared {
+    pub(crate) tx: Tx,
+    pub(crate) own_type: String,
+    pub(crate) added_by: MachineId,
+    pub(crate) posted: Timestamp,
+    pub(crate) notify: bool,
+    pub(crate) added: Mutex<Vec<(String, Candidate)>>,
 }
 
 /// Adds follow-up tasks inside the transaction that consumes the completion.
 #[derive(Clone)]
 pub struct FollowAdd {
-    inner: Arc<AddShared>,
-    previous: TaskId,
+    pub(crate) inner: Arc<AddShared>,
+    pub(crate) previous: TaskId,
 }
 
 impl FollowAdd {
@@ -126,112 +124,33 @@ impl FollowAdd {
     }
 }
 
-/// First wait before retrying failed follow-ups.
-const FOLLOW_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest wait between retries of failed follow-ups.
-const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// Most queued follow-ups consumed per transaction.
-const FOLLOW_BATCH_MAX: usize = 100;
-
-/// The follower loop of one node: all pairs whose `to_type` runs here.
-pub(crate) struct Followers {
-    pub shared: Arc<Shared>,
+/// Wakes the follower loop when a completion of a type that a local type follows was queued
+/// (by this node's recorder, or hinted by another node).
+#[derive(Clone, Default)]
+pub(crate) struct FollowWake {
+    notify: Arc<Notify>,
+    /// The types local types follow.
+    from: Arc<[String]>,
 }
 
-struct Pair {
-    from: String,
-    to: usize,
-    make: FollowMake,
-}
-
-impl Followers {
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
-        let s = &self.shared;
-        let pairs: Vec<Pair> = s
-            .registry
-            .types
-            .iter()
-            .enumerate()
-            .flat_map(|(to, e)| {
-                e.details.follows.iter().map(move |f| Pair {
-                    from: f.from.clone(),
-                    to,
-                    make: Arc::clone(&f.make),
-                })
-            })
-            .collect();
-        if pairs.is_empty() {
-            return;
-        }
-        let mut backoff = Backoff::new(FOLLOW_BACKOFF_INITIAL, FOLLOW_BACKOFF_MAX);
-        loop {
-            let mut failed = false;
-            for p in &pairs {
-                loop {
-                    match self.consume(p).await {
-                        Ok(n) if n >= FOLLOW_BATCH_MAX => continue,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(from = %p.from, to = %s.registry.types[p.to].name, error = %e, "follow-up failed; will retry");
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
-            }
-            let wait = if failed {
-                backoff.next_wait()
-            } else {
-                backoff.reset();
-                s.poll_interval()
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = s.follow_wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-            }
+impl FollowWake {
+    /// A wake for local types following `from`.
+    pub(crate) fn new(from: Vec<String>) -> Self {
+        FollowWake {
+            notify: Arc::new(Notify::new()),
+            from: from.into(),
         }
     }
 
-    /// Consumes up to a batch of queued follow-ups of one pair in one transaction.
-    async fn consume(&self, p: &Pair) -> crate::Result<usize> {
-        let s = &self.shared;
-        let to_name = s.registry.types[p.to].name.to_string();
-        let posted = s.clock.now();
-        let (from, to, make) = (&p.from, &to_name, &p.make);
-        let done =
-            s.db.transaction_with(TxOptions::retry(), |tx| async move {
-                let queued = Store::follow_take(&tx, from, to, FOLLOW_BATCH_MAX).await?;
-                if queued.is_empty() {
-                    return Ok(Some((0, Vec::new())));
-                }
-                let shared = Arc::new(AddShared {
-                    tx,
-                    own_type: to.clone(),
-                    added_by: s.machine,
-                    posted,
-                    notify: s.config.notify,
-                    added: Mutex::new(Vec::new()),
-                });
-                for q in &queued {
-                    let add = FollowAdd {
-                        inner: Arc::clone(&shared),
-                        previous: TaskId(q.task_id),
-                    };
-                    make(TaskId(q.task_id), add).await?;
-                }
-                let ids: Vec<i64> = queued.iter().map(|q| q.id).collect();
-                let last_history = queued.iter().map(|q| q.history_id).max().unwrap_or(0);
-                Store::follow_done(&shared.tx, from, to, &ids, last_history).await?;
-                let added = shared.added.lock().map(|a| a.clone()).unwrap_or_default();
-                Ok(Some((queued.len(), added)))
-            })
-            .await?;
-        let (n, added) = done.unwrap_or_default();
-        for (name, c) in added {
-            s.notify_added(&name, vec![c]);
+    /// Wakes the loop when a local type follows `from` (any type for `None`).
+    pub(crate) fn wake(&self, from: Option<&str>) {
+        if self.from.iter().any(|f| from.is_none_or(|n| f == n)) {
+            self.notify.notify_one();
         }
-        Ok(n)
+    }
+
+    /// Waits for a wake.
+    pub(crate) async fn woken(&self) {
+        self.notify.notified().await;
     }
 }

@@ -30,17 +30,22 @@
 
 mod admin;
 mod backoff;
+mod client;
 pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod follow;
+mod follower;
 pub mod graph;
 mod hint;
+mod lifecycle;
 mod machine;
 pub mod metrics;
 pub mod model;
+mod name;
 mod notify;
+mod ownership;
 mod recorder;
 mod registry;
 pub mod resources;
@@ -56,9 +61,10 @@ pub mod task;
 
 pub use admin::Admin;
 pub use async_trait::async_trait;
+pub use client::{Client, TaskAdder};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
-pub use engine::{Client, CompleteCallback, Engine, EngineBuilder, TaskAdder};
+pub use engine::{CompleteCallback, Engine, EngineBuilder};
 pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
 pub use model::{

@@ -140,10 +140,10 @@ impl EngineMetrics {
     }
 
     /// Added counter of a type not registered on this node.
-    pub(crate) fn added_other(&self, name: &str) {
+    pub(crate) fn added_other(&self, name: &str, n: u64) {
         self.added
             .get_or_create(&[("task_type", name.to_owned())])
-            .inc();
+            .inc_by(n);
     }
 }
 

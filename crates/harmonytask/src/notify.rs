@@ -18,16 +18,19 @@
 //! (0 for a client), so a node ignores its own hints.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use harmonydb::Db;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::engine::Shared;
+use crate::follow::FollowWake;
 pub(crate) use crate::hint::{CHANNEL, Hint};
-use crate::model::Candidate;
-use crate::scheduler::Event;
+use crate::model::{Candidate, MachineId};
+use crate::scheduler::inbox::Inbox;
+use crate::scheduler::state::Event;
 
 /// How long a notification connection must stay up for its loss to reset the reconnect backoff.
 const LISTEN_STABLE: Duration = Duration::from_secs(10);
@@ -37,22 +40,63 @@ const RECONNECT_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 /// Longest wait between reconnection attempts of the listener.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// Receives hints and turns them into scheduler events.
+/// The safety-net poll interval, which depends on whether notifications are flowing. The
+/// listener sets it; the scheduler and the follower loop read it.
+pub(crate) struct PollPace {
+    healthy: AtomicBool,
+    interval: Duration,
+    interval_unhealthy: Duration,
+}
+
+impl PollPace {
+    /// Starts unhealthy (polling fast) until the listener is up.
+    pub(crate) fn new(interval: Duration, interval_unhealthy: Duration) -> Self {
+        PollPace {
+            healthy: AtomicBool::new(false),
+            interval,
+            interval_unhealthy,
+        }
+    }
+
+    /// Sets the health; whether it changed.
+    pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::AcqRel) != healthy
+    }
+
+    /// The safety-net poll interval in force now.
+    pub(crate) fn interval(&self) -> Duration {
+        if self.healthy.load(Ordering::Acquire) {
+            self.interval
+        } else {
+            self.interval_unhealthy
+        }
+    }
+}
+
+/// Receives hints and turns them into scheduler events, with only what it uses.
 pub(crate) struct Listener {
-    pub shared: Arc<Shared>,
+    pub db: Db,
+    pub machine: MachineId,
+    pub inbox: Arc<Inbox>,
+    pub pace: Arc<PollPace>,
+    /// How often SQLite's `data_version` is read.
+    pub change_check_interval: Duration,
+    /// Wakes the heartbeat (operator flags may have changed).
+    pub wake_heartbeat: Arc<Notify>,
+    pub followers: FollowWake,
 }
 
 impl Listener {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
-        let s = &self.shared;
+        let s = &self;
         let mut backoff = Backoff::new(RECONNECT_BACKOFF_INITIAL, RECONNECT_BACKOFF_MAX);
         loop {
             let failed = match s.db.listen(&[CHANNEL]).await {
                 Ok(Some(mut listener)) => {
                     let connected = std::time::Instant::now();
-                    s.set_notify_healthy(true);
+                    s.set_healthy(true);
                     // Whatever was sent while we were not listening is found by a poll.
-                    s.request_poll();
+                    s.inbox.request_poll();
                     let mut dropped = 0;
                     loop {
                         let n = tokio::select! {
@@ -62,7 +106,7 @@ impl Listener {
                         let Some(n) = n else { break };
                         if listener.dropped() != dropped {
                             dropped = listener.dropped();
-                            s.request_poll();
+                            s.inbox.request_poll();
                         }
                         if let Some((hint, from)) = Hint::parse(&n.payload)
                             && from != s.machine
@@ -70,7 +114,7 @@ impl Listener {
                             self.handle(hint).await;
                         }
                     }
-                    s.set_notify_healthy(false);
+                    s.set_healthy(false);
                     // A connection that stayed up a while resets the backoff; one that keeps
                     // dying at once (a killed or refused session) backs off further.
                     if connected.elapsed() >= LISTEN_STABLE {
@@ -78,7 +122,7 @@ impl Listener {
                     }
                     tracing::warn!(
                         "notification connection lost; polling every {:?} until it is back",
-                        s.config.poll_interval_unhealthy
+                        s.pace.interval_unhealthy
                     );
                     None
                 }
@@ -87,7 +131,7 @@ impl Listener {
                     return;
                 }
                 Err(e) => {
-                    s.set_notify_healthy(false);
+                    s.set_healthy(false);
                     Some(e)
                 }
             };
@@ -103,13 +147,13 @@ impl Listener {
     }
 
     async fn handle(&self, hint: Hint) {
-        let s = &self.shared;
+        let s = self;
         match hint {
             Hint::Added {
                 name,
                 task: Some((id, posted)),
             } => {
-                if let Some(&ty) = s.registry.index.get(&name) {
+                if let Some(ty) = s.inbox.type_index(&name) {
                     let c = Candidate {
                         id,
                         posted,
@@ -119,22 +163,24 @@ impl Listener {
                     s.inbox.offer(Event::Added { ty, tasks: vec![c] });
                 }
             }
-            Hint::Added { name, task: None } | Hint::Released { name } => s.wake_type(&name),
-            Hint::Follow { from } => s.wake_followers(Some(&from)),
-            Hint::RunNow { name } => s.run_now(&name),
+            Hint::Added { name, task: None } | Hint::Released { name } => {
+                s.inbox.wake_type(&name);
+            }
+            Hint::Follow { from } => s.followers.wake(Some(&from)),
+            Hint::RunNow { name } => s.inbox.run_now(&name),
             Hint::Machines => {
                 s.wake_heartbeat.notify_one();
-                s.request_poll();
+                s.inbox.request_poll();
             }
         }
     }
 
     /// SQLite: poll when another connection committed.
     async fn watch_sqlite(&self, shutdown: &CancellationToken) {
-        let s = &self.shared;
-        s.set_notify_healthy(true);
+        let s = self;
+        s.set_healthy(true);
         let mut last: Option<i64> = None;
-        let mut tick = tokio::time::interval(s.config.change_check_interval);
+        let mut tick = tokio::time::interval(s.change_check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -146,12 +192,12 @@ impl Listener {
                     if last.is_none() {
                         // Commits before this first reading are not detected as changes: look
                         // once now that the baseline is set.
-                        s.request_poll();
-                        s.wake_followers(None);
+                        s.inbox.request_poll();
+                        s.followers.wake(None);
                     }
                     if last.is_some_and(|l| l != v) {
-                        s.request_poll();
-                        s.wake_followers(None);
+                        s.inbox.request_poll();
+                        s.followers.wake(None);
                         s.wake_heartbeat.notify_one();
                     }
                     last = Some(v);
@@ -163,19 +209,12 @@ impl Listener {
     }
 }
 
-impl Shared {
-    pub(crate) fn set_notify_healthy(&self, healthy: bool) {
-        if self.notify_healthy.swap(healthy, Ordering::AcqRel) != healthy {
-            self.nudge();
-        }
-    }
-
-    /// The safety-net poll interval in force now.
-    pub(crate) fn poll_interval(&self) -> Duration {
-        if self.notify_healthy.load(Ordering::Acquire) {
-            self.config.poll_interval
-        } else {
-            self.config.poll_interval_unhealthy
+impl Listener {
+    /// Records whether notifications flow; a change wakes the scheduler, whose poll interval
+    /// depends on it.
+    fn set_healthy(&self, healthy: bool) {
+        if self.pace.set_healthy(healthy) {
+            self.inbox.nudge();
         }
     }
 }

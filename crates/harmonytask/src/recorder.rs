@@ -1,41 +1,50 @@
-//! Records attempt outcomes, many per transaction.
+//! Records attempt outcomes, many per transaction, and acts on what the commit decided.
 //!
-//! Each finished attempt sends its [`Outcome`] here and waits for the verdict. The recorder
-//! takes everything that has queued up (up to `record_batch_max`) and records it in one
-//! transaction through [`Store::task_record`], fenced by `owner_id = this machine`: batching
-//! comes for free under load (while one transaction commits, the next batch gathers) and costs
-//! nothing when idle (a lone outcome is recorded at once).
+//! Each finished attempt sends its [`Outcome`] here and waits until it is recorded. The
+//! recorder takes everything that has queued up (up to `record_batch_max`) and records it in
+//! one transaction through [`Store::task_record`], fenced by `owner_id = this machine`:
+//! batching comes for free under load (while one transaction commits, the next batch gathers)
+//! and costs nothing when idle (a lone outcome is recorded at once).
+//!
+//! The record path runs one way: runner → recorder → scheduler. Only the commit knows which
+//! outcomes applied (the fence held), so the recorder alone tells the scheduler which tasks
+//! were released (with the `update_time` the commit wrote), asks for a singleton's run-now
+//! when the same transaction found one pending, runs the completion callbacks and wakes the
+//! follower loop. An outcome whose fence failed is counted and dropped.
 //!
 //! Transient database errors are retried with capped backoff until the batch is recorded; the
 //! scheduler never waits on this loop, because resources are freed when `run` returns.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use harmonydb::Timestamp;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::clock::Clock;
+use crate::follow::FollowWake;
+use crate::model::{Candidate, Fate, MachineId, Outcome, TaskId};
+use crate::registry::Registry;
+use crate::scheduler::inbox::Inbox;
+use crate::scheduler::state::Event;
 use crate::store::prelude::*;
-use crate::store::{Outcome, RecordBatch, Store};
-use crate::task::MachineId;
+use crate::store::{RecordBatch, Store};
 
-/// What happened to one outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Recorded; the history row's id.
-    Applied(i64),
-    /// Discarded: the task was no longer owned by this machine.
-    FencedOut,
-    /// Not recorded: the engine stopped first (its row is released at shutdown, or belongs to
-    /// other nodes after a fence).
-    Abandoned,
-}
-
+/// One finished attempt, to record.
 pub(crate) struct Request {
+    /// The task's type (registry index).
+    pub ty: usize,
+    /// Failed attempts before this one.
+    pub retries: u32,
     pub outcome: Outcome,
-    pub reply: oneshot::Sender<Verdict>,
+    /// What the attempt set with `RunContext::set_meta`, for the completion callbacks.
+    pub meta: HashMap<String, String>,
+    /// Answered once the outcome is recorded, discarded by its fence, or abandoned because
+    /// the engine stopped: the attempt ends then.
+    pub reply: oneshot::Sender<()>,
 }
 
 /// First wait before retrying a failed batch.
@@ -55,11 +64,15 @@ pub(crate) struct Recorder {
     pub batch_max: usize,
     /// Types with a cluster-wide limit (their completions are hinted).
     pub cluster_limited: Vec<String>,
+    /// Local singleton types (their run-now requests are read in the record transaction).
+    pub singletons: Vec<String>,
     /// Fired on a fatal error: outcomes are abandoned.
     pub fatal: CancellationToken,
-    /// Wakes the follower loop after completions that queued follow-ups (`None` when no local
-    /// type follows anything).
-    pub followers: Option<Arc<Notify>>,
+    /// Wakes the follower loop after completions that queued follow-ups.
+    pub followers: FollowWake,
+    pub registry: Arc<Registry>,
+    /// Told what was released and which run-now requests are pending.
+    pub inbox: Arc<Inbox>,
 }
 
 impl Recorder {
@@ -88,15 +101,21 @@ impl Recorder {
         // A failed try may have committed anyway (its reply lost): before the next one, find
         // the outcomes it recorded, so that no attempt is recorded twice.
         let mut uncertain = false;
+        // The `update_time` the last try wrote to released rows.
+        let mut last_now = s.clock.now();
         loop {
             if s.fatal.is_cancelled() {
+                tracing::debug!(
+                    outcomes = batch.len(),
+                    "outcomes not recorded: the engine stopped first"
+                );
                 for r in batch.drain(..) {
-                    let _ = r.reply.send(Verdict::Abandoned);
+                    let _ = r.reply.send(());
                 }
                 return;
             }
             if uncertain {
-                match s.take_recorded(batch).await {
+                match s.take_recorded(batch, last_now).await {
                     Ok(0) => {}
                     Ok(_) => {
                         outcomes = batch.iter().map(|r| r.outcome.clone()).collect();
@@ -115,32 +134,38 @@ impl Recorder {
                     }
                 }
             }
+            last_now = s.clock.now();
             let b = RecordBatch {
                 notify: s.notify,
                 cluster_limited: &s.cluster_limited,
                 owner: s.machine,
                 host_and_port: &s.host_and_port,
-                now: s.clock.now(),
+                now: last_now,
                 outcomes: &outcomes,
+                singletons: &s.singletons,
             };
             let t0 = std::time::Instant::now();
             let result = s.store.task_record(&b).await;
             tracing::debug!(outcomes = outcomes.len(), took = ?t0.elapsed(), "record batch");
             match result {
                 Ok(recorded) => {
-                    if !recorded.followed.is_empty()
-                        && let Some(f) = &s.followers
-                    {
-                        f.notify_one();
+                    for from in &recorded.followed {
+                        s.followers.wake(Some(from));
                     }
                     // A task appears at most once per batch: it is released only by recording.
-                    let applied: std::collections::HashMap<_, _> =
-                        recorded.applied.into_iter().collect();
+                    let applied: HashSet<TaskId> =
+                        recorded.applied.iter().map(|(id, _)| *id).collect();
                     for r in batch.drain(..) {
-                        let verdict = applied
-                            .get(&r.outcome.id)
-                            .map_or(Verdict::FencedOut, |h| Verdict::Applied(*h));
-                        let _ = r.reply.send(verdict);
+                        if applied.contains(&r.outcome.id) {
+                            s.applied(&r, b.now).await;
+                        } else {
+                            s.registry.types[r.ty].metrics.fenced_out.inc();
+                            tracing::warn!(task = %r.outcome.id, task_type = %r.outcome.name, "outcome discarded: another node owns this task now");
+                        }
+                        let _ = r.reply.send(());
+                    }
+                    for name in &recorded.run_now {
+                        s.inbox.run_now(name);
                     }
                     return;
                 }
@@ -157,9 +182,39 @@ impl Recorder {
         }
     }
 
-    /// Answers, and removes from `batch`, the outcomes whose history row exists: an earlier
-    /// try committed them. Returns how many.
-    async fn take_recorded(&self, batch: &mut Vec<Request>) -> crate::Result<usize> {
+    /// What an applied outcome means for this node: a released task is offered to the
+    /// scheduler again (with the `update_time` its row got, `now`, from which its retry wait
+    /// counts); a completion runs the type's callbacks.
+    async fn applied(&self, r: &Request, now: Timestamp) {
+        let o = &r.outcome;
+        match o.fate {
+            Fate::Done => self.registry.task_completed(r.ty, o.id, &r.meta),
+            Fate::Retry | Fate::Release => {
+                let retries = if o.fate == Fate::Retry {
+                    r.retries + 1
+                } else {
+                    r.retries
+                };
+                let task = Candidate {
+                    id: o.id,
+                    posted: o.posted,
+                    updated: now,
+                    retries,
+                };
+                self.inbox.send(Event::Released { ty: r.ty, task }).await;
+            }
+            Fate::Fail => {}
+        }
+    }
+
+    /// Acts on, answers and removes from `batch` the outcomes whose history row exists: an
+    /// earlier try (which wrote `now`) committed them. Returns how many. A run-now request of
+    /// a singleton they ended is found by the scheduler's next poll.
+    async fn take_recorded(
+        &self,
+        batch: &mut Vec<Request>,
+        now: Timestamp,
+    ) -> crate::Result<usize> {
         let mut taken = 0;
         let mut i = 0;
         while i < batch.len() {
@@ -169,9 +224,10 @@ impl Recorder {
                 .history_of_attempt(o.id, o.work_start, o.work_end, &self.host_and_port)
                 .await?;
             match found {
-                Some(history_id) => {
+                Some(_history_id) => {
                     let r = batch.swap_remove(i);
-                    let _ = r.reply.send(Verdict::Applied(history_id));
+                    self.applied(&r, now).await;
+                    let _ = r.reply.send(());
                     taken += 1;
                 }
                 None => i += 1,

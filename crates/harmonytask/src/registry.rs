@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use crate::machine::Ownership;
 use crate::metrics::TypeMetrics;
+use crate::ownership::Ownership;
 use crate::task::{Task, TaskId, TypeDetails};
 
 /// Called after a task of the type completed successfully and its completion committed, with
@@ -50,16 +50,6 @@ impl Registry {
             index,
             callbacks: RwLock::new(HashMap::new()),
         }
-    }
-
-    /// Whether a local type follows `from` (any type for `None`).
-    pub(crate) fn follows(&self, from: Option<&str>) -> bool {
-        self.types.iter().any(|t| {
-            t.details
-                .follows
-                .iter()
-                .any(|f| from.is_none_or(|n| f.from == n))
-        })
     }
 
     /// Adds a completion callback; `false` when the lock was poisoned.

@@ -1,6 +1,8 @@
 //! One attempt of one task, on its own tokio task: run it (catching panics, enforcing the
 //! per-attempt timeout, honouring cancellation), give its resources back to the scheduler the
-//! moment it returns, then have the outcome recorded and act on the verdict.
+//! moment it returns, then hand the outcome to the recorder and wait until it is recorded.
+//! What the record means for the scheduler (released, run-now) the recorder says: the path
+//! runs one way.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -12,11 +14,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::recorder::{Request, Verdict};
+use crate::model::{AttemptResult, Candidate, Fate, MachineId, Outcome};
+use crate::recorder::Request;
 use crate::registry::Registry;
-use crate::scheduler::{Event, Inbox, StopReason};
-use crate::store::{AttemptResult, Candidate, Fate, Outcome, Store};
-use crate::task::{Done, MachineId, RunContext, TaskError};
+use crate::scheduler::inbox::Inbox;
+use crate::scheduler::state::{Event, StopReason};
+use crate::task::{Done, RunContext, TaskError};
 
 /// The scheduler's handle on a running attempt.
 #[derive(Clone)]
@@ -58,14 +61,13 @@ enum Attempt {
     TimedOut(std::time::Duration),
 }
 
-/// What an attempt needs: the registered types, the scheduler's inbox (resources freed, tasks
-/// released, run-now), the recorder, the database and the clock. Nothing else of the engine.
+/// What an attempt needs: the registered types, the scheduler's inbox (resources freed), the
+/// recorder, the database and the clock. Nothing else of the engine.
 pub(crate) struct RunEnv {
     pub registry: Arc<Registry>,
     pub inbox: Arc<Inbox>,
     pub recorder: mpsc::Sender<Request>,
     pub db: Db,
-    pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub machine: MachineId,
 }
@@ -153,61 +155,18 @@ pub(crate) async fn run_one(shared: Arc<RunEnv>, ty: usize, cand: Candidate, han
         fate,
         err,
     };
-    let (reply, verdict) = oneshot::channel();
-    if shared
-        .recorder
-        .send(Request { outcome, reply })
-        .await
-        .is_err()
-    {
-        return;
-    }
-    match verdict.await.unwrap_or(Verdict::Abandoned) {
-        Verdict::Applied(_history_id) => match fate {
-            Fate::Done | Fate::Fail if entry.is_singleton() => {
-                // A run-now request that arrived while this one ran or waited is served now.
-                if fate == Fate::Done {
-                    let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
-                    shared.registry.task_completed(ty, cand.id, &meta);
-                }
-                match shared.store.singleton_get(&entry.name).await {
-                    Ok(Some((_, _, true))) => shared.inbox.run_now(&entry.name),
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "reading the run-now flag failed"),
-                }
-            }
-            Fate::Done => {
-                let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
-                shared.registry.task_completed(ty, cand.id, &meta);
-            }
-            Fate::Retry | Fate::Release => {
-                let retries = if fate == Fate::Retry {
-                    cand.retries + 1
-                } else {
-                    cand.retries
-                };
-                shared
-                    .inbox
-                    .send(Event::Released {
-                        ty,
-                        task: Candidate {
-                            id: cand.id,
-                            posted: cand.posted,
-                            updated: work_end,
-                            retries,
-                        },
-                    })
-                    .await;
-            }
-            Fate::Fail => {}
-        },
-        Verdict::FencedOut => {
-            entry.metrics.fenced_out.inc();
-            tracing::warn!(task = %cand.id, task_type = %entry.name, "outcome discarded: another node owns this task now");
-        }
-        Verdict::Abandoned => {
-            tracing::debug!(task = %cand.id, "outcome not recorded: the engine stopped first");
-        }
+    let meta = meta.lock().map(|m| m.clone()).unwrap_or_default();
+    let (reply, recorded) = oneshot::channel();
+    let request = Request {
+        ty,
+        retries: cand.retries,
+        outcome,
+        meta,
+        reply,
+    };
+    if shared.recorder.send(request).await.is_ok() {
+        // Recorded, discarded by its fence or abandoned: the recorder has acted on it.
+        let _ = recorded.await;
     }
 }
 

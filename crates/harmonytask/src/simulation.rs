@@ -769,6 +769,7 @@ impl Sim {
                 host_and_port: &node.host,
                 now: self.clock.now(),
                 outcomes: std::slice::from_ref(&outcome),
+                singletons: &[],
             })
             .await
             .map_err(|e| format!("record: {e}"))?;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result, TypeError};
 pub use crate::model::{MachineId, RetryWait, TaskId};
+pub use crate::name::{TASK_NAME_MAX, validate_name};
 use crate::resources::Resources;
 
 /// What a finished attempt says: `Done(true)` ends the task; `Done(false)` is a failed
@@ -236,31 +237,6 @@ impl TypeDetails {
     }
 }
 
-/// Longest task type name (a `VARCHAR(16)` column upstream).
-pub const TASK_NAME_MAX: usize = 16;
-
-/// Checks a task type name: 1–16 characters of `[A-Za-z0-9_:]`.
-pub fn validate_name(name: &str) -> Result<()> {
-    if name.is_empty() {
-        return Err(Error::InvalidName("task type name is empty".into()));
-    }
-    if name.chars().count() > TASK_NAME_MAX {
-        return Err(Error::InvalidName(format!(
-            "task type name {name:?} is {} characters long; the limit is {TASK_NAME_MAX}",
-            name.chars().count()
-        )));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == ':'))
-    {
-        return Err(Error::InvalidName(format!(
-            "task type name {name:?} contains {bad:?}; use only A-Z, a-z, 0-9, _ and :"
-        )));
-    }
-    Ok(())
-}
-
 /// What a running task can ask of the engine.
 #[derive(Clone)]
 pub struct RunContext {
@@ -269,7 +245,7 @@ pub struct RunContext {
     pub(crate) retries: u32,
     pub(crate) db: Db,
     pub(crate) cancel: CancellationToken,
-    pub(crate) ownership: Arc<crate::machine::Ownership>,
+    pub(crate) ownership: Arc<crate::ownership::Ownership>,
     pub(crate) meta: Arc<std::sync::Mutex<HashMap<String, String>>>,
     pub(crate) machine: MachineId,
     /// The last transient database error met by one of the engine's own reads for this attempt
@@ -407,29 +383,7 @@ pub trait Task: Send + Sync + 'static {
 
     /// Gets an adder for this type once the engine runs; keep it to add tasks later (from
     /// pollers, API handlers, …).
-    fn adder(&self, _add: crate::engine::TaskAdder) {}
-}
-
-// The scheduler's view of a type is built here, next to `TypeDetails`, so that the sans-IO
-// scheduler state depends on value types only (never on the programming model, which names
-// the engine).
-impl crate::scheduler::TypeSpec {
-    /// The scheduler's part of a type's declaration.
-    pub fn from_details(d: &TypeDetails) -> Self {
-        crate::scheduler::TypeSpec {
-            name: Arc::from(d.name.as_str()),
-            cost: d.cost.amounts(),
-            cost_resources: d.cost,
-            limiter: d.max.as_ref().map(|l| (l.key(), l.max())),
-            max_cluster: d.max_cluster,
-            time_sensitive: d.time_sensitive,
-            uninterruptible: d.uninterruptible,
-            can_yield: d.can_yield,
-            scheduling_overrides: d.scheduling_overrides.clone(),
-            retry_wait: d.retry_wait.clone(),
-            bored: d.iambored.is_some(),
-        }
-    }
+    fn adder(&self, _add: crate::client::TaskAdder) {}
 }
 
 #[cfg(test)]

@@ -18,136 +18,94 @@
 //! own tokio task and reports back.
 
 pub(crate) mod admission;
+pub(crate) mod inbox;
 pub mod state;
 pub(crate) mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use harmonydb::{ErrorKind, Timestamp};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use harmonydb::{Db, ErrorKind, Timestamp};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use self::inbox::{Inbox, Msg};
 use crate::backoff::Backoff;
-use crate::engine::Shared;
+use crate::client::{Client, TaskAdder};
+use crate::clock::Clock;
 use crate::error::Error;
+use crate::lifecycle::Supervisor;
+use crate::metrics::EngineMetrics;
+use crate::notify::PollPace;
+use crate::ownership::NodeFlags;
 use crate::registry::Registry;
 use crate::resources::Resources;
 use crate::runner::{RunEnv, RunHandle, run_one};
 use crate::status::EngineStatus;
 use crate::store::prelude::*;
 use crate::store::{Candidate, ClaimOutcome, Store, TaskClaim};
-use crate::task::{EngineView, MachineId, TaskId};
+use crate::task::{EngineView, MachineId, TaskId, TypeDetails};
 
 pub use self::state::{
     Action, ClaimResult, Event, Now, PollResult, PreemptResult, RunningCounts, SchedConfig,
     SchedulerState, StopReason, TypeSpec,
 };
 
-/// A message to the scheduler actor.
-pub(crate) enum Msg {
-    /// An event for the decisions.
-    Event(Event),
-    /// Status request.
-    Status(oneshot::Sender<EngineStatus>),
-    /// The heartbeat changed the cordon flag: the actor reads it and tells the state.
-    CordonChanged,
+impl TypeSpec {
+    /// The scheduler's part of a type's declaration. (Built here, in the driver, so that the
+    /// sans-IO state depends on value types only, never on the programming model.)
+    pub fn from_details(d: &TypeDetails) -> Self {
+        TypeSpec {
+            name: Arc::from(d.name.as_str()),
+            cost: d.cost.amounts(),
+            cost_resources: d.cost,
+            limiter: d.max.as_ref().map(|l| (l.key(), l.max())),
+            max_cluster: d.max_cluster,
+            time_sensitive: d.time_sensitive,
+            uninterruptible: d.uninterruptible,
+            can_yield: d.can_yield,
+            scheduling_overrides: d.scheduling_overrides.clone(),
+            retry_wait: d.retry_wait.clone(),
+            bored: d.iambored.is_some(),
+        }
+    }
 }
 
-impl From<Event> for Msg {
-    fn from(ev: Event) -> Self {
-        Msg::Event(ev)
-    }
-}
-
-/// The scheduler's inbox: what every other part of the engine holds to tell it something.
-pub(crate) struct Inbox {
-    events: mpsc::Sender<Msg>,
-    nudged: Notify,
-    poll_requested: AtomicBool,
-    registry: Arc<Registry>,
-}
-
-impl Inbox {
-    pub(crate) fn new(events: mpsc::Sender<Msg>, registry: Arc<Registry>) -> Self {
-        Inbox {
-            events,
-            nudged: Notify::new(),
-            poll_requested: AtomicBool::new(false),
-            registry,
-        }
-    }
-
-    /// Sends a message, waiting for room; a stopped scheduler is ignored.
-    pub(crate) async fn send(&self, msg: impl Into<Msg>) {
-        let _ = self.events.send(msg.into()).await;
-    }
-
-    /// Sends a message, waiting for room; an error when the scheduler has stopped.
-    pub(crate) async fn send_now(&self, msg: Msg) -> Result<(), ()> {
-        self.events.send(msg).await.map_err(|_| ())
-    }
-
-    /// Wakes the scheduler for a pass.
-    pub(crate) fn nudge(&self) {
-        self.nudged.notify_one();
-    }
-
-    /// Asks the scheduler to poll every type soon.
-    pub(crate) fn request_poll(&self) {
-        self.poll_requested.store(true, Ordering::Release);
-        self.nudge();
-    }
-
-    fn take_poll_request(&self) -> bool {
-        self.poll_requested.swap(false, Ordering::AcqRel)
-    }
-
-    /// Sends without waiting; when the channel is full, a poll finds what the event said.
-    pub(crate) fn offer(&self, ev: Event) {
-        if self.events.try_send(ev.into()).is_err() {
-            self.request_poll();
-        }
-    }
-
-    /// A hint about new or released work of `name`: poll it if it runs here.
-    pub(crate) fn wake_type(&self, name: &str) {
-        if let Some(&ty) = self.registry.index.get(name) {
-            self.offer(Event::Wake { ty });
-        }
-    }
-
-    /// A run-now request for `name`: call its IAmBored at once if it runs here.
-    pub(crate) fn run_now(&self, name: &str) {
-        if let Some(&ty) = self.registry.index.get(name)
-            && self.registry.types[ty].details.iambored.is_some()
-        {
-            let _ = self.events.try_send(Event::RunNow { ty }.into());
-        }
-    }
-
-    /// Tasks added by this process (or announced by a hint); `false` when the type does not
-    /// run here.
-    pub(crate) fn added(&self, name: &str, tasks: Vec<Candidate>) -> bool {
-        let Some(&ty) = self.registry.index.get(name) else {
-            return false;
-        };
-        self.registry.types[ty]
-            .metrics
-            .added
-            .inc_by(tasks.len() as u64);
-        self.offer(Event::Added { ty, tasks });
-        true
-    }
+/// What the scheduler and its jobs use: nothing else of the engine.
+pub(crate) struct SchedulerEnv {
+    pub db: Db,
+    pub store: Store,
+    pub machine: MachineId,
+    pub host_and_port: String,
+    pub clock: Arc<dyn Clock>,
+    pub budget: Resources,
+    pub registry: Arc<Registry>,
+    pub inbox: Arc<Inbox>,
+    pub pace: Arc<PollPace>,
+    pub flags: Arc<NodeFlags>,
+    pub metrics: EngineMetrics,
+    /// The node's client, for the adders handed to IAmBored callbacks.
+    pub client: Client,
+    pub supervisor: Arc<dyn Supervisor>,
+    /// Most waiting tasks a poll reads per type.
+    pub view_max_per_type: usize,
+    /// How long a preemption bid waits for cheaper bids.
+    pub preempt_bid_window: Duration,
+    /// Claim, poll, preemption, release and IAmBored jobs.
+    pub jobs: TaskTracker,
+    /// Task attempts.
+    pub runs: TaskTracker,
+    /// Fired on a fatal error: running attempts are stopped as fenced.
+    pub fatal: CancellationToken,
 }
 
 pub(crate) struct Scheduler {
-    shared: Arc<Shared>,
+    shared: Arc<SchedulerEnv>,
     run_env: Arc<RunEnv>,
     rx: mpsc::Receiver<Msg>,
     counts: watch::Sender<RunningCounts>,
@@ -158,10 +116,11 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub(crate) fn new(
-        shared: Arc<Shared>,
+        shared: Arc<SchedulerEnv>,
         run_env: Arc<RunEnv>,
         rx: mpsc::Receiver<Msg>,
         counts: watch::Sender<RunningCounts>,
+        config: SchedConfig,
         downstream: HashMap<String, Vec<String>>,
     ) -> Self {
         let specs = shared
@@ -173,7 +132,7 @@ impl Scheduler {
         let state = SchedulerState::new(
             specs,
             shared.budget,
-            SchedConfig::from_engine(&shared.config),
+            config,
             downstream,
             fastrand::u64(..),
             now(&shared),
@@ -196,7 +155,7 @@ impl Scheduler {
         let mut poll_all = false;
         loop {
             self.step(Event::Tick {
-                poll_interval: shared.poll_interval(),
+                poll_interval: shared.pace.interval(),
                 poll_all: std::mem::take(&mut poll_all),
             });
             self.publish_counts();
@@ -211,9 +170,7 @@ impl Scheduler {
                         self.receive(msg);
                     }
                 }
-                () = shared.inbox.nudged.notified() => {
-                    poll_all = shared.inbox.take_poll_request();
-                }
+                requested = shared.inbox.nudged() => poll_all = requested,
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -233,7 +190,7 @@ impl Scheduler {
                 let (types, running) = self.state.status(now(s));
                 let _ = reply.send(EngineStatus {
                     machine_id: s.machine,
-                    host_and_port: s.config.host_and_port.clone(),
+                    host_and_port: s.host_and_port.clone(),
                     budget: s.budget,
                     reserved: self.state.reserved().to_resources(),
                     cordoned: s.flags.cordoned(),
@@ -280,14 +237,14 @@ impl Scheduler {
                 free,
             } => {
                 let shared = Arc::clone(shared);
-                self.shared.tracker.spawn(async move {
+                self.shared.jobs.spawn(async move {
                     let result = claim_job(&shared, ty, offered, n, free).await;
-                    shared.send(Event::Claimed(result)).await;
+                    shared.inbox.send(Event::Claimed(result)).await;
                 });
             }
             Action::Poll { epoch, types } => {
                 let shared = Arc::clone(shared);
-                self.shared.tracker.spawn(poll_job(shared, epoch, types));
+                self.shared.jobs.spawn(poll_job(shared, epoch, types));
             }
             Action::Start { ty, task, stop } => {
                 let handle = RunHandle::new(ty);
@@ -316,23 +273,24 @@ impl Scheduler {
                 free,
             } => {
                 let shared = Arc::clone(shared);
-                self.shared.tracker.spawn(async move {
+                self.shared.jobs.spawn(async move {
                     let outcome = preempt_job(&shared, ty, task, cost_ms, free).await;
                     shared
+                        .inbox
                         .send(Event::Preempted(PreemptResult { ty, outcome }))
                         .await;
                 });
             }
             Action::Release { task, update_time } => {
                 let shared = Arc::clone(shared);
-                self.shared.tracker.spawn(async move {
+                self.shared.jobs.spawn(async move {
                     let at = update_time.unwrap_or_else(|| shared.clock.now());
                     if let Err(e) = shared.store.task_release(task, shared.machine, at).await {
                         tracing::warn!(task = %task, error = %e, "could not give back a claimed task; it is released when this node stops");
                     }
                 });
             }
-            Action::Fenced => shared.fail(Error::Fenced(shared.machine.0)),
+            Action::Fenced => shared.supervisor.fail(Error::Fenced(shared.machine.0)),
         }
     }
 
@@ -341,8 +299,11 @@ impl Scheduler {
             return;
         };
         let shared = Arc::clone(&self.shared);
-        let adder = shared.adder(ty);
-        self.shared.tracker.spawn(async move {
+        let adder = TaskAdder::new(
+            shared.client.clone(),
+            shared.registry.types[ty].name.to_string(),
+        );
+        self.shared.jobs.spawn(async move {
             let ctx = crate::singleton::BoredContext { adder, run_now };
             let name = Arc::clone(&shared.registry.types[ty].name);
             match AssertUnwindSafe((bored.call)(ctx)).catch_unwind().await {
@@ -350,22 +311,22 @@ impl Scheduler {
                 Ok(Err(e)) => tracing::warn!(task_type = %name, error = %e, "IAmBored failed"),
                 Err(_) => tracing::warn!(task_type = %name, "IAmBored panicked"),
             }
-            shared.send(Event::BoredDone { ty }).await;
+            shared.inbox.send(Event::BoredDone { ty }).await;
         });
     }
 }
 
 /// The time now, as the state takes it.
-fn now(shared: &Shared) -> Now {
+fn now(shared: &SchedulerEnv) -> Now {
     Now {
         mono: Instant::now(),
         wall: shared.clock.now(),
     }
 }
 
-async fn poll_job(shared: Arc<Shared>, epoch: u64, types: Vec<usize>) {
+async fn poll_job(shared: Arc<SchedulerEnv>, epoch: u64, types: Vec<usize>) {
     shared.metrics.poll();
-    let limit = shared.config.view_max_per_type;
+    let limit = shared.view_max_per_type;
     let polls = types.iter().map(|&ty| {
         let shared = &shared;
         async move {
@@ -380,6 +341,7 @@ async fn poll_job(shared: Arc<Shared>, epoch: u64, types: Vec<usize>) {
     });
     let polled = futures_util::future::join_all(polls).await;
     shared
+        .inbox
         .send(Event::Polled(PollResult { epoch, polled }))
         .await;
     // Run-now requests are also found by polling (SQLite has no notifications).
@@ -392,7 +354,7 @@ async fn poll_job(shared: Arc<Shared>, epoch: u64, types: Vec<usize>) {
         match shared.store.singleton_requests().await {
             Ok(names) => {
                 for name in names {
-                    shared.run_now(&name);
+                    shared.inbox.run_now(&name);
                 }
             }
             Err(e) => tracing::debug!(error = %e, "reading run-now requests failed"),
@@ -401,7 +363,7 @@ async fn poll_job(shared: Arc<Shared>, epoch: u64, types: Vec<usize>) {
 }
 
 async fn claim_job(
-    shared: &Shared,
+    shared: &SchedulerEnv,
     ty: usize,
     offered: Vec<TaskId>,
     n: usize,
@@ -471,7 +433,7 @@ const UNDO_BACKOFF_INITIAL: Duration = Duration::from_millis(50);
 /// Longest wait between those tries.
 const UNDO_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-async fn undo_with_backoff(shared: &Shared, name: &str, ids: &[TaskId]) {
+async fn undo_with_backoff(shared: &SchedulerEnv, name: &str, ids: &[TaskId]) {
     let mut backoff = Backoff::new(UNDO_BACKOFF_INITIAL, UNDO_BACKOFF_MAX);
     for _ in 0..UNDO_TRIES_MAX {
         match undo_failed_claim(&shared.store, ids, shared.machine, shared.clock.now()).await {
@@ -517,7 +479,7 @@ pub async fn undo_failed_claim(
 /// Bids to preempt for `task`, waits the bid window, and claims the task if this node's bid
 /// is the cheapest. `Ok(None)`: refused by `can_accept`, lost the bid, or the task is gone.
 async fn preempt_job(
-    shared: &Shared,
+    shared: &SchedulerEnv,
     ty: usize,
     task: Candidate,
     cost_ms: u64,
@@ -543,7 +505,7 @@ async fn preempt_job(
         .store
         .preempt_bid(task.id, shared.machine, cost)
         .await?;
-    tokio::time::sleep(shared.config.preempt_bid_window).await;
+    tokio::time::sleep(shared.preempt_bid_window).await;
     if shared.store.preempt_winner(task.id).await? != Some(shared.machine) {
         return Ok(None);
     }

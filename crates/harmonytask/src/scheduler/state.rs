@@ -25,10 +25,10 @@ use harmonydb::{ErrorKind, Timestamp};
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::model::{Candidate, ClaimOutcome};
 use crate::model::{RetryWait, TaskId};
 use crate::resources::{Amounts, Resource, Resources};
 use crate::status::{RunningTask, TypeStatus};
-use crate::store::{Candidate, ClaimOutcome};
 
 use super::admission::{AdmitInput, Blocked, Victim, admit, pass_order, plan_preemption};
 use super::view::{self, TypeView};

@@ -40,6 +40,9 @@ pub struct RecordBatch<'a> {
     pub now: Timestamp,
     /// The outcomes.
     pub outcomes: &'a [Outcome],
+    /// Local singleton types: when one of their tasks ends for good, the same transaction
+    /// reads whether a run-now request is pending.
+    pub singletons: &'a [String],
 }
 
 /// What recording found.
@@ -51,6 +54,9 @@ pub struct Recorded {
     pub fenced_out: Vec<TaskId>,
     /// Types whose completions in this batch queued follow-ups.
     pub followed: Vec<String>,
+    /// Singleton types whose task ended for good in this batch and that have a run-now
+    /// request pending, as of this transaction.
+    pub run_now: Vec<String>,
 }
 
 /// Operations on task rows that the engine's loops perform.
@@ -273,6 +279,25 @@ impl TaskStore for Store {
                         .collect();
                     if !done.is_empty() {
                         out.followed = enqueue_follow_ups(&tx, &done).await?;
+                    }
+                    let mut ended: Vec<&str> = applied
+                        .iter()
+                        .filter(|o| matches!(o.fate, Fate::Done | Fate::Fail))
+                        .map(|o| o.name.as_str())
+                        .filter(|n| b.singletons.iter().any(|s| s == n))
+                        .collect();
+                    ended.sort_unstable();
+                    ended.dedup();
+                    for name in ended {
+                        let pending: Option<(bool,)> = tx
+                            .query_opt(
+                                "SELECT run_now_request FROM harmony_task_singletons WHERE task_name = $1",
+                                &[&name],
+                            )
+                            .await?;
+                        if pending.is_some_and(|(p,)| p) {
+                            out.run_now.push(name.to_owned());
+                        }
                     }
                     if b.notify {
                         let mut hints: Vec<String> = Vec::new();

@@ -78,6 +78,7 @@ fn batch<'a>(owner: MachineId, outcomes: &'a [Outcome]) -> RecordBatch<'a> {
         host_and_port: "a:1",
         now: now(),
         outcomes,
+        singletons: &[],
     }
 }
 
