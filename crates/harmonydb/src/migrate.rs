@@ -64,6 +64,7 @@ migrations! {
     5 => "0005_machine_cpu_fraction",
     6 => "0006_machine_address_unique",
     7 => "0007_lease",
+    8 => "0008_why_pause",
 }
 
 /// Serialises migrations across processes on Postgres (`pg_advisory_xact_lock` key).

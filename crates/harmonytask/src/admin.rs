@@ -12,7 +12,8 @@ use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::model::{
-    HistoryQuery, HistoryRow, MachineId, MachineRow, SingletonRow, TaskId, TaskRow, TypeSummary,
+    BlockedRow, Cancelled, HistoryQuery, HistoryRow, MachineId, MachineRow, PausedRow,
+    SingletonRow, TaskId, TaskRow, TypeSummary,
 };
 use crate::store::Store;
 
@@ -50,6 +51,58 @@ impl Admin {
         self.notify = notify;
         self.client = self.client.with_notify(notify);
         self
+    }
+
+    /// The store, for the operator modules of the crate (`why`).
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Cancels a task, waiting or running: its row is deleted and a history row with
+    /// `err = "cancelled"` written in one transaction; a running attempt's owner sees
+    /// `still_owned() == false` at once, stops the attempt when the hint (Postgres) or its
+    /// next heartbeat tells it, and its late result is discarded. `by` is recorded as who
+    /// cancelled. [`Error::TaskNotFound`] when the task is not waiting or running.
+    pub async fn cancel(&self, id: TaskId, by: &str) -> Result<Cancelled> {
+        self.store
+            .task_cancel(id, by, self.clock.now(), self.notify)
+            .await
+    }
+
+    /// Cancels every waiting task of `name` (running ones go on); returns how many.
+    pub async fn cancel_waiting(&self, name: &str, by: &str) -> Result<u64> {
+        crate::name::validate_name(name)?;
+        self.store
+            .task_cancel_waiting(name, by, self.clock.now())
+            .await
+    }
+
+    /// Pauses a type cluster-wide: no node polls or claims its tasks from the commit on;
+    /// running ones finish. `false` when it was already paused (the first pause stays).
+    pub async fn pause(&self, name: &str, by: &str) -> Result<bool> {
+        crate::name::validate_name(name)?;
+        self.store.type_pause(name, by, self.clock.now()).await
+    }
+
+    /// Resumes a paused type; `false` when it was not paused.
+    pub async fn resume(&self, name: &str) -> Result<bool> {
+        crate::name::validate_name(name)?;
+        self.store.type_resume(name, self.notify).await
+    }
+
+    /// The paused types.
+    pub async fn paused(&self) -> Result<Vec<PausedRow>> {
+        self.store.paused().await
+    }
+
+    /// The blocked reasons live nodes report (of one type, or all), ignoring machines whose
+    /// heartbeat is older than `dead_after`.
+    pub async fn blocked(
+        &self,
+        name: Option<&str>,
+        dead_after: std::time::Duration,
+    ) -> Result<Vec<BlockedRow>> {
+        self.store.blocked_list(name, dead_after).await
     }
 
     /// Pending and running tasks (of one type, if given), oldest first, at most `limit`.

@@ -31,6 +31,7 @@ use crate::notify::{Listener, PollPace};
 use crate::ownership::{NodeFlags, Ownership};
 use crate::recorder::Recorder;
 use crate::registry::{Registry, TypeEntry};
+use crate::reporter::BlockedReporter;
 use crate::resources::Resources;
 use crate::runner::RunEnv;
 use crate::scheduler::admission::downstream_order;
@@ -491,6 +492,7 @@ impl EngineBuilder {
                 flags: Arc::clone(&flags),
                 inbox: Arc::clone(&inbox),
                 supervisor: Arc::clone(&supervisor),
+                counts: shared.counts.clone(),
             }
             .run(shared.stop_liveness.clone()),
         );
@@ -520,6 +522,16 @@ impl EngineBuilder {
                 .run(shared.stop_liveness.clone()),
             );
         }
+        tracker.spawn(
+            BlockedReporter {
+                store: store.clone(),
+                machine,
+                inbox: Arc::clone(&inbox),
+                clock: Arc::clone(&self.clock),
+                metrics: metrics.clone(),
+            }
+            .run(shared.stop_liveness.clone()),
+        );
         tracker.spawn(
             crate::retention::Pruner {
                 store: store.clone(),

@@ -4,8 +4,8 @@
 //! listener in `notify` (which parses them) share one format without importing each other.
 //!
 //! Hint payloads are short text: `add:TYPE:FROM`, `addt:TYPE:FROM:ID:POSTED_MS`, `rel:TYPE:FROM`,
-//! `follow:TYPE:FROM`, `runnow:TYPE:FROM`, `machines:FROM`, where FROM is the sending machine
-//! (0 for a client), so a node ignores its own hints.
+//! `follow:TYPE:FROM`, `runnow:TYPE:FROM`, `machines:FROM`, `cancel:ID:FROM`, where FROM is the
+//! sending machine (0 for a client), so a node ignores its own hints.
 
 use harmonydb::Timestamp;
 
@@ -30,6 +30,8 @@ pub(crate) enum Hint {
     RunNow { name: String },
     /// Machines changed: one died, or an operator cordoned or restarted one.
     Machines,
+    /// An operator cancelled a task: its owner stops the attempt.
+    Cancel { task: TaskId },
 }
 
 impl Hint {
@@ -47,6 +49,7 @@ impl Hint {
             Hint::Follow { from: f } => format!("follow:{f}:{from}"),
             Hint::RunNow { name } => format!("runnow:{name}:{from}"),
             Hint::Machines => format!("machines:{from}"),
+            Hint::Cancel { task } => format!("cancel:{task}:{from}"),
         }
     }
 
@@ -58,7 +61,11 @@ impl Hint {
         // Type names may contain ':' (e.g. "bg:Cleanup"); the sender and optional fields are at
         // fixed positions from the end.
         match parts.first().copied()? {
-            "machines" => Some((Hint::Machines, machine(parts.get(1)?)?)),
+            "machines" if parts.len() == 2 => Some((Hint::Machines, machine(parts[1])?)),
+            "cancel" if parts.len() == 3 => {
+                let task = TaskId(parts[1].parse().ok()?);
+                Some((Hint::Cancel { task }, machine(parts[2])?))
+            }
             kind => {
                 let rest = &parts[1..];
                 let with_task = kind == "addt";
@@ -117,6 +124,7 @@ mod tests {
                 name: "WdPost".into(),
             },
             Hint::Machines,
+            Hint::Cancel { task: TaskId(9) },
         ];
         for h in cases {
             let p = h.payload(me);
@@ -134,6 +142,8 @@ mod tests {
             "add:x:notanumber",
             "addt:x:1:2",
             "machines",
+            "cancel:x:1",
+            "cancel:1",
         ] {
             assert_eq!(Hint::parse(p), None, "{p}");
         }

@@ -48,6 +48,7 @@ mod notify;
 mod ownership;
 mod recorder;
 mod registry;
+mod reporter;
 pub mod resources;
 pub mod retention;
 mod runner;
@@ -58,6 +59,7 @@ pub mod singleton;
 pub mod status;
 pub(crate) mod store;
 pub mod task;
+mod why;
 
 pub use admin::Admin;
 pub use async_trait::async_trait;
@@ -68,8 +70,8 @@ pub use engine::{CompleteCallback, Engine, EngineBuilder};
 pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
 pub use model::{
-    AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, PruneCounts, SingletonRow,
-    TaskRow, TypeSummary,
+    AttemptResult, Blocked, BlockedRow, Cancelled, HistoryQuery, HistoryRow, MachineRow, NodeWhy,
+    PausedRow, PruneCounts, SingletonRow, TaskRow, TaskState, TaskWhy, TypeSummary, TypeWhy,
 };
 pub use resources::{ByteSize, Resource, Resources};
 pub use retention::{PruneOutcome, PruneReport, PruneRule};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -26,6 +26,7 @@ use crate::model::MachineId;
 use crate::notify::Hint;
 use crate::ownership::NodeFlags;
 use crate::scheduler::inbox::{Inbox, Msg};
+use crate::scheduler::state::{Event, RunningCounts};
 use crate::store::Store;
 use crate::store::prelude::*;
 
@@ -39,6 +40,10 @@ pub(crate) struct Heartbeat {
     pub flags: Arc<NodeFlags>,
     pub inbox: Arc<Inbox>,
     pub supervisor: Arc<dyn Supervisor>,
+    /// Running attempts: while there are any, each beat also reads which tasks this node
+    /// still owns, so that an attempt whose task was cancelled (or taken over) stops even
+    /// without notifications.
+    pub counts: watch::Receiver<RunningCounts>,
 }
 
 impl Heartbeat {
@@ -75,6 +80,16 @@ impl Heartbeat {
                     return;
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
+            }
+            if s.counts.borrow().total > 0 {
+                let asked = tokio::time::Instant::now();
+                match s.store.task_owned(s.machine).await {
+                    Ok(owned) => s.inbox.offer(Event::Owned {
+                        owned: owned.into_iter().collect(),
+                        asked,
+                    }),
+                    Err(e) => tracing::debug!(error = %e, "reading the owned tasks failed"),
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type TypeLabel = [(&'static str, String); 1];
+type ReasonLabel = [(&'static str, String); 2];
 
 /// All engine series.
 #[derive(Clone)]
@@ -21,7 +22,9 @@ pub struct EngineMetrics {
     released: Family<TypeLabel, Counter>,
     preempted: Family<TypeLabel, Counter>,
     fenced_out: Family<TypeLabel, Counter>,
+    cancelled: Family<TypeLabel, Counter>,
     running: Family<TypeLabel, Gauge>,
+    blocked: Family<ReasonLabel, Gauge>,
     duration: Family<TypeLabel, Histogram, fn() -> Histogram>,
     wait: Family<TypeLabel, Histogram, fn() -> Histogram>,
     claims: Counter,
@@ -44,7 +47,9 @@ impl EngineMetrics {
             released: Family::default(),
             preempted: Family::default(),
             fenced_out: Family::default(),
+            cancelled: Family::default(),
             running: Family::default(),
+            blocked: Family::default(),
             duration: Family::new_with_constructor(seconds_histogram),
             wait: Family::new_with_constructor(seconds_histogram),
             claims: Counter::default(),
@@ -88,6 +93,16 @@ impl EngineMetrics {
             self.fenced_out.clone(),
         );
         r.register(
+            "tasks_cancelled",
+            "Running attempts stopped because an operator cancelled their task, by type",
+            self.cancelled.clone(),
+        );
+        r.register(
+            "tasks_blocked",
+            "Waiting tasks this node sees but does not start, by type and blocking reason (the node's view holds at most view_max_per_type per type)",
+            self.blocked.clone(),
+        );
+        r.register(
             "tasks_running",
             "Tasks running on this node, by type",
             self.running.clone(),
@@ -121,10 +136,29 @@ impl EngineMetrics {
             released: self.released.get_or_create(&l).clone(),
             preempted: self.preempted.get_or_create(&l).clone(),
             fenced_out: self.fenced_out.get_or_create(&l).clone(),
+            cancelled: self.cancelled.get_or_create(&l).clone(),
             running: self.running.get_or_create(&l).clone(),
             duration: self.duration.get_or_create(&l).clone(),
             wait: self.wait.get_or_create(&l).clone(),
         }
+    }
+
+    /// Sets the blocked gauge of a type and reason.
+    pub(crate) fn set_blocked(&self, name: &str, reason: &str, waiting: i64) {
+        let l: ReasonLabel = [
+            ("task_type", name.to_owned()),
+            ("reason", reason.to_owned()),
+        ];
+        self.blocked.get_or_create(&l).set(waiting);
+    }
+
+    /// Removes the blocked gauge of a type and reason (the type is no longer blocked by it).
+    pub(crate) fn clear_blocked(&self, name: &str, reason: &str) {
+        let l: ReasonLabel = [
+            ("task_type", name.to_owned()),
+            ("reason", reason.to_owned()),
+        ];
+        self.blocked.remove(&l);
     }
 
     pub(crate) fn claim(&self) {
@@ -157,6 +191,7 @@ pub(crate) struct TypeMetrics {
     pub released: Counter,
     pub preempted: Counter,
     pub fenced_out: Counter,
+    pub cancelled: Counter,
     pub running: Gauge,
     pub duration: Histogram,
     pub wait: Histogram,

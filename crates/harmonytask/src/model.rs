@@ -354,11 +354,14 @@ pub enum AttemptResult {
     /// Released because the database failed under it (connection, timeout, serialization);
     /// retries unchanged.
     DatabaseUnavailable,
+    /// An operator cancelled the task (`harmony task cancel`): its row is gone, and a result
+    /// its attempt returns later is discarded.
+    Cancelled,
 }
 
 impl AttemptResult {
     /// The word shown in tables and JSON: `ok`, `failed`, `shutdown`, `preempted`, `yielded`,
-    /// `db_unavailable`.
+    /// `db_unavailable`, `cancelled`.
     pub const fn as_str(self) -> &'static str {
         match self {
             AttemptResult::Ok => "ok",
@@ -367,6 +370,7 @@ impl AttemptResult {
             AttemptResult::Preempted => "preempted",
             AttemptResult::Yielded => "yielded",
             AttemptResult::DatabaseUnavailable => "db_unavailable",
+            AttemptResult::Cancelled => "cancelled",
         }
     }
 
@@ -400,6 +404,7 @@ impl HistoryRow {
             AttemptResult::Shutdown,
             AttemptResult::Preempted,
             AttemptResult::Yielded,
+            AttemptResult::Cancelled,
         ]
         .into_iter()
         .find(|r| r.release_text() == self.err)
@@ -487,6 +492,25 @@ pub enum Blocked {
     },
 }
 
+impl Blocked {
+    /// The reason's kind, as stored in `harmony_task_blocked.reason` and used as a metric
+    /// label: `cordoned`, `at_max`, `resources`, `never_fits`, `refused`, `cluster_limit`,
+    /// `retry_wait`, `draining`, `claim_failed`.
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Blocked::Cordoned => "cordoned",
+            Blocked::AtMax { .. } => "at_max",
+            Blocked::Resources { .. } => "resources",
+            Blocked::NeverFits { .. } => "never_fits",
+            Blocked::Refused => "refused",
+            Blocked::ClusterLimit { .. } => "cluster_limit",
+            Blocked::RetryWait { .. } => "retry_wait",
+            Blocked::Draining => "draining",
+            Blocked::ClaimFailed { .. } => "claim_failed",
+        }
+    }
+}
+
 impl fmt::Display for Blocked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -546,4 +570,130 @@ impl std::ops::AddAssign for PruneCounts {
         self.history += other.history;
         self.args += other.args;
     }
+}
+
+/// One node's reason why a type's waiting tasks do not start there, as that node last wrote it
+/// (`harmony_task_blocked`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, harmonydb::FromRow)]
+pub struct BlockedRow {
+    /// The node.
+    pub machine_id: MachineId,
+    /// Its address.
+    pub host_and_port: String,
+    /// The type.
+    pub task_name: String,
+    /// [`Blocked::kind`].
+    pub reason: String,
+    /// The reason for humans (`needs ram 54 GiB / free 12 GiB`).
+    pub detail: String,
+    /// Since when the node has given this reason.
+    pub since: Timestamp,
+}
+
+/// A type paused cluster-wide (`harmony task pause`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, harmonydb::FromRow)]
+pub struct PausedRow {
+    /// The type.
+    pub task_name: String,
+    /// When.
+    pub paused_at: Timestamp,
+    /// Who asked (the CLI's user and host, or the API client).
+    pub paused_by: String,
+}
+
+/// Where a task is, for `harmony task why` and the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// In `harmony_task` with no owner.
+    Waiting,
+    /// Owned by a machine.
+    Running,
+    /// Gone from `harmony_task`; its last history row succeeded.
+    Done,
+    /// Gone; its last history row is a failure.
+    Failed,
+    /// Gone; cancelled by an operator.
+    Cancelled,
+    /// No row and no history (never existed, or its history was pruned).
+    Unknown,
+}
+
+impl TaskState {
+    /// The word shown in tables.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Waiting => "waiting",
+            TaskState::Running => "running",
+            TaskState::Done => "done",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One live node's answer for a type.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NodeWhy {
+    /// The node.
+    pub machine_id: MachineId,
+    /// Its address.
+    pub host_and_port: String,
+    /// [`Blocked::kind`], or `None` when the node reports no blocker (it is claiming, or has
+    /// not looked yet).
+    pub reason: Option<String>,
+    /// The reason for humans, or what the node is doing.
+    pub detail: String,
+    /// Since when it has given the reason.
+    pub since: Option<Timestamp>,
+}
+
+/// Why a type's waiting tasks are (not) running, across the cluster.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TypeWhy {
+    /// The type.
+    pub name: String,
+    /// Waiting tasks (counted up to a bound: see `waiting_capped`).
+    pub waiting: i64,
+    /// More are waiting than were counted.
+    pub waiting_capped: bool,
+    /// Running tasks.
+    pub running: i64,
+    /// Paused cluster-wide.
+    pub paused: Option<PausedRow>,
+    /// One line: the answer.
+    pub summary: String,
+    /// Nobody can ever run it (no live node registers it, or its cost exceeds every budget).
+    pub never_runs: bool,
+    /// Every live node that registers the type.
+    pub nodes: Vec<NodeWhy>,
+}
+
+/// Why one task is (not) running.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TaskWhy {
+    /// The task.
+    pub id: TaskId,
+    /// Its type, when known.
+    pub name: Option<String>,
+    /// Where it is.
+    pub state: TaskState,
+    /// Its owner, while running.
+    pub owner: Option<MachineId>,
+    /// One line: the answer.
+    pub summary: String,
+    /// For a waiting task, its type's answer.
+    pub type_why: Option<TypeWhy>,
+}
+
+/// A task an operator cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Cancelled {
+    /// The task.
+    pub id: TaskId,
+    /// Its type.
+    pub name: String,
+    /// The machine that was running it, if any.
+    pub owner: Option<MachineId>,
 }

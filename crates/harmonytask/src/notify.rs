@@ -172,6 +172,7 @@ impl Listener {
                 s.wake_heartbeat.notify_one();
                 s.inbox.request_poll();
             }
+            Hint::Cancel { task } => s.inbox.offer(Event::Lost { ids: vec![task] }),
         }
     }
 

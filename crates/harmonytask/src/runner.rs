@@ -127,6 +127,9 @@ pub(crate) async fn run_one(shared: Arc<RunEnv>, ty: usize, cand: Candidate, han
     shared.inbox.send(Event::Finished { ty, id: cand.id }).await;
 
     let reason = StopReason::from_u8(handle.reason.load(Ordering::Acquire));
+    if reason == StopReason::Lost {
+        entry.metrics.cancelled.inc();
+    }
     let db_trouble = db_trouble.lock().ok().and_then(|mut t| t.take());
     let (fate, err) = classify(
         attempt,
@@ -187,6 +190,8 @@ fn classify(
         _ if reason == StopReason::Shutdown => return release(AttemptResult::Shutdown),
         _ if reason == StopReason::Preempted => return release(AttemptResult::Preempted),
         _ if reason == StopReason::Yielded => return release(AttemptResult::Yielded),
+        // Cancelled by an operator: the row is gone and the record discards this outcome.
+        _ if reason == StopReason::Lost => return release(AttemptResult::Cancelled),
         // The database blinked: the task did nothing wrong, so the attempt is not counted.
         // Recording the release waits (with retries) until the database is back, and the task
         // runs again from there. Panics and timeouts stay failures: they are the task's own.

@@ -57,6 +57,9 @@ pub enum StopReason {
     Fenced = 3,
     /// The node was cordoned and the type is `can_yield`: it gives way to other nodes.
     Yielded = 4,
+    /// The task's row is gone or no longer this node's: an operator cancelled it (or this
+    /// node was declared dead). The outcome is discarded by its fence.
+    Lost = 5,
 }
 
 impl StopReason {
@@ -67,6 +70,7 @@ impl StopReason {
             2 => StopReason::Preempted,
             3 => StopReason::Fenced,
             4 => StopReason::Yielded,
+            5 => StopReason::Lost,
             _ => StopReason::None,
         }
     }
@@ -223,6 +227,21 @@ pub enum Event {
     },
     /// The node's cordon flag, as now read: on a cordon, running `can_yield` attempts give way.
     Cordon(bool),
+    /// These tasks are no longer this node's (an operator cancelled them): stop their
+    /// attempts.
+    Lost {
+        /// The tasks.
+        ids: Vec<TaskId>,
+    },
+    /// The tasks this node owned, read from the database after `asked`: a running attempt
+    /// that started before `asked` and is not among them lost its row (cancelled, or taken
+    /// over after this node was declared dead) and is stopped.
+    Owned {
+        /// The owned tasks.
+        owned: HashSet<TaskId>,
+        /// When the read was issued.
+        asked: Instant,
+    },
     /// The driver woke (a timer, a nudge, a burst of events handled): check the poll timer and
     /// run one scheduling pass.
     Tick {
@@ -490,6 +509,16 @@ impl SchedulerState {
                 if cordoned {
                     self.yield_running(out);
                 }
+            }
+            Event::Lost { ids } => self.stop_lost(ids, out),
+            Event::Owned { owned, asked } => {
+                let lost = self
+                    .running
+                    .iter()
+                    .filter(|(id, r)| r.started < asked && !owned.contains(id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.stop_lost(lost, out);
             }
             Event::Tick {
                 poll_interval,
@@ -871,6 +900,22 @@ impl SchedulerState {
     /// The node is cordoned: every running attempt of a `can_yield` type stops and is
     /// released with its retries unchanged (history `err = "yielded"`). The engine does this
     /// itself, so that task code that never calls `still_owned` gives way too.
+    /// Stops the running attempts of `ids` whose rows are no longer this node's (in id order,
+    /// so that a replay is exact).
+    fn stop_lost(&self, mut ids: Vec<TaskId>, out: &mut Vec<Action>) {
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            if let Some(r) = self.running.get(&id) {
+                tracing::info!(task = %id, task_type = %self.specs[r.ty].name, "the task was cancelled or is owned elsewhere now: stopping its attempt");
+                out.push(Action::Stop {
+                    id,
+                    reason: StopReason::Lost,
+                });
+            }
+        }
+    }
+
     fn yield_running(&self, out: &mut Vec<Action>) {
         for (id, r) in &self.running {
             let spec = &self.specs[r.ty];

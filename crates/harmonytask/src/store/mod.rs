@@ -30,6 +30,7 @@ use crate::hint;
 mod admin;
 mod follow;
 mod machine;
+mod ops;
 mod preempt;
 mod retention;
 mod singleton;
@@ -39,6 +40,7 @@ mod tests;
 
 pub(crate) use follow::FollowStore;
 pub(crate) use machine::{MachineRegister, MachineStore};
+pub(crate) use ops::{BlockedChange, WHY_COUNT_MAX};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
 pub(crate) use task::{NewTask, RecordBatch, TaskClaim, TaskStore};

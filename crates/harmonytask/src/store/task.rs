@@ -130,8 +130,11 @@ impl TaskStore for Store {
     }
 
     async fn task_poll(&self, name: &str, limit: usize) -> Result<Vec<Candidate>> {
+        // A paused type offers nothing (one primary-key probe of the pause table).
         const POLL: &str = "SELECT id, posted_time, update_time, retries FROM harmony_task
-                 WHERE name = $1 AND owner_id IS NULL ORDER BY posted_time, id LIMIT $2";
+                 WHERE name = $1 AND owner_id IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM harmony_task_pause WHERE task_name = $1)
+                 ORDER BY posted_time, id LIMIT $2";
         if self.dialect() == Dialect::Sqlite {
             return Ok(self.db.select(POLL, &[&name, &limit]).await?);
         }
@@ -153,7 +156,9 @@ impl TaskStore for Store {
         let claim = self.dialect().pick(
             "UPDATE harmony_task SET owner_id = $1
              WHERE id IN (SELECT t.id FROM json_each($2) AS j CROSS JOIN harmony_task AS t ON t.id = j.value
-                          WHERE t.owner_id IS NULL ORDER BY j.key LIMIT $3)
+                          WHERE t.owner_id IS NULL
+                            AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
+                          ORDER BY j.key LIMIT $3)
              RETURNING id, posted_time, update_time, retries",
             // The candidates drive a nested loop over the primary key. The filter is written
             // `coalesce(owner_id, 0) = 0` (machine ids start at 1) so that the planner cannot
@@ -163,6 +168,7 @@ impl TaskStore for Store {
                  SELECT t.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, ord)
                  JOIN harmony_task AS t ON t.id = u.id
                  WHERE coalesce(t.owner_id, 0) = 0
+                   AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
                  ORDER BY u.ord LIMIT $3 FOR UPDATE OF t SKIP LOCKED)
              RETURNING id, posted_time, update_time, retries",
         );

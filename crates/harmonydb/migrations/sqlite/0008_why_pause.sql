@@ -1,0 +1,21 @@
+-- Why waiting work does not start, per node and task type: each node writes the reason its
+-- scheduler holds for every type with waiting tasks that it is not claiming (at most once a
+-- second, and only on change), and deletes it when the type runs again. Rows of a machine go
+-- with it (reaped or shut down); readers also ignore machines past their heartbeat.
+CREATE TABLE harmony_task_blocked (
+    machine_id  INTEGER NOT NULL REFERENCES harmony_machines (id) ON DELETE CASCADE,
+    task_name   TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    detail      TEXT    NOT NULL,
+    since       TEXT    NOT NULL,
+    PRIMARY KEY (machine_id, task_name)
+);
+CREATE INDEX harmony_task_blocked_name ON harmony_task_blocked (task_name);
+
+-- Task types paused cluster-wide by an operator: no node polls or claims their tasks while a
+-- row exists; running ones finish.
+CREATE TABLE harmony_task_pause (
+    task_name  TEXT PRIMARY KEY,
+    paused_at  TEXT NOT NULL,
+    paused_by  TEXT NOT NULL
+);
