@@ -47,7 +47,7 @@ pub enum Command {
     /// Run a node: claim and run tasks until SIGINT/SIGTERM.
     // Boxed: its many flags would make every other variant as large.
     Run(Box<RunArgs>),
-    /// Tasks: add, ls, show, history, restart, run-now, prune.
+    /// Tasks: add, ls, show, why, history, restart, cancel, pause, resume, run-now, prune.
     #[command(subcommand)]
     Task(TaskCommand),
     /// Machines (nodes) of the cluster.
@@ -241,6 +241,42 @@ pub enum TaskCommand {
     /// run it are woken at once.
     RunNow {
         /// The singleton task type.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Why a task (or every waiting task of a type) is not running: per live node, the reason
+    /// its scheduler gives, and one line that says it.
+    #[command(group(ArgGroup::new("what").required(true).args(["id", "type_name"])))]
+    Why {
+        /// Task id.
+        id: Option<i64>,
+        /// A task type instead of one task.
+        #[arg(long = "type", value_name = "TYPE")]
+        type_name: Option<String>,
+    },
+    /// Cancel tasks: a waiting one is removed, a running one's attempt is stopped and its
+    /// result discarded; each gets a history row with err = "cancelled".
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all_waiting"])))]
+    Cancel {
+        /// Task ids.
+        ids: Vec<i64>,
+        /// With --type: every waiting task of the type (running ones go on).
+        #[arg(long, requires = "type_name")]
+        all_waiting: bool,
+        /// The type, with --all-waiting.
+        #[arg(long = "type", value_name = "TYPE", requires = "all_waiting")]
+        type_name: Option<String>,
+    },
+    /// Pause a task type on every node: nothing of it is claimed until `resume`; running
+    /// tasks finish.
+    Pause {
+        /// The task type.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Resume a paused task type.
+    Resume {
+        /// The task type.
         #[arg(value_name = "NAME")]
         name: String,
     },

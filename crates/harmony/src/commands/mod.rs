@@ -4,6 +4,7 @@
 mod bench;
 mod db;
 mod machine;
+mod operate;
 mod run;
 mod task;
 

@@ -1,4 +1,5 @@
-//! `harmony task add|ls|show|history|restart|run-now|prune`.
+//! `harmony task add|ls|show|history|restart|run-now|prune` (and `why|cancel|pause|resume`
+//! in `operate`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -10,7 +11,9 @@ use serde::Serialize;
 use crate::catalog;
 use crate::cli::{TaskAddArgs, TaskCommand};
 use crate::command_task::valid_arg_name;
-use crate::commands::{EXIT_OK, UsageError, check_type_name, open_existing, open_migrated};
+use crate::commands::{
+    EXIT_OK, UsageError, check_type_name, open_existing, open_migrated, operate,
+};
 use crate::output::{self, Table};
 use crate::taskfile;
 
@@ -41,6 +44,14 @@ pub async fn run(db_url: &str, json: bool, notify: bool, cmd: TaskCommand) -> an
         } => history(db_url, json, type_name, failed, limit).await,
         TaskCommand::Restart { id } => restart(db_url, json, notify, id).await,
         TaskCommand::RunNow { name } => run_now(db_url, json, notify, &name).await,
+        TaskCommand::Why { id, type_name } => operate::why(db_url, json, id, type_name).await,
+        TaskCommand::Cancel {
+            ids,
+            all_waiting,
+            type_name,
+        } => operate::cancel(db_url, json, notify, ids, all_waiting, type_name).await,
+        TaskCommand::Pause { name } => operate::pause(db_url, json, notify, &name, true).await,
+        TaskCommand::Resume { name } => operate::pause(db_url, json, notify, &name, false).await,
         TaskCommand::Prune {
             older_than,
             type_name,
@@ -199,19 +210,29 @@ async fn ls(
     }
     check_limit(limit)?;
     let db = open_existing(db_url).await?;
-    let rows = Admin::new(db).tasks(type_name.as_deref(), limit).await?;
+    let admin = Admin::new(db);
+    let rows = admin.tasks(type_name.as_deref(), limit).await?;
+    let why = why_of_waiting(&admin, &rows).await?;
+    let why_for = |r: &TaskRow| -> Option<&str> {
+        r.owner_id
+            .is_none()
+            .then(|| why.get(&r.name).map(String::as_str))
+            .flatten()
+    };
     if json {
         #[derive(Serialize)]
         struct Listed<'a> {
             #[serde(flatten)]
             row: &'a TaskRow,
             state: &'static str,
+            why: Option<&'a str>,
         }
         let listed: Vec<Listed<'_>> = rows
             .iter()
             .map(|row| Listed {
                 row,
                 state: state_of(row),
+                why: why_for(row),
             })
             .collect();
         output::json(&listed)?;
@@ -221,7 +242,7 @@ async fn ls(
         outln!("no pending or running tasks");
         return Ok(EXIT_OK);
     }
-    let mut t = Table::new(&["ID", "TYPE", "STATE", "OWNER", "POSTED", "RETRIES"]);
+    let mut t = Table::new(&["ID", "TYPE", "STATE", "OWNER", "POSTED", "RETRIES", "WHY"]);
     for r in &rows {
         t.row(vec![
             r.id.to_string(),
@@ -234,6 +255,7 @@ async fn ls(
             },
             when(r.posted_time),
             r.retries.to_string(),
+            why_for(r).map_or_else(|| "-".to_owned(), short),
         ]);
     }
     t.print();
@@ -241,6 +263,28 @@ async fn ls(
         outln!("(first {limit}; raise --limit for more)");
     }
     Ok(EXIT_OK)
+}
+
+/// Most task types whose why `task ls` looks up (one answer per type, not per task).
+const LS_WHY_TYPES_MAX: usize = 50;
+
+/// The one-line why of each type with waiting tasks among `rows`.
+async fn why_of_waiting(
+    admin: &Admin,
+    rows: &[TaskRow],
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let names: BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.owner_id.is_none())
+        .map(|r| r.name.as_str())
+        .collect();
+    let dead_after = harmonytask::EngineConfig::default().dead_after;
+    let mut out = BTreeMap::new();
+    for name in names.into_iter().take(LS_WHY_TYPES_MAX) {
+        let w = admin.why_type(name, dead_after).await?;
+        out.insert(name.to_owned(), w.summary);
+    }
+    Ok(out)
 }
 
 #[derive(Serialize)]
@@ -304,7 +348,11 @@ async fn show(db_url: &str, json: bool, id: i64) -> anyhow::Result<u8> {
         (None, Some(last)) => Shown {
             id,
             type_name: last.row.name.clone(),
-            state: if last.row.result { "done" } else { "failed" },
+            state: match last.outcome {
+                AttemptResult::Ok => "done",
+                AttemptResult::Cancelled => "cancelled",
+                _ => "failed",
+            },
             owner_id: None,
             owner_host: None,
             posted: Some(last.row.posted),
