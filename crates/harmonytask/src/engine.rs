@@ -73,7 +73,7 @@ struct Shared {
     inbox: Arc<Inbox>,
     flags: Arc<NodeFlags>,
     metrics: EngineMetrics,
-    /// Background loops (scheduler, recorder, heartbeat, reaper, claim and poll jobs).
+    /// Background loops and the scheduler's jobs (claim, poll, bid, release, IAmBored).
     tracker: TaskTracker,
     /// Task attempts.
     runs: TaskTracker,

@@ -23,10 +23,12 @@
 //!
 //! Code map: [`task`] (the programming model), [`engine`] (start, add, shutdown), `scheduler`
 //! (the decisions without I/O in `SchedulerState`, and the actor that performs them),
-//! `runner` (one attempt), `recorder` (batched, fenced outcomes), `machine` (heartbeat, reaper,
-//! ownership), [`retention`] (history pruning, one node at a time), `store` (all engine SQL,
-//! crate-private), [`Admin`] (the operator's reads and writes), [`model`] (value types),
-//! [`resources`]. The deterministic simulator is the crate's own test module `simulation`.
+//! `runner` (one attempt), `recorder` (batched, fenced outcomes), `machine` (heartbeat,
+//! reaper), `ownership` (node flags, the `still_owned` rule), [`retention`] (history pruning,
+//! one node at a time), `store` (all engine SQL, crate-private), [`Admin`] (the operator's
+//! reads and writes), [`model`] (value types), [`resources`]. The layers and their rules are
+//! in `ARCHITECTURE.md`. The deterministic simulator is the crate's own test module
+//! `simulation`.
 
 mod admin;
 mod backoff;

@@ -61,7 +61,7 @@ impl Heartbeat {
             match s.store.machine_heartbeat(s.machine).await {
                 Ok(Some(flags)) => {
                     // The flag is set before the scheduler hears of it, so an attempt it starts
-                    // in between sees the flag and yields at once (see `Scheduler::start`).
+                    // in between sees the flag through `still_owned` (`Ownership::check`).
                     let was = s.flags.cordoned.swap(flags.unschedulable, Ordering::AcqRel);
                     if was != flags.unschedulable {
                         tracing::info!(cordoned = flags.unschedulable, "scheduling flag changed");
