@@ -73,7 +73,6 @@ cost = { ram = "100GiB" }
         "the node to report that big never fits",
         Duration::from_secs(30),
         || {
-            let json = json;
             async move {
                 let w = json(args("task why --type big")).await;
                 (w["nodes"][0]["reason"] == "never_fits").then_some(w)
