@@ -72,11 +72,9 @@ cost = { ram = "100GiB" }
     let w = eventually(
         "the node to report that big never fits",
         Duration::from_secs(30),
-        || {
-            async move {
-                let w = json(args("task why --type big")).await;
-                (w["nodes"][0]["reason"] == "never_fits").then_some(w)
-            }
+        || async move {
+            let w = json(args("task why --type big")).await;
+            (w["nodes"][0]["reason"] == "never_fits").then_some(w)
         },
     )
     .await;

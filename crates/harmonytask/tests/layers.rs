@@ -1,4 +1,7 @@
-//! The crate's module graph has no import cycles, except the ones listed in `TANGLE_ALLOWED`.
+//! The crate's structure, checked from its sources: the module graph has no import cycles
+//! (none are allowed in `TANGLE_ALLOWED`) and every import points down the layers of
+//! ARCHITECTURE.md; the scheduler's decisions do no I/O; only the recorder reports releases;
+//! the binary holds no SQL.
 //!
 //! Value types (ids, candidates, outcomes, history rows, blocked reasons) live in `model` at
 //! the bottom, and the store, hints, status and the scheduler's pure view import them from
@@ -360,4 +363,208 @@ fn the_cycle_check_finds_a_cycle() {
     let found = cycles(&g);
     assert_eq!(found.len(), 1);
     assert_eq!(cycle_through(&g, &found[0], "a"), "a → b → c → a");
+}
+
+/// The crate's layers, bottom to top (ARCHITECTURE.md, "Layers of `harmonytask`"): a module
+/// may import modules of its own layer or below, never above. Submodules of the store count
+/// as the store.
+const LAYERS: &[&[&str]] = &[
+    // 1. Value types and rules.
+    &[
+        "resources",
+        "clock",
+        "backoff",
+        "metrics",
+        "graph",
+        "model",
+        "error",
+        "hint",
+        "status",
+        "config",
+        "name",
+        "lifecycle",
+    ],
+    // 2. The store.
+    &["store"],
+    // 3. The scheduler's pure parts.
+    &[
+        "scheduler::view",
+        "scheduler::admission",
+        "scheduler::state",
+    ],
+    // 4. Handles on shared state.
+    &["ownership", "scheduler::inbox"],
+    // 5. Posting work and declarations.
+    &["client", "follow", "singleton"],
+    // 6. The programming model and the registry.
+    &["task", "registry"],
+    // 7. Loops.
+    &[
+        "retention",
+        "notify",
+        "machine",
+        "follower",
+        "recorder",
+        "runner",
+        "reporter",
+    ],
+    // 8. The scheduler driver.
+    &["scheduler"],
+    // 9. Assembly and the operator API.
+    &["engine", "admin", "why", "simulation", ""],
+];
+
+fn layer_of(module: &str) -> Option<usize> {
+    let module = if module.starts_with("store::") {
+        "store"
+    } else {
+        module
+    };
+    LAYERS.iter().position(|l| l.contains(&module))
+}
+
+#[test]
+fn every_import_points_down_the_layers() {
+    let g = graph();
+    let mut failures = Vec::new();
+    for (from, targets) in &g {
+        let Some(lf) = layer_of(from) else {
+            failures.push(format!("module {from} is in no layer: add it to LAYERS"));
+            continue;
+        };
+        for to in targets {
+            // A parent reaches its own submodules (`scheduler` → `scheduler::state`).
+            if to.starts_with(&format!("{from}::")) || from.is_empty() {
+                continue;
+            }
+            match layer_of(to) {
+                Some(lt) if lt <= lf => {}
+                Some(lt) => failures.push(format!(
+                    "{from} (layer {}) imports {to} (layer {}), which is above it",
+                    lf + 1,
+                    lt + 1
+                )),
+                None => failures.push(format!("module {to} is in no layer: add it to LAYERS")),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The non-test code of a source file.
+fn code_of_file(rel: &str) -> String {
+    code_of(&std::fs::read_to_string(src_dir().join(rel)).unwrap())
+}
+
+#[test]
+fn the_scheduler_decides_without_io() {
+    // Time and randomness come in as arguments; no database, runtime, clock or spawn.
+    for file in [
+        "scheduler/state.rs",
+        "scheduler/admission.rs",
+        "scheduler/view.rs",
+    ] {
+        let code = code_of_file(file);
+        for banned in [
+            "Instant::now",
+            "SystemTime",
+            "SystemClock",
+            "crate::store",
+            "harmonydb::Db",
+            "tokio::spawn",
+            "tokio::sync",
+            "tokio::time::sleep",
+            "fastrand::u",
+            "fastrand::usize",
+            ".await",
+        ] {
+            assert!(
+                !code.contains(banned),
+                "{file} uses {banned}: the scheduler's decisions must not do I/O"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_the_recorder_tells_the_scheduler_what_was_released() {
+    let mut files = Vec::new();
+    rust_files(&src_dir(), &mut files);
+    for f in files {
+        let rel = f
+            .strip_prefix(src_dir())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if ["recorder.rs", "scheduler/state.rs", "simulation.rs"].contains(&rel.as_str()) {
+            continue;
+        }
+        let code = code_of_file(&rel);
+        assert!(
+            !code.contains("Event::Released"),
+            "{rel} sends Event::Released: only the recorder, which knows what its commit \
+             applied, may"
+        );
+    }
+}
+
+#[test]
+fn the_binary_contains_no_sql() {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../harmony/src");
+    let mut files = Vec::new();
+    rust_files(&bin, &mut files);
+    assert!(!files.is_empty(), "no sources under {}", bin.display());
+    for f in files {
+        // SQL sits in string literals, which `code_of` strips: read the source with only its
+        // test modules (which may check rows directly) and comments removed.
+        let raw = std::fs::read_to_string(&f).unwrap();
+        for line in strip_test_modules(&raw).lines() {
+            for kw in [
+                "SELECT ",
+                "INSERT INTO",
+                "DELETE FROM",
+                "UPDATE harmony",
+                "CREATE TABLE",
+            ] {
+                assert!(
+                    !line.contains(kw),
+                    "{} has SQL ({kw}): {line}; SQL belongs in harmonytask's store or harmonydb",
+                    f.display()
+                );
+            }
+        }
+    }
+}
+
+/// The source with `#[cfg(test)]` modules removed, string literals kept.
+fn strip_test_modules(source: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    let mut depth = 0i64;
+    let mut pending = false;
+    for line in source.lines() {
+        let t = line.trim_start();
+        if !skipping && t.starts_with("#[cfg(test)]") {
+            pending = true;
+            continue;
+        }
+        if pending {
+            pending = false;
+            skipping = true;
+            depth = 0;
+        }
+        if skipping {
+            depth += line.matches('{').count() as i64 - line.matches('}').count() as i64;
+            if depth <= 0 && (line.contains('}') || line.trim_end().ends_with(';')) {
+                skipping = false;
+            }
+            continue;
+        }
+        if t.starts_with("//") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
