@@ -11,6 +11,7 @@
 //! | `Bool` | BOOLEAN | 0 / 1 |
 //! | `Timestamp` | TIMESTAMPTZ | TEXT `YYYY-MM-DD HH:MM:SS.fff` (UTC) |
 //! | `IntArray` / `TextArray` / `BoolArray` / `TimestampArray` | `INT8[]` / `TEXT[]` / `BOOL[]` / `TIMESTAMPTZ[]` | JSON array text (read with `json_each`) |
+//! | `BatchColumn` (NULL elements allowed) | `INT8[]` / `TEXT[]` / `BOOL[]` / `TIMESTAMPTZ[]` | JSON array text |
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
 
+use crate::batch::BatchColumn;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The one text format of SQLite timestamps (DESIGN §3): UTC, space separator, milliseconds.
@@ -74,10 +76,16 @@ impl Timestamp {
 
     /// The SQLite text form: `YYYY-MM-DD HH:MM:SS.fff`, UTC.
     pub fn to_sqlite_text(self) -> String {
+        let mut out = String::with_capacity(23);
+        self.write_sqlite_text(&mut out);
+        out
+    }
+
+    /// Appends the SQLite text form to `out` (for batches, which write many into one buffer).
+    pub(crate) fn write_sqlite_text(self, out: &mut String) {
         // The components written directly: a strftime pattern is re-parsed on every call,
         // and timestamps are formatted for every row the engine writes.
         let t = self.to_chrono();
-        let mut out = String::with_capacity(23);
         let _ = write!(
             out,
             "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
@@ -89,7 +97,6 @@ impl Timestamp {
             t.second(),
             t.timestamp_subsec_millis().min(999)
         );
-        out
     }
 
     /// Parses the SQLite text form. Also accepts the `T` separator, a missing fraction and a
@@ -210,6 +217,9 @@ pub enum Value {
     BoolArray(Vec<bool>),
     /// An array of timestamps.
     TimestampArray(Vec<Timestamp>),
+    /// One column of a batch of rows: an array whose elements may be NULL (see
+    /// [`batch_sql!`](crate::batch_sql)).
+    BatchColumn(BatchColumn),
 }
 
 impl Value {
@@ -226,6 +236,7 @@ impl Value {
             Value::TextArray(_) => "text array",
             Value::BoolArray(_) => "boolean array",
             Value::TimestampArray(_) => "timestamp array",
+            Value::BatchColumn(_) => "batch column",
         }
     }
 }
