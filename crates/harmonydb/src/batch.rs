@@ -42,18 +42,20 @@ impl BatchType {
 
 /// One column of a batch, bound on Postgres as one array whose elements may be NULL
 /// (`BIGINT[]`, `TEXT[]`, `BOOLEAN[]`, `TIMESTAMPTZ[]`); on SQLite, should one be bound there,
-/// as a JSON array. Built by [`BatchRows`]; a `None` element is SQL NULL.
+/// as a JSON array. Built only by [`BatchRows`], so its elements are always consistent.
 #[derive(Debug, Clone, PartialEq)]
-pub enum BatchColumn {
+pub struct BatchColumn(pub(crate) Elements);
+
+/// The elements of a [`BatchColumn`]; `None` is SQL NULL.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Elements {
     /// `BIGINT[]`.
     Int(Vec<Option<i64>>),
     /// `TEXT[]`: the elements back to back in `text`; `ends[i]` is where element `i` ends
     /// (it starts where the previous non-NULL element ended), `None` for NULL. One buffer
     /// instead of one `String` per row.
     Text {
-        /// The non-NULL elements, concatenated.
         text: String,
-        /// The end offset of each element in `text`, `None` for NULL.
         ends: Vec<Option<usize>>,
     },
     /// `BOOLEAN[]`.
@@ -64,24 +66,24 @@ pub enum BatchColumn {
 
 impl BatchColumn {
     fn with_capacity(ty: BatchType, rows: usize) -> Self {
-        match ty {
-            BatchType::Int => BatchColumn::Int(Vec::with_capacity(rows)),
-            BatchType::Text => BatchColumn::Text {
+        BatchColumn(match ty {
+            BatchType::Int => Elements::Int(Vec::with_capacity(rows)),
+            BatchType::Text => Elements::Text {
                 text: String::with_capacity(rows * 16),
                 ends: Vec::with_capacity(rows),
             },
-            BatchType::Bool => BatchColumn::Bool(Vec::with_capacity(rows)),
-            BatchType::Timestamp => BatchColumn::Timestamp(Vec::with_capacity(rows)),
-        }
+            BatchType::Bool => Elements::Bool(Vec::with_capacity(rows)),
+            BatchType::Timestamp => Elements::Timestamp(Vec::with_capacity(rows)),
+        })
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        match self {
-            BatchColumn::Int(v) => v.len(),
-            BatchColumn::Text { ends, .. } => ends.len(),
-            BatchColumn::Bool(v) => v.len(),
-            BatchColumn::Timestamp(v) => v.len(),
+        match &self.0 {
+            Elements::Int(v) => v.len(),
+            Elements::Text { ends, .. } => ends.len(),
+            Elements::Bool(v) => v.len(),
+            Elements::Timestamp(v) => v.len(),
         }
     }
 
@@ -92,8 +94,8 @@ impl BatchColumn {
 
     /// The text elements, in order; `None` for NULL. Empty for a column of another type.
     pub fn texts(&self) -> impl Iterator<Item = Option<&str>> {
-        let (text, ends) = match self {
-            BatchColumn::Text { text, ends } => (text.as_str(), ends.as_slice()),
+        let (text, ends) = match &self.0 {
+            Elements::Text { text, ends } => (text.as_str(), ends.as_slice()),
             _ => ("", &[][..]),
         };
         let mut start = 0;
@@ -119,11 +121,11 @@ impl BatchColumn {
             out.push(']');
         }
         let mut out = String::with_capacity(2 + self.len() * 8);
-        match self {
-            BatchColumn::Int(v) => array(&mut out, v.iter().copied(), json::int),
-            BatchColumn::Text { .. } => array(&mut out, self.texts(), json::text),
-            BatchColumn::Bool(v) => array(&mut out, v.iter().copied(), json::bool),
-            BatchColumn::Timestamp(v) => array(&mut out, v.iter().copied(), json::timestamp),
+        match &self.0 {
+            Elements::Int(v) => array(&mut out, v.iter().copied(), json::int),
+            Elements::Text { .. } => array(&mut out, self.texts(), json::text),
+            Elements::Bool(v) => array(&mut out, v.iter().copied(), json::bool),
+            Elements::Timestamp(v) => array(&mut out, v.iter().copied(), json::timestamp),
         }
         out
     }
@@ -262,7 +264,7 @@ impl RowWriter<'_> {
                 }
                 Cell::Json(json)
             }
-            Store::Columns(columns) => Cell::Column(&mut columns[column]),
+            Store::Columns(columns) => Cell::Column(&mut columns[column].0),
         }
     }
 
@@ -270,7 +272,7 @@ impl RowWriter<'_> {
     pub fn int(&mut self, v: Option<i64>) {
         match self.next(BatchType::Int) {
             Cell::Json(json) => json::int(json, v),
-            Cell::Column(BatchColumn::Int(c)) => c.push(v),
+            Cell::Column(Elements::Int(c)) => c.push(v),
             Cell::Column(_) => unreachable!("checked by next"),
         }
     }
@@ -279,7 +281,7 @@ impl RowWriter<'_> {
     pub fn text(&mut self, v: Option<&str>) {
         match self.next(BatchType::Text) {
             Cell::Json(json) => json::text(json, v),
-            Cell::Column(BatchColumn::Text { text, ends }) => ends.push(v.map(|s| {
+            Cell::Column(Elements::Text { text, ends }) => ends.push(v.map(|s| {
                 text.push_str(s);
                 text.len()
             })),
@@ -291,7 +293,7 @@ impl RowWriter<'_> {
     pub fn bool(&mut self, v: Option<bool>) {
         match self.next(BatchType::Bool) {
             Cell::Json(json) => json::bool(json, v),
-            Cell::Column(BatchColumn::Bool(c)) => c.push(v),
+            Cell::Column(Elements::Bool(c)) => c.push(v),
             Cell::Column(_) => unreachable!("checked by next"),
         }
     }
@@ -300,7 +302,7 @@ impl RowWriter<'_> {
     pub fn timestamp(&mut self, v: Option<Timestamp>) {
         match self.next(BatchType::Timestamp) {
             Cell::Json(json) => json::timestamp(json, v),
-            Cell::Column(BatchColumn::Timestamp(c)) => c.push(v),
+            Cell::Column(Elements::Timestamp(c)) => c.push(v),
             Cell::Column(_) => unreachable!("checked by next"),
         }
     }
@@ -321,7 +323,7 @@ impl RowWriter<'_> {
 
 enum Cell<'a> {
     Json(&'a mut String),
-    Column(&'a mut BatchColumn),
+    Column(&'a mut Elements),
 }
 
 /// JSON writers for the cells of a SQLite batch, straight into the one buffer: no value tree
@@ -448,14 +450,18 @@ mod tests {
         assert_eq!(
             params,
             vec![
-                Value::BatchColumn(BatchColumn::Int(vec![Some(7), None, Some(-1)])),
+                Value::BatchColumn(BatchColumn(Elements::Int(vec![Some(7), None, Some(-1)]))),
                 texts.to_value(),
-                Value::BatchColumn(BatchColumn::Bool(vec![Some(false), None, Some(true)])),
-                Value::BatchColumn(BatchColumn::Timestamp(vec![
+                Value::BatchColumn(BatchColumn(Elements::Bool(vec![
+                    Some(false),
+                    None,
+                    Some(true)
+                ]))),
+                Value::BatchColumn(BatchColumn(Elements::Timestamp(vec![
                     Some(Timestamp::from_millis(7)),
                     None,
                     Some(Timestamp::from_millis(-1)),
-                ])),
+                ]))),
             ]
         );
         assert_eq!(texts.to_json(), r#"["héllo",null,""]"#);
