@@ -83,20 +83,34 @@ impl Timestamp {
 
     /// Appends the SQLite text form to `out` (for batches, which write many into one buffer).
     pub(crate) fn write_sqlite_text(self, out: &mut String) {
-        // The components written directly: a strftime pattern is re-parsed on every call,
-        // and timestamps are formatted for every row the engine writes.
-        let t = self.to_chrono();
-        let _ = write!(
-            out,
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.timestamp_subsec_millis().min(999)
-        );
+        // The digits written directly: a strftime pattern is re-parsed on every call, and
+        // even `write!` costs several times more, while a timestamp is formatted for every
+        // timestamp parameter and several times for every history row the engine writes.
+        let t = self.to_chrono().naive_utc();
+        let year = t.year();
+        if !(0..=9999).contains(&year) {
+            let _ = write!(out, "{}", t.format(SQLITE_TIMESTAMP_FORMAT));
+            return;
+        }
+        let millis = t.and_utc().timestamp_subsec_millis().min(999);
+        for (value, width, then) in [
+            (year as u32, 4, Some('-')),
+            (t.month(), 2, Some('-')),
+            (t.day(), 2, Some(' ')),
+            (t.hour(), 2, Some(':')),
+            (t.minute(), 2, Some(':')),
+            (t.second(), 2, Some('.')),
+            (millis, 3, None),
+        ] {
+            let mut digits = [b'0'; 4];
+            let mut rest = value;
+            for slot in digits[..width].iter_mut().rev() {
+                *slot = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            out.extend(digits[..width].iter().map(|d| char::from(*d)));
+            out.extend(then);
+        }
     }
 
     /// Parses the SQLite text form. Also accepts the `T` separator, a missing fraction and a
@@ -701,6 +715,21 @@ mod tests {
             let s = t.to_sqlite_text();
             assert_eq!(s, t.to_chrono().format(SQLITE_TIMESTAMP_FORMAT).to_string());
             assert_eq!(Timestamp::parse_sqlite_text(&s).unwrap(), t);
+        }
+        // Every millisecond of a day and years far apart, the ones outside 0000-9999 too,
+        // format as the pattern does.
+        for ms in (0..86_400_000i64).step_by(86_400_000 / 5_000 + 7).chain([
+            -62_167_219_200_001,
+            -1,
+            253_402_300_799_999,
+            253_402_300_800_000,
+        ]) {
+            let t = Timestamp::from_millis(ms);
+            assert_eq!(
+                t.to_sqlite_text(),
+                t.to_chrono().format(SQLITE_TIMESTAMP_FORMAT).to_string(),
+                "{ms}"
+            );
         }
         // Near misses of the exact form fall back to the general parser or are refused.
         assert!(Timestamp::parse_sqlite_text("2023-13-14 22:13:20.123").is_err());
