@@ -65,6 +65,45 @@ pub struct AttemptStart {
     pub started_us: i64,
 }
 
+harmonydb::batch_sql! {
+    /// Attempt starts, inserted in the caller's order.
+    struct AttemptStarts;
+    "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us)
+     SELECT a.task_id, a.machine_id, a.started, a.started_us FROM "
+    rows($1) as a {
+        task_id: bigint,
+        machine_id: bigint,
+        started: timestamptz,
+        started_us: bigint,
+    }
+    " ORDER BY a.ord RETURNING id"
+}
+
+harmonydb::batch_sql! {
+    /// Whole attempts, start and end at once.
+    struct WholeAttempts;
+    "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us, ended)
+     SELECT a.task_id, a.machine_id, a.started, a.started_us, a.ended FROM "
+    rows($1) as a {
+        task_id: bigint,
+        machine_id: bigint,
+        started: timestamptz,
+        started_us: bigint,
+        ended: timestamptz,
+    }
+}
+
+harmonydb::batch_sql! {
+    /// Ends of attempts logged earlier, by attempt id.
+    struct AttemptEnds;
+    "UPDATE harmony_test_attempt SET ended = e.ended FROM "
+    rows($1) as e {
+        id: bigint,
+        ended: timestamptz,
+    }
+    " WHERE harmony_test_attempt.id = e.id"
+}
+
 impl BenchStore {
     /// Wraps a database handle.
     pub fn new(db: Db) -> Self {
@@ -169,104 +208,38 @@ impl BenchStore {
         let ids = self
             .db
             .transaction_with(harmonydb::TxOptions::retry(), |tx| async move {
-                let mut ids = Vec::new();
-                match tx.dialect() {
-                    Dialect::Sqlite => {
-                        if !starts.is_empty() {
-                            let json = serde_json::Value::Array(
-                                starts
-                                    .iter()
-                                    .map(|a| serde_json::json!([a.task.0, a.machine.0, a.started.to_sqlite_text(), a.started_us]))
-                                    .collect(),
-                            )
-                            .to_string();
-                            let rows: Vec<(i64,)> = tx
-                                .select(
-                                    "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us)
-                                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) ORDER BY key
-                                     RETURNING id",
-                                    &[&json],
-                                )
-                                .await?;
-                            ids = rows.into_iter().map(|r| r.0).collect();
-                        }
-                        if !wholes.is_empty() {
-                            let json = serde_json::Value::Array(
-                                wholes
-                                    .iter()
-                                    .map(|w| {
-                                        let a = &w.start;
-                                        serde_json::json!([a.task.0, a.machine.0, a.started.to_sqlite_text(), a.started_us, w.ended.to_sqlite_text()])
-                                    })
-                                    .collect(),
-                            )
-                            .to_string();
-                            tx.exec(
-                                "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us, ended)
-                                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each($1)",
-                                &[&json],
-                            )
-                            .await?;
-                        }
-                        if !ends.is_empty() {
-                            let json = serde_json::Value::Array(
-                                ends.iter().map(|(id, t)| serde_json::json!([id, t.to_sqlite_text()])).collect(),
-                            )
-                            .to_string();
-                            tx.exec(
-                                "UPDATE harmony_test_attempt SET ended = j.value ->> 1
-                                 FROM json_each($1) AS j WHERE harmony_test_attempt.id = j.value ->> 0",
-                                &[&json],
-                            )
-                            .await?;
-                        }
-                    }
-                    Dialect::Postgres => {
-                        // Test and benchmark bookkeeping: it need not wait for fsync, and the
-                        // tasks it measures should not queue behind its commits. (A database
-                        // crash could lose the last few rows; no test crashes the database.)
-                        tx.exec("SET LOCAL synchronous_commit = off", &[]).await?;
-                        if !starts.is_empty() {
-                            let tasks: Vec<i64> = starts.iter().map(|a| a.task.0).collect();
-                            let machines: Vec<i64> = starts.iter().map(|a| a.machine.0).collect();
-                            let started: Vec<Timestamp> = starts.iter().map(|a| a.started).collect();
-                            let us: Vec<i64> = starts.iter().map(|a| a.started_us).collect();
-                            let rows: Vec<(i64,)> = tx
-                                .select(
-                                    "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us)
-                                     SELECT u.t, u.m, u.s, u.us
-                                     FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[]) WITH ORDINALITY AS u(t, m, s, us, ord)
-                                     ORDER BY u.ord RETURNING id",
-                                    &[&tasks, &machines, &started, &us],
-                                )
-                                .await?;
-                            ids = rows.into_iter().map(|r| r.0).collect();
-                        }
-                        if !wholes.is_empty() {
-                            let tasks: Vec<i64> = wholes.iter().map(|w| w.start.task.0).collect();
-                            let machines: Vec<i64> = wholes.iter().map(|w| w.start.machine.0).collect();
-                            let started: Vec<Timestamp> = wholes.iter().map(|w| w.start.started).collect();
-                            let us: Vec<i64> = wholes.iter().map(|w| w.start.started_us).collect();
-                            let ended: Vec<Timestamp> = wholes.iter().map(|w| w.ended).collect();
-                            tx.exec(
-                                "INSERT INTO harmony_test_attempt (task_id, machine_id, started, started_us, ended)
-                                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], $5::timestamptz[])",
-                                &[&tasks, &machines, &started, &us, &ended],
-                            )
-                            .await?;
-                        }
-                        if !ends.is_empty() {
-                            let attempt: Vec<i64> = ends.iter().map(|e| e.0).collect();
-                            let ended: Vec<Timestamp> = ends.iter().map(|e| e.1).collect();
-                            tx.exec(
-                                "UPDATE harmony_test_attempt a SET ended = u.e
-                                 FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, e) WHERE a.id = u.id",
-                                &[&attempt, &ended],
-                            )
-                            .await?;
-                        }
-                    }
+                let dialect = tx.dialect();
+                if dialect == Dialect::Postgres {
+                    // Test and benchmark bookkeeping: it need not wait for fsync, and the
+                    // tasks it measures should not queue behind its commits. (A database
+                    // crash could lose the last few rows; no test crashes the database.)
+                    tx.exec("SET LOCAL synchronous_commit = off", &[]).await?;
                 }
+                let mut ids = Vec::new();
+                if !starts.is_empty() {
+                    let mut rows = AttemptStarts::new(dialect, starts.len());
+                    for a in starts {
+                        rows.push(a.task.0, a.machine.0, a.started, a.started_us);
+                    }
+                    let returned: Vec<(i64,)> = tx.select(rows.sql(), &rows.params(&[])).await?;
+                    ids = returned.into_iter().map(|r| r.0).collect();
+                }
+                if !wholes.is_empty() {
+                    let mut rows = WholeAttempts::new(dialect, wholes.len());
+                    for w in wholes {
+                        let a = &w.start;
+                        rows.push(a.task.0, a.machine.0, a.started, a.started_us, w.ended);
+                    }
+                    tx.exec(rows.sql(), &rows.params(&[])).await?;
+                }
+                if !ends.is_empty() {
+                    let mut rows = AttemptEnds::new(dialect, ends.len());
+                    for (id, ended) in ends {
+                        rows.push(*id, *ended);
+                    }
+                    tx.exec(rows.sql(), &rows.params(&[])).await?;
+                }
+                // The starts are inserted in batch order, so ascending ids are in their order.
                 ids.sort_unstable();
                 Ok(Some(ids))
             })
@@ -283,4 +256,69 @@ impl BenchStore {
             )
             .await
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use harmony_testkit::TestDb;
+
+    use super::*;
+
+    fn start(task: i64, ms: i64) -> AttemptStart {
+        AttemptStart {
+            task: TaskId(task),
+            machine: MachineId(3),
+            started: Timestamp::from_millis(1_700_000_000_000 + ms),
+            started_us: (1_700_000_000_000 + ms) * 1_000 + 17,
+        }
+    }
+
+    /// Starts come back with their ids in the order given, ends land on the attempts they
+    /// name, and a whole attempt is logged with both; every field as written.
+    async fn attempts_log_round_trips(t: &TestDb) {
+        let store = BenchStore::new(t.db.clone());
+        let starts = [start(12, 5), start(10, 1), start(11, 3)];
+        let ids = store.attempts_log(&starts, &[], &[]).await.unwrap();
+        assert_eq!(ids.len(), 3);
+        let whole = AttemptWhole {
+            start: start(13, 7),
+            ended: Timestamp::from_millis(1_700_000_000_900),
+        };
+        let end = Timestamp::from_millis(1_700_000_000_500);
+        let more = store
+            .attempts_log(
+                &[start(14, 9)],
+                std::slice::from_ref(&whole),
+                &[(ids[0], end), (ids[2], end)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(more.len(), 1);
+        assert!(more[0] > ids[2]);
+
+        let rows = store.attempts().await.unwrap();
+        let got: Vec<(i64, i64, Timestamp, Option<Timestamp>, i64)> = rows
+            .iter()
+            .map(|r| (r.task_id, r.machine_id, r.started, r.ended, r.started_us))
+            .collect();
+        let row = |s: &AttemptStart, ended| (s.task.0, 3, s.started, ended, s.started_us);
+        assert_eq!(
+            got,
+            vec![
+                row(&starts[1], None),
+                row(&starts[2], Some(end)),
+                row(&starts[0], Some(end)),
+                row(&whole.start, Some(whole.ended)),
+                row(&start(14, 9), None),
+            ]
+        );
+        let by_task = |task: i64| rows.iter().find(|r| r.task_id == task).unwrap().id;
+        assert_eq!(
+            ids,
+            vec![by_task(12), by_task(10), by_task(11)],
+            "ids in start order"
+        );
+    }
+
+    harmony_testkit::both_backends!(attempts_log_round_trips);
 }

@@ -1,5 +1,8 @@
-//! `#[derive(FromRow)]` for `harmonydb`: builds a struct from a result row, reading each
-//! named field from the column of the same name.
+//! The procedural macros of `harmonydb`: `#[derive(FromRow)]`, and the statement writer
+//! behind `harmonydb::batch_sql!` (documented there; see `batch.rs`).
+//!
+//! `#[derive(FromRow)]` builds a struct from a result row, reading each named field from the
+//! column of the same name.
 //!
 //! Field attributes:
 //! * `#[harmonydb(rename = "col")]` reads column `col` instead of the field name;
@@ -78,4 +81,18 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             }
         }
     })
+}
+
+mod batch;
+
+/// The implementation of `harmonydb::batch_sql!`, which documents it; called through that
+/// macro, which passes the path of `harmonydb` first (`$crate; …`).
+#[doc(hidden)]
+#[proc_macro]
+pub fn batch_sql(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as batch::BatchSql);
+    match input.expand() {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
 }

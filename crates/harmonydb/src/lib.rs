@@ -26,6 +26,7 @@
 
 extern crate self as harmonydb;
 
+mod batch;
 mod config;
 mod error;
 mod metrics;
@@ -43,12 +44,15 @@ use crossbeam_channel as cb;
 use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot};
 
+pub use batch::{BatchColumn, BatchRows, BatchType, RowWriter};
 pub use config::{
     BackendConfig, DEFAULT_SCHEMA, DEFAULT_URL, DbConfig, PgHost, PostgresConfig, SqliteConfig,
     Synchronous, TlsMode,
 };
 pub use error::{Error, ErrorKind, Result, redact};
 pub use harmonydb_derive::FromRow;
+#[doc(hidden)]
+pub use harmonydb_derive::batch_sql as __batch_sql;
 pub use metrics::DbMetrics;
 pub use migrate::{MigrationInfo, MigrationStatus};
 pub use notify::{Notification, NotifyListener};
@@ -104,8 +108,8 @@ impl Dialect {
     }
 }
 
-/// One statement written for both dialects, as [`id_list_sql!`] builds it; pick the text with
-/// [`PerDialect::get`].
+/// One statement written for both dialects, as [`id_list_sql!`] and [`batch_sql!`] build it;
+/// pick the text with [`PerDialect::get`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PerDialect {
     /// The SQLite text.
@@ -157,6 +161,111 @@ macro_rules! id_list_sql {
             ),
             postgres: concat!($before, $column, " = ANY($", $param, "::bigint[])", $after),
         }
+    };
+}
+
+/// A statement over a batch of rows — many rows inserted, updated or matched by one
+/// statement — written once for both dialects, with the type that holds and binds its rows.
+///
+/// The rows are a row source named `alias` whose columns are declared once, with their SQL
+/// types; the statement reads them as `alias.column`, and `alias.ord` is each row's position
+/// in the batch (from 1), for statements that keep the batch's order. The macro writes the
+/// source for each dialect:
+///
+/// * SQLite: `(SELECT key + 1 AS ord, value ->> 0 AS c0, … FROM json_each($N)) AS alias`,
+///   reading **one** parameter, a JSON array of row arrays;
+/// * Postgres: `unnest($N::type0[], $N+1::type1[], …) WITH ORDINALITY AS alias(c0, …, ord)`,
+///   reading **one array per column**.
+///
+/// The batch's parameters come last (the macro refuses a placeholder at or after `$N` in the
+/// text), so the statement's other placeholders have the same numbers in both dialects.
+/// Column types are `bigint` (`i64`), `text` (`&str`), `boolean` (`bool`) and `timestamptz`
+/// ([`Timestamp`]); `Option<type>` allows NULL. Like every statement of this crate the text
+/// is `&'static str`, assembled at compile time from the literals and the declared names;
+/// values are only ever bound.
+///
+/// The macro declares a type (`struct NAME;`, with the attributes and visibility given) with
+/// `NAME::SQL` (the [`PerDialect`] text), `NAME::new(dialect, capacity)`, `push(…)` taking
+/// one argument per column in order, `sql()` (the text for the batch's dialect) and
+/// `params(lead)` (the parameters: `lead` for `$1…$N-1`, then the batch). The rows are held
+/// as the dialect binds them ([`BatchRows`]): written straight into one JSON buffer on SQLite,
+/// appended to per-column arrays on Postgres, so a row costs no allocation of its own.
+///
+/// ```
+/// use harmonydb::{Dialect, Timestamp};
+///
+/// harmonydb::batch_sql! {
+///     /// History rows, in outcome order, all recorded by one host.
+///     struct HistoryRows;
+///     "INSERT INTO harmony_task_history (task_id, name, work_end, result, err, completed_by_host_and_port)
+///      SELECT h.task_id, h.name, h.work_end, h.result, h.err, $1 FROM "
+///     rows($2) as h {
+///         task_id: bigint,
+///         name: text,
+///         work_end: timestamptz,
+///         result: boolean,
+///         err: Option<text>,
+///     }
+///     " ORDER BY h.ord RETURNING id"
+/// }
+///
+/// assert_eq!(
+///     HistoryRows::SQL.get(Dialect::Sqlite),
+///     "INSERT INTO harmony_task_history (task_id, name, work_end, result, err, completed_by_host_and_port)
+///      SELECT h.task_id, h.name, h.work_end, h.result, h.err, $1 FROM \
+///      (SELECT key + 1 AS ord, value ->> 0 AS task_id, value ->> 1 AS name, value ->> 2 AS work_end, \
+///      value ->> 3 AS result, value ->> 4 AS err FROM json_each($2)) AS h ORDER BY h.ord RETURNING id"
+/// );
+/// assert_eq!(
+///     HistoryRows::SQL.get(Dialect::Postgres),
+///     "INSERT INTO harmony_task_history (task_id, name, work_end, result, err, completed_by_host_and_port)
+///      SELECT h.task_id, h.name, h.work_end, h.result, h.err, $1 FROM \
+///      unnest($2::bigint[], $3::text[], $4::timestamptz[], $5::boolean[], $6::text[]) \
+///      WITH ORDINALITY AS h(task_id, name, work_end, result, err, ord) ORDER BY h.ord RETURNING id"
+/// );
+///
+/// let mut rows = HistoryRows::new(Dialect::Sqlite, 2);
+/// rows.push(7, "SDR", Timestamp::from_millis(1_000), true, None);
+/// rows.push(8, "it's \"quoted\"", Timestamp::from_millis(2_000), false, Some("boom"));
+/// let params = rows.params(&[&"host:1234"]);
+/// assert_eq!(params.len(), 2); // $1 and the one JSON parameter; on Postgres, 1 + 5 arrays
+/// assert_eq!(
+///     params[1].to_value(),
+///     harmonydb::Value::Text(
+///         r#"[[7,"SDR","1970-01-01 00:00:01.000",1,null],[8,"it's \"quoted\"","1970-01-01 00:00:02.000",0,"boom"]]"#
+///             .into()
+///     )
+/// );
+/// # async fn run(tx: &harmonydb::Tx, rows: &HistoryRows) -> harmonydb::Result<()> {
+/// # use harmonydb::Executor;
+/// let ids: Vec<(i64,)> = tx.select(rows.sql(), &rows.params(&[&"host:1234"])).await?;
+/// # Ok(()) }
+/// ```
+///
+/// A placeholder after the batch would be numbered differently in each dialect, so it does
+/// not compile:
+///
+/// ```compile_fail
+/// harmonydb::batch_sql! {
+///     struct Ends;
+///     "UPDATE harmony_test_attempt SET ended = e.ended FROM "
+///     rows($1) as e { id: bigint, ended: timestamptz }
+///     " WHERE harmony_test_attempt.id = e.id AND machine_id = $2"
+/// }
+/// ```
+///
+/// Neither does a column type outside the four:
+///
+/// ```compile_fail
+/// harmonydb::batch_sql! {
+///     struct Scores;
+///     "INSERT INTO score (v) SELECT s.v FROM " rows($1) as s { v: real }
+/// }
+/// ```
+#[macro_export]
+macro_rules! batch_sql {
+    ($($body:tt)*) => {
+        $crate::__batch_sql! { $crate; $($body)* }
     };
 }
 

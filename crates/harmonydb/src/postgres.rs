@@ -25,6 +25,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
+use crate::batch::Elements;
 use crate::config::{PostgresConfig, TlsMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::DbMetrics;
@@ -606,6 +607,21 @@ impl ToSql for Value {
                 Type::TIMESTAMPTZ_ARRAY => v
                     .iter()
                     .map(|t| t.to_chrono())
+                    .collect::<Vec<_>>()
+                    .to_sql(ty, out),
+                _ => Err(type_error(self, ty)),
+            },
+            // The element types are checked here because the array encoders write each
+            // element in the form of the element type they are given, whatever it is.
+            Value::BatchColumn(c) => match &c.0 {
+                Elements::Int(v) if *ty == Type::INT8_ARRAY => v.to_sql(ty, out),
+                Elements::Text { .. } if *ty == Type::TEXT_ARRAY || *ty == Type::VARCHAR_ARRAY => {
+                    c.texts().collect::<Vec<_>>().to_sql(ty, out)
+                }
+                Elements::Bool(v) if *ty == Type::BOOL_ARRAY => v.to_sql(ty, out),
+                Elements::Timestamp(v) if *ty == Type::TIMESTAMPTZ_ARRAY => v
+                    .iter()
+                    .map(|t| t.map(Timestamp::to_chrono))
                     .collect::<Vec<_>>()
                     .to_sql(ty, out),
                 _ => Err(type_error(self, ty)),

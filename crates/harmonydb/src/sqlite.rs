@@ -957,6 +957,7 @@ impl rusqlite::ToSql for SqlValue<'_> {
                 let texts: Vec<String> = v.iter().map(|t| t.to_sqlite_text()).collect();
                 ToSqlOutput::from(serde_json::to_string(&texts).unwrap_or_default())
             }
+            Value::BatchColumn(c) => ToSqlOutput::from(c.to_json()),
         })
     }
 }

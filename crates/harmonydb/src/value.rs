@@ -11,6 +11,7 @@
 //! | `Bool` | BOOLEAN | 0 / 1 |
 //! | `Timestamp` | TIMESTAMPTZ | TEXT `YYYY-MM-DD HH:MM:SS.fff` (UTC) |
 //! | `IntArray` / `TextArray` / `BoolArray` / `TimestampArray` | `INT8[]` / `TEXT[]` / `BOOL[]` / `TIMESTAMPTZ[]` | JSON array text (read with `json_each`) |
+//! | `BatchColumn` (NULL elements allowed) | `INT8[]` / `TEXT[]` / `BOOL[]` / `TIMESTAMPTZ[]` | JSON array text |
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
 
+use crate::batch::BatchColumn;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The one text format of SQLite timestamps (DESIGN §3): UTC, space separator, milliseconds.
@@ -74,22 +76,41 @@ impl Timestamp {
 
     /// The SQLite text form: `YYYY-MM-DD HH:MM:SS.fff`, UTC.
     pub fn to_sqlite_text(self) -> String {
-        // The components written directly: a strftime pattern is re-parsed on every call,
-        // and timestamps are formatted for every row the engine writes.
-        let t = self.to_chrono();
         let mut out = String::with_capacity(23);
-        let _ = write!(
-            out,
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.timestamp_subsec_millis().min(999)
-        );
+        self.write_sqlite_text(&mut out);
         out
+    }
+
+    /// Appends the SQLite text form to `out` (for batches, which write many into one buffer).
+    pub(crate) fn write_sqlite_text(self, out: &mut String) {
+        // The digits written directly: a strftime pattern is re-parsed on every call, and
+        // even `write!` costs several times more, while a timestamp is formatted for every
+        // timestamp parameter and several times for every history row the engine writes.
+        let t = self.to_chrono().naive_utc();
+        let year = t.year();
+        if !(0..=9999).contains(&year) {
+            let _ = write!(out, "{}", t.format(SQLITE_TIMESTAMP_FORMAT));
+            return;
+        }
+        let millis = t.and_utc().timestamp_subsec_millis().min(999);
+        for (value, width, then) in [
+            (year as u32, 4, Some('-')),
+            (t.month(), 2, Some('-')),
+            (t.day(), 2, Some(' ')),
+            (t.hour(), 2, Some(':')),
+            (t.minute(), 2, Some(':')),
+            (t.second(), 2, Some('.')),
+            (millis, 3, None),
+        ] {
+            let mut digits = [b'0'; 4];
+            let mut rest = value;
+            for slot in digits[..width].iter_mut().rev() {
+                *slot = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            out.extend(digits[..width].iter().map(|d| char::from(*d)));
+            out.extend(then);
+        }
     }
 
     /// Parses the SQLite text form. Also accepts the `T` separator, a missing fraction and a
@@ -210,6 +231,9 @@ pub enum Value {
     BoolArray(Vec<bool>),
     /// An array of timestamps.
     TimestampArray(Vec<Timestamp>),
+    /// One column of a batch of rows: an array whose elements may be NULL (see
+    /// [`batch_sql!`](crate::batch_sql)).
+    BatchColumn(BatchColumn),
 }
 
 impl Value {
@@ -226,6 +250,7 @@ impl Value {
             Value::TextArray(_) => "text array",
             Value::BoolArray(_) => "boolean array",
             Value::TimestampArray(_) => "timestamp array",
+            Value::BatchColumn(_) => "batch column",
         }
     }
 }
@@ -690,6 +715,21 @@ mod tests {
             let s = t.to_sqlite_text();
             assert_eq!(s, t.to_chrono().format(SQLITE_TIMESTAMP_FORMAT).to_string());
             assert_eq!(Timestamp::parse_sqlite_text(&s).unwrap(), t);
+        }
+        // Every millisecond of a day and years far apart, the ones outside 0000-9999 too,
+        // format as the pattern does.
+        for ms in (0..86_400_000i64).step_by(86_400_000 / 5_000 + 7).chain([
+            -62_167_219_200_001,
+            -1,
+            253_402_300_799_999,
+            253_402_300_800_000,
+        ]) {
+            let t = Timestamp::from_millis(ms);
+            assert_eq!(
+                t.to_sqlite_text(),
+                t.to_chrono().format(SQLITE_TIMESTAMP_FORMAT).to_string(),
+                "{ms}"
+            );
         }
         // Near misses of the exact form fall back to the general parser or are refused.
         assert!(Timestamp::parse_sqlite_text("2023-13-14 22:13:20.123").is_err());

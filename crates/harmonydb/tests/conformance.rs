@@ -44,6 +44,8 @@ conformance!(
     timestamps_round_trip,
     arrays_bind_per_dialect,
     id_list_sql_on_both_dialects,
+    batch_sql_inserts_and_updates_on_both_dialects,
+    batch_sql_empty_and_large_batches,
     streaming_rows,
     migrations_are_idempotent_and_checked,
     concurrent_opens_migrate_once,
@@ -617,6 +619,216 @@ async fn id_list_sql_on_both_dialects(t: &TestDb) {
         .await
         .unwrap();
     assert_eq!(left, 3);
+}
+
+harmonydb::batch_sql! {
+    /// Probe rows: every column type, every one nullable but the label.
+    struct ProbeRows;
+    "INSERT INTO batch_probe (label, at, flag, n, tag) SELECT p.label, p.at, p.flag, p.n, $1 FROM "
+    rows($2) as p {
+        label: text,
+        at: Option<timestamptz>,
+        flag: Option<boolean>,
+        n: Option<bigint>,
+        note: Option<text>,
+    }
+    " WHERE p.note IS NULL OR p.note <> 'skip' ORDER BY p.ord RETURNING id"
+}
+
+harmonydb::batch_sql! {
+    /// New labels and flags by id.
+    struct ProbeUpdates;
+    "UPDATE batch_probe SET label = u.label, flag = u.flag, tag = $1 FROM "
+    rows($2) as u {
+        id: bigint,
+        label: Option<text>,
+        flag: Option<boolean>,
+    }
+    " WHERE batch_probe.id = u.id"
+}
+
+async fn create_batch_probe(db: &Db) {
+    let ddl = db.dialect().pick(
+        "CREATE TABLE batch_probe (id INTEGER PRIMARY KEY AUTOINCREMENT, label TEXT, at TEXT, flag INTEGER, n INTEGER, tag TEXT)",
+        "CREATE TABLE batch_probe (id BIGSERIAL PRIMARY KEY, label TEXT, at TIMESTAMPTZ, flag BOOLEAN, n BIGINT, tag TEXT)",
+    );
+    db.exec_script(ddl).await.unwrap();
+}
+
+type Probe = (
+    i64,
+    Option<String>,
+    Option<Timestamp>,
+    Option<bool>,
+    Option<i64>,
+    String,
+);
+
+async fn probes(db: &Db) -> Vec<Probe> {
+    db.select(
+        "SELECT id, label, at, flag, n, tag FROM batch_probe ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
+/// A batch written by `batch_sql!` inserts rows in batch order and updates rows by key on both
+/// dialects, and NULLs, quotes, backslashes, unicode, timestamps (before the epoch too),
+/// booleans and extreme integers come back the same from both.
+async fn batch_sql_inserts_and_updates_on_both_dialects(t: &TestDb) {
+    let db = &t.db;
+    create_batch_probe(db).await;
+    let labels = [
+        "plain",
+        "it's \"quoted\"",
+        "back\\slash / and \\u0041 literally",
+        "new\nline\ttab\r",
+        "ünïcødé ✓ 🦀 日本",
+        "'); DROP TABLE batch_probe; --",
+        "",
+        "skipped by the WHERE",
+    ];
+    let stamps = [
+        Some(Timestamp::from_millis(1_767_225_600_007)),
+        Some(Timestamp::from_millis(-1)),
+        None,
+        Some(Timestamp::from_millis(0)),
+        Some(Timestamp::from_millis(4_102_444_800_999)),
+        None,
+        Some(Timestamp::from_millis(951_782_400_001)),
+        None,
+    ];
+    let flags = [
+        Some(true),
+        Some(false),
+        None,
+        Some(true),
+        None,
+        Some(false),
+        Some(true),
+        None,
+    ];
+    let ns = [
+        Some(0),
+        Some(i64::MAX),
+        Some(i64::MIN),
+        None,
+        Some(-7),
+        Some(42),
+        None,
+        Some(1),
+    ];
+    let mut rows = ProbeRows::new(db.dialect(), labels.len());
+    for i in 0..labels.len() {
+        let note = match i {
+            7 => Some("skip"),
+            0 => Some("kept"),
+            _ => None,
+        };
+        rows.push(labels[i], stamps[i], flags[i], ns[i], note);
+    }
+    let ids: Vec<(i64,)> = db
+        .select(rows.sql(), &rows.params(&[&"first"]))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 7, "the row the WHERE skips is not inserted");
+    let got = probes(db).await;
+    let want: Vec<Probe> = (0..7)
+        .map(|i| {
+            (
+                got[i].0,
+                Some(labels[i].to_owned()),
+                stamps[i],
+                flags[i],
+                ns[i],
+                "first".to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "rows come back as bound, in batch order");
+    let mut returned: Vec<i64> = ids.into_iter().map(|r| r.0).collect();
+    returned.sort_unstable();
+    assert_eq!(returned, got.iter().map(|r| r.0).collect::<Vec<_>>());
+
+    // Update three rows by id; one of the ids matches nothing.
+    let mut updates = ProbeUpdates::new(db.dialect(), 3);
+    updates.push(got[1].0, None, Some(true));
+    updates.push(got[4].0, Some("ça «marche» \\ \"ok\""), None);
+    updates.push(999_999, Some("nobody"), Some(false));
+    let n = db
+        .exec(updates.sql(), &updates.params(&[&"second"]))
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let after = probes(db).await;
+    let mut want = want;
+    want[1].1 = None;
+    want[1].3 = Some(true);
+    want[1].5 = "second".to_owned();
+    want[4].1 = Some("ça «marche» \\ \"ok\"".to_owned());
+    want[4].3 = None;
+    want[4].5 = "second".to_owned();
+    assert_eq!(after, want);
+
+    // Inside a transaction, with the batch as the only parameters after the lead.
+    let more = ProbeRows::new(db.dialect(), 0);
+    let done = db
+        .transaction(|tx| {
+            let more = &more;
+            async move {
+                let ids: Vec<(i64,)> = tx.select(more.sql(), &more.params(&[&"tx"])).await?;
+                Ok(Some(ids.len()))
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(done, Some(0));
+}
+
+/// An empty batch changes nothing; a batch of a few thousand rows keeps its order.
+async fn batch_sql_empty_and_large_batches(t: &TestDb) {
+    let db = &t.db;
+    create_batch_probe(db).await;
+    let empty = ProbeRows::new(db.dialect(), 0);
+    let ids: Vec<(i64,)> = db
+        .select(empty.sql(), &empty.params(&[&"none"]))
+        .await
+        .unwrap();
+    assert!(ids.is_empty());
+    let empty = ProbeUpdates::new(db.dialect(), 0);
+    assert_eq!(
+        db.exec(empty.sql(), &empty.params(&[&"none"]))
+            .await
+            .unwrap(),
+        0
+    );
+
+    let count = 5_000;
+    let labels: Vec<String> = (0..count).map(|i| format!("row {i}")).collect();
+    let mut rows = ProbeRows::new(db.dialect(), count);
+    for (i, label) in labels.iter().enumerate() {
+        let i = i as i64;
+        rows.push(
+            label,
+            Some(Timestamp::from_millis(i)),
+            Some(i % 2 == 0),
+            Some(i),
+            None,
+        );
+    }
+    let ids: Vec<(i64,)> = db
+        .select(rows.sql(), &rows.params(&[&"big"]))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), count);
+    let got = probes(db).await;
+    let order: Vec<Option<i64>> = got.iter().map(|r| r.4).collect();
+    assert_eq!(order, (0..count as i64).map(Some).collect::<Vec<_>>());
+    assert!(
+        got.iter()
+            .all(|r| r.1.as_deref() == Some(&labels[r.4.unwrap() as usize]))
+    );
 }
 
 async fn streaming_rows(t: &TestDb) {

@@ -4,6 +4,8 @@
 //! dialects need different SQL the statement is written twice and picked with
 //! [`Dialect::pick`]; everything else is shared. Batched statements pass arrays: Postgres
 //! binds real arrays (`= ANY($1)`, `unnest`), SQLite binds JSON text read with `json_each`.
+//! Both are written once for both dialects: a list of ids with `harmonydb::id_list_sql!`,
+//! rows of several columns with `harmonydb::batch_sql!`, which declares the columns once.
 //!
 //! Timestamps of task rows come from the engine's injected clock (bound parameters); machine
 //! liveness (`last_contact`, the reaper's cutoff) uses the database server's clock, so that

@@ -163,16 +163,16 @@ impl Store {
                  RETURNING task_id",
             ),
         };
-        let delete_args = dialect.pick(
+        let delete_args = harmonydb::id_list_sql!(
             "DELETE FROM harmony_task_args
-             WHERE task_id IN (SELECT value FROM json_each($1))
+             WHERE ",
+            "task_id",
+            1,
+            "
                AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = harmony_task_args.task_id)
-               AND NOT EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = harmony_task_args.task_id)",
-            "DELETE FROM harmony_task_args
-             WHERE task_id = ANY($1::bigint[])
-               AND NOT EXISTS (SELECT 1 FROM harmony_task t WHERE t.id = harmony_task_args.task_id)
-               AND NOT EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = harmony_task_args.task_id)",
-        );
+               AND NOT EXISTS (SELECT 1 FROM harmony_task_history h WHERE h.task_id = harmony_task_args.task_id)"
+        )
+        .get(dialect);
         let name = name.unwrap_or("");
         let done = self
             .db

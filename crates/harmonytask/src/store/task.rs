@@ -478,102 +478,73 @@ impl Store {
     }
 }
 
+harmonydb::batch_sql! {
+    /// The history rows of one recording batch, one per outcome, in outcome order.
+    struct HistoryRows;
+    "INSERT INTO harmony_task_history (task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port)
+     SELECT h.task_id, h.name, h.posted, h.work_start, h.work_end, h.result, h.err, $1
+     FROM "
+    rows($2) as h {
+        task_id: bigint,
+        name: text,
+        posted: timestamptz,
+        work_start: timestamptz,
+        work_end: timestamptz,
+        result: boolean,
+        err: text,
+    }
+    " ORDER BY h.ord RETURNING id"
+}
+
 /// Inserts history rows for `outcomes` (one statement); returns their ids in the same order.
 async fn insert_history(tx: &Tx, host: &str, outcomes: &[&Outcome]) -> harmonydb::Result<Vec<i64>> {
     if outcomes.is_empty() {
         return Ok(Vec::new());
     }
-    match tx.dialect() {
-        Dialect::Sqlite => {
-            let rows: Vec<serde_json::Value> = outcomes
-                .iter()
-                .map(|o| {
-                    serde_json::json!([
-                        o.id.0,
-                        o.name,
-                        o.posted.to_sqlite_text(),
-                        o.work_start.to_sqlite_text(),
-                        o.work_end.to_sqlite_text(),
-                        i64::from(o.fate == Fate::Done),
-                        o.err,
-                    ])
-                })
-                .collect();
-            let json = serde_json::Value::Array(rows).to_string();
-            let ids: Vec<(i64,)> = tx
-                .select(
-                    "INSERT INTO harmony_task_history (task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port)
-                     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, $2
-                     FROM json_each($1) ORDER BY key RETURNING id",
-                    &[&json, &host],
-                )
-                .await?;
-            let mut ids: Vec<i64> = ids.into_iter().map(|r| r.0).collect();
-            ids.sort_unstable();
-            Ok(ids)
-        }
-        Dialect::Postgres => {
-            let task_ids: Vec<i64> = outcomes.iter().map(|o| o.id.0).collect();
-            let names: Vec<String> = outcomes.iter().map(|o| o.name.clone()).collect();
-            let posted: Vec<Timestamp> = outcomes.iter().map(|o| o.posted).collect();
-            let starts: Vec<Timestamp> = outcomes.iter().map(|o| o.work_start).collect();
-            let ends: Vec<Timestamp> = outcomes.iter().map(|o| o.work_end).collect();
-            let results: Vec<bool> = outcomes.iter().map(|o| o.fate == Fate::Done).collect();
-            let errs: Vec<String> = outcomes.iter().map(|o| o.err.clone()).collect();
-            let ids: Vec<(i64,)> = tx
-                .select(
-                    "INSERT INTO harmony_task_history (task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port)
-                     SELECT u.task_id, u.name, u.posted, u.work_start, u.work_end, u.result, u.err, $8
-                     FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[], $6::boolean[], $7::text[])
-                          WITH ORDINALITY AS u(task_id, name, posted, work_start, work_end, result, err, ord)
-                     ORDER BY u.ord RETURNING id",
-                    &[&task_ids, &names, &posted, &starts, &ends, &results, &errs, &host],
-                )
-                .await?;
-            let mut ids: Vec<i64> = ids.into_iter().map(|r| r.0).collect();
-            ids.sort_unstable();
-            Ok(ids)
-        }
+    let mut rows = HistoryRows::new(tx.dialect(), outcomes.len());
+    for o in outcomes {
+        rows.push(
+            o.id.0,
+            &o.name,
+            o.posted,
+            o.work_start,
+            o.work_end,
+            o.fate == Fate::Done,
+            &o.err,
+        );
     }
+    // The rows are inserted in batch order, so ascending ids are in outcome order.
+    let ids: Vec<(i64,)> = tx.select(rows.sql(), &rows.params(&[&host])).await?;
+    let mut ids: Vec<i64> = ids.into_iter().map(|r| r.0).collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+harmonydb::batch_sql! {
+    /// Completed tasks whose followers get a follow-up: the type, the task and its history row.
+    struct Completions;
+    // On SQLite the CROSS JOIN keeps the follower table, which is tiny, as the outer loop.
+    "INSERT INTO harmony_task_follow_queue (from_type, to_type, task_id, history_id)
+     SELECT f.from_type, f.to_type, d.task_id, d.history_id
+     FROM harmony_task_follow AS f CROSS JOIN "
+    rows($1) as d {
+        name: text,
+        task_id: bigint,
+        history_id: bigint,
+    }
+    " WHERE f.from_type = d.name RETURNING from_type"
 }
 
 /// Queues one follow-up per registered follower of each completed task's type; returns the
 /// types that had followers.
 async fn enqueue_follow_ups(tx: &Tx, done: &[(&Outcome, i64)]) -> harmonydb::Result<Vec<String>> {
-    let rows: Vec<(String,)> = match tx.dialect() {
-        Dialect::Sqlite => {
-            let json = serde_json::Value::Array(
-                done.iter()
-                    .map(|(o, h)| serde_json::json!([o.name, o.id.0, h]))
-                    .collect(),
-            )
-            .to_string();
-            // The follower table is tiny: scan it first, then the batch.
-            tx.select(
-                "INSERT INTO harmony_task_follow_queue (from_type, to_type, task_id, history_id)
-                 SELECT f.from_type, f.to_type, j.value ->> 1, j.value ->> 2
-                 FROM harmony_task_follow AS f CROSS JOIN json_each($1) AS j
-                 WHERE f.from_type = j.value ->> 0
-                 RETURNING from_type",
-                &[&json],
-            )
-            .await?
-        }
-        Dialect::Postgres => {
-            let names: Vec<String> = done.iter().map(|(o, _)| o.name.clone()).collect();
-            let tasks: Vec<i64> = done.iter().map(|(o, _)| o.id.0).collect();
-            let hist: Vec<i64> = done.iter().map(|(_, h)| *h).collect();
-            tx.select(
-                "INSERT INTO harmony_task_follow_queue (from_type, to_type, task_id, history_id)
-                 SELECT f.from_type, f.to_type, u.task_id, u.history_id
-                 FROM harmony_task_follow AS f
-                 JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(name, task_id, history_id) ON f.from_type = u.name
-                 RETURNING from_type",
-                &[&names, &tasks, &hist],
-            )
-            .await?
-        }
-    };
+    let mut completions = Completions::new(tx.dialect(), done.len());
+    for (o, history) in done {
+        completions.push(&o.name, o.id.0, *history);
+    }
+    let rows: Vec<(String,)> = tx
+        .select(completions.sql(), &completions.params(&[]))
+        .await?;
     let mut types: Vec<String> = rows.into_iter().map(|r| r.0).collect();
     types.sort();
     types.dedup();

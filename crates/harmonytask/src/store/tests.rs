@@ -147,6 +147,72 @@ async fn record_by_non_owner_writes_nothing(t: &TestDb) {
     assert_eq!(s.history(&HistoryQuery::default()).await.unwrap().len(), 1);
 }
 
+/// One record writes every applied outcome's history row in outcome order (ascending ids),
+/// field for field, and queues one follow-up per follower of each completed task's type; text
+/// with quotes and non-ASCII characters is stored as given.
+async fn record_writes_history_and_follow_ups(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    s.follow_register("t", "u").await.unwrap();
+    s.follow_register("t", "v").await.unwrap();
+    s.follow_register("nobody-runs", "t").await.unwrap();
+    let ids = add(&s, 4).await;
+    s.task_claim(&claim(&ids, a)).await.unwrap();
+    let at = |ms: i64| Timestamp::from_millis(1_700_000_000_000 + ms);
+    let outcomes: Vec<Outcome> = [
+        (Fate::Done, ""),
+        (Fate::Fail, "it's \"broken\": ünïcødé ✓ \\ 🦀"),
+        (Fate::Done, ""),
+        (Fate::Retry, "'); DROP TABLE harmony_task; --"),
+    ]
+    .into_iter()
+    .zip(&ids)
+    .enumerate()
+    .map(|(i, ((fate, err), id))| Outcome {
+        work_start: at(10 * i as i64 - 5_000),
+        work_end: at(10 * i as i64 + 7),
+        err: err.to_owned(),
+        ..outcome(*id, fate)
+    })
+    .collect();
+    let r = s.task_record(&batch(a, &outcomes)).await.unwrap();
+    assert_eq!(r.applied.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
+    assert!(r.applied.windows(2).all(|w| w[0].1 < w[1].1), "{r:?}");
+    assert_eq!(r.followed, vec!["t".to_owned()]);
+
+    let mut history = s.history(&HistoryQuery::default()).await.unwrap();
+    history.sort_by_key(|h| h.id);
+    assert_eq!(history.len(), outcomes.len());
+    for ((h, o), (_, history_id)) in history.iter().zip(&outcomes).zip(&r.applied) {
+        assert_eq!(h.id, *history_id);
+        assert_eq!(h.task_id, o.id.0);
+        assert_eq!(h.name, o.name);
+        assert_eq!(
+            (h.posted, h.work_start, h.work_end),
+            (o.posted, o.work_start, o.work_end)
+        );
+        assert_eq!(h.result, o.fate == Fate::Done);
+        assert_eq!(h.err, o.err);
+        assert_eq!(h.completed_by_host_and_port, "a:1");
+    }
+
+    let queued: Vec<(String, String, i64, i64)> =
+        t.db.select(
+            "SELECT from_type, to_type, task_id, history_id FROM harmony_task_follow_queue
+             ORDER BY task_id, to_type",
+            &[],
+        )
+        .await
+        .unwrap();
+    let want: Vec<(String, String, i64, i64)> = [0, 2]
+        .into_iter()
+        .flat_map(|i| {
+            ["u", "v"].map(|to| ("t".to_owned(), to.to_owned(), ids[i].0, r.applied[i].1))
+        })
+        .collect();
+    assert_eq!(queued, want);
+}
+
 /// A retry releases the row with one more failure; a release keeps retries.
 async fn record_retry_and_release(t: &TestDb) {
     let s = Store::new(t.db.clone());
@@ -304,6 +370,7 @@ harmony_testkit::both_backends!(
     claim_takes_only_unowned,
     concurrent_claims_are_atomic,
     record_by_non_owner_writes_nothing,
+    record_writes_history_and_follow_ups,
     record_retry_and_release,
     reap_releases_tasks,
     cluster_limit_counts_every_owner,
