@@ -415,7 +415,7 @@ mod tests {
 
     #[test]
     fn history_reads_back_how_an_attempt_ended() {
-        let row = |result: bool, err: String| crate::store::HistoryRow {
+        let row = |result: bool, err: String| crate::model::HistoryRow {
             id: 1,
             task_id: 1,
             name: "t".into(),

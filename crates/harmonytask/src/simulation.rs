@@ -29,13 +29,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use crate::model::{Candidate, Fate, Outcome};
 use crate::resources::Amounts;
 use crate::scheduler::{
     Action, ClaimResult, Event, Now, PollResult, PreemptResult, SchedConfig, SchedulerState,
     StopReason, TypeSpec, undo_failed_claim,
 };
 use crate::store::prelude::*;
-use crate::store::{Candidate, Fate, MachineRegister, Outcome, RecordBatch, Store, TaskClaim};
+use crate::store::{MachineRegister, RecordBatch, Store, TaskClaim};
 use crate::{Clock, Error, MachineId, ManualClock, Resources, RetryWait, TaskId};
 use harmony_testkit::TestDb;
 use harmonydb::{Db, ErrorKind, Executor, Timestamp};

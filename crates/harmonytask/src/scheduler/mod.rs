@@ -41,6 +41,7 @@ use crate::clock::Clock;
 use crate::error::Error;
 use crate::lifecycle::Supervisor;
 use crate::metrics::EngineMetrics;
+use crate::model::{Candidate, ClaimOutcome};
 use crate::notify::PollPace;
 use crate::ownership::NodeFlags;
 use crate::registry::Registry;
@@ -48,7 +49,7 @@ use crate::resources::Resources;
 use crate::runner::{RunEnv, RunHandle, run_one};
 use crate::status::EngineStatus;
 use crate::store::prelude::*;
-use crate::store::{Candidate, ClaimOutcome, Store, TaskClaim};
+use crate::store::{Store, TaskClaim};
 use crate::task::{EngineView, MachineId, TaskId, TypeDetails};
 
 pub use self::state::{

@@ -46,16 +46,6 @@ pub(crate) use ops::{BlockedChange, WHY_COUNT_MAX};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
 pub(crate) use task::{NewTask, RecordBatch, TaskClaim, TaskStore};
-// The value types live in `model`. Every name the store used to define stays reachable here,
-// so that the loops being rewritten alongside (issue 9 part A) keep compiling when merged;
-// the unused ones go once that code imports from `model`.
-#[allow(unused_imports)]
-pub(crate) use crate::model::{
-    AttemptResult, Candidate, ClaimOutcome, Claimed, Fate, HistoryQuery, HistoryRow, MachineFlags,
-    MachineRow, Outcome, TaskRow, TypeSummary,
-};
-#[allow(unused_imports)]
-pub(crate) use {follow::QueuedFollow, machine::Registered, task::Recorded};
 
 /// The store's traits, for `use crate::store::prelude::*` where the engine calls them.
 pub(crate) mod prelude {
