@@ -19,16 +19,35 @@
 //! At the end of a seed the faults stop and the cluster must finish all work (liveness), and
 //! every recorded attempt has exactly one history row.
 //!
-//! `HARMONY_SIM_SEEDS=N` runs seeds 0..N (default 200); `HARMONY_SIM_SEED=N` runs one seed. A
-//! failing seed prints `simulation: seed N failed at step S: <violation>` and replays exactly:
+//! The workload also has followers and singletons. A follower type follows an earlier type
+//! (`Follow::chain`): the simulator performs each node's follower loop itself, with the store
+//! operations `follow.rs` uses (`follow_take`, `task_add`, `follow_done` in one transaction),
+//! woken by the recording node, by hints that may be lost, and by the loop's poll interval;
+//! faults hit it too (the node dies between queueing and adding, the transaction fails before
+//! it runs, inside it, or once with a serialization failure that the retry re-runs, or its reply
+//! is lost after the commit). Invariant, after every step: for every completed task of a
+//! followed type, each follower has exactly one queued row or exactly one follow-up task ever
+//! created (never both, never two; none for a task not completed), and once the faults stop the
+//! queue drains. A singleton type's tasks come only from its IAmBored (`singleton.rs`: the local
+//! gate, then `task_add` with `singleton_take` in one transaction), and operators ask for runs
+//! now (`singleton_run_now`), found by the nodes' polls (`singleton_requests`). Invariants: at
+//! most one task of a singleton type exists at any time and its singleton row points at it; a
+//! new one without a run-now request waits out `min_interval` since the last; the request flag
+//! in the database is what the simulator recorded; once the faults stop every request is served.
+//!
+//! `HARMONY_SIM_SEEDS=N` runs seeds 0..N (default 200, 100 in a debug build);
+//! `HARMONY_SIM_SEED=N` runs one seed. A failing seed prints
+//! `simulation: seed N failed at step S: <violation>` and replays exactly:
 //! `HARMONY_SIM_SEEDS=10000 cargo test -p harmonytask --release --lib simulation -- --nocapture`.
 //!
 //! It is a test module of the crate rather than an integration test because it drives the
 //! store's fencing operations (claim, record, reap), which are crate-private.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::model::{Candidate, Fate, Outcome};
 use crate::resources::Amounts;
 use crate::scheduler::{
@@ -36,20 +55,26 @@ use crate::scheduler::{
     StopReason, TypeSpec, undo_failed_claim,
 };
 use crate::store::prelude::*;
-use crate::store::{MachineRegister, RecordBatch, Store, TaskClaim};
+use crate::store::{MachineRegister, NewTask, RecordBatch, Store, TaskClaim};
 use crate::{Clock, Error, MachineId, ManualClock, Resources, RetryWait, TaskId};
 use harmony_testkit::TestDb;
-use harmonydb::{Db, ErrorKind, Executor, Timestamp};
+use harmonydb::{Db, ErrorKind, Executor, Timestamp, TxOptions};
 
 const DEAD_AFTER: Duration = Duration::from_secs(30);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 const POLL_INTERVAL: Duration = Duration::from_secs(3);
+/// Seeds run when `HARMONY_SIM_SEEDS` is not set. An unoptimised build (`cargo test`, CI) runs
+/// fewer: 200 seeds with followers and singletons took 75 s there, against about 20 s in release.
+const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 100 } else { 200 };
 /// Seeds that share one database file.
 const SEEDS_PER_DATABASE: usize = 100;
 /// Random steps per seed before the faults stop.
 const STEPS_PER_SEED: usize = 250;
 /// Steps the cluster gets, once the faults stop, to finish every task.
 const SETTLE_STEPS_MAX: usize = 4_000;
+/// The follower loop's backoff after a failed follow-up (as in `follow.rs`).
+const FOLLOW_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// One seed's task type.
 #[derive(Clone)]
@@ -58,6 +83,8 @@ struct SimType {
     max_failures: u32,
     /// Chance that an attempt fails, in percent.
     fail_pct: u64,
+    /// A singleton with this `min_interval`: its tasks come only from its IAmBored.
+    singleton: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +114,13 @@ enum Job {
     Release(TaskId, Option<Timestamp>),
     /// An outcome to record; `true` when an earlier try committed but its reply was lost.
     Record(Outcome, usize, Candidate, bool),
+    /// One pass of the follower loop over every pair.
+    Follow,
+    /// The type's IAmBored call.
+    Bored {
+        ty: usize,
+        run_now: bool,
+    },
 }
 
 struct Attempt {
@@ -111,6 +145,15 @@ struct Node {
     jobs: Vec<Job>,
     running: BTreeMap<TaskId, Attempt>,
     budget: Amounts,
+    /// A [`Job::Follow`] is queued (the loop's wake-up is a `Notify`: wakes coalesce).
+    follow_queued: bool,
+    /// When the follower loop wakes by itself (poll interval, or backoff after a failure).
+    next_follow: Duration,
+    follow_backoff: Backoff,
+    /// Most follow-ups one follower transaction consumes.
+    follow_batch_max: usize,
+    /// The singleton gate of `singleton.rs`, per type: the last time it asked the database.
+    bored_last_try: HashMap<usize, Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +174,17 @@ struct TaskLedger {
     /// failure's end plus the type's retry wait). The engine counts the wait from the
     /// update time it records, which is no earlier, so a start before this is a violation.
     not_before: Option<Timestamp>,
+    /// The completed task whose follow-up this is.
+    previous: Option<TaskId>,
+}
+
+/// What the simulator knows of one singleton type.
+#[derive(Default)]
+struct SingletonLedger {
+    /// A run-now request was recorded and no task was added since.
+    requested: bool,
+    /// When its last task was added (wall clock, as `singleton_take` saw it).
+    last_added: Option<Timestamp>,
 }
 
 struct Sim {
@@ -142,6 +196,9 @@ struct Sim {
     base: tokio::time::Instant,
     t: Duration,
     types: Vec<SimType>,
+    /// Follower pairs: (followed type, follower type).
+    pairs: Vec<(usize, usize)>,
+    singletons: BTreeMap<usize, SingletonLedger>,
     nodes: Vec<Node>,
     tasks: BTreeMap<TaskId, TaskLedger>,
     /// Attempts running now: task -> nodes running it.
@@ -152,6 +209,9 @@ struct Sim {
 }
 
 type Check = Result<(), String>;
+
+/// A task row as the checkers read it: id, name, owner, retries, previous task.
+type TaskRowSeen = (i64, String, Option<i64>, i64, Option<i64>);
 
 /// Chance, in percent, that a committed claim's reply is lost.
 const LOST_CLAIM_REPLY_PCT: u64 = 3;
@@ -166,6 +226,11 @@ struct Stats {
     reaped: u64,
     preempted: u64,
     zombies_fenced: u64,
+    follow_ups: u64,
+    follow_faults: u64,
+    deaths_before_follow: u64,
+    singleton_runs: u64,
+    run_now_requests: u64,
 }
 
 impl Sim {
@@ -203,9 +268,32 @@ impl Sim {
                     spec,
                     max_failures: [0, 1, 2, 3][rng.usize(..4)],
                     fail_pct: [0, 10, 30, 60][rng.usize(..4)],
+                    singleton: None,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // A type follows only earlier ones, so the follow graph has no cycle.
+        let mut pairs = Vec::new();
+        for to in 1..n_types {
+            if rng.u8(..5) < 2 {
+                pairs.push((rng.usize(..to), to));
+                let second = rng.usize(..to);
+                if rng.u8(..6) == 0 && !pairs.contains(&(second, to)) {
+                    pairs.push((second, to));
+                }
+            }
+        }
+        let mut types = types;
+        let mut singletons = BTreeMap::new();
+        for (i, t) in types.iter_mut().enumerate() {
+            if !pairs.iter().any(|&(_, to)| to == i) && rng.u8(..4) == 0 {
+                // Not much shorter than an attempt (up to 4 s): with a follower limited to one
+                // task cluster-wide, every run adds work that must not outgrow the cluster.
+                t.singleton = Some(Duration::from_millis(rng.u64(5_000..60_000)));
+                t.spec.bored = true;
+                singletons.insert(i, SingletonLedger::default());
+            }
+        }
         let mut sim = Sim {
             seed,
             rng,
@@ -215,6 +303,8 @@ impl Sim {
             base: tokio::time::Instant::now(),
             t: Duration::ZERO,
             types,
+            pairs,
+            singletons,
             nodes: Vec::new(),
             tasks: BTreeMap::new(),
             attempts: HashMap::new(),
@@ -258,6 +348,19 @@ impl Sim {
             })
             .await
             .expect("register a simulated node");
+        // What the engine registers before it reports itself started.
+        for &(from, to) in &self.pairs {
+            self.store
+                .follow_register(&self.types[from].spec.name, &self.types[to].spec.name)
+                .await
+                .expect("register a follower pair");
+        }
+        for &ty in self.singletons.keys() {
+            self.store
+                .singleton_register(&self.types[ty].spec.name)
+                .await
+                .expect("register a singleton");
+        }
         let config = SchedConfig {
             claim_batch_max: self.rng.usize(1..=8),
             view_max_per_type: self.rng.usize(2..=20),
@@ -281,10 +384,33 @@ impl Sim {
             reaped: false,
             last_heartbeat: self.t,
             next_heartbeat: self.t + HEARTBEAT_INTERVAL,
-            jobs: Vec::new(),
+            // The follower loop makes its first pass at once.
+            jobs: if self.pairs.is_empty() {
+                Vec::new()
+            } else {
+                vec![Job::Follow]
+            },
             running: BTreeMap::new(),
             budget: budget.amounts(),
+            follow_queued: !self.pairs.is_empty(),
+            next_follow: self.t + POLL_INTERVAL,
+            follow_backoff: Backoff::with_rng(
+                FOLLOW_BACKOFF_INITIAL,
+                FOLLOW_BACKOFF_MAX,
+                fastrand::Rng::with_seed(self.rng.u64(..)),
+            ),
+            follow_batch_max: self.rng.usize(1..=4),
+            bored_last_try: HashMap::new(),
         });
+    }
+
+    /// Wakes node `n`'s follower loop (a no-op when a pass is already due).
+    fn wake_followers(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        if !self.pairs.is_empty() && node.life != Life::Dead && !node.follow_queued {
+            node.follow_queued = true;
+            node.jobs.push(Job::Follow);
+        }
     }
 
     /// Feeds an event to a node's scheduler and queues or performs what it decided.
@@ -324,7 +450,7 @@ impl Sim {
             Action::Release { task, update_time } => {
                 self.nodes[n].jobs.push(Job::Release(task, update_time))
             }
-            Action::Bored { .. } => {}
+            Action::Bored { ty, run_now } => self.nodes[n].jobs.push(Job::Bored { ty, run_now }),
             Action::Fenced => {
                 self.stats.zombies_fenced += 1;
                 self.kill(n);
@@ -429,6 +555,7 @@ impl Sim {
         let node = &mut self.nodes[n];
         node.life = Life::Dead;
         node.jobs.clear();
+        node.follow_queued = false;
         for id in std::mem::take(&mut node.running).into_keys() {
             self.forget_attempt(id, n);
         }
@@ -455,7 +582,14 @@ impl Sim {
     }
 
     async fn add_tasks(&mut self) -> Check {
-        let ty = self.rng.usize(..self.types.len());
+        // A singleton's tasks come only from its IAmBored.
+        let addable: Vec<usize> = (0..self.types.len())
+            .filter(|ty| self.types[*ty].singleton.is_none())
+            .collect();
+        if addable.is_empty() {
+            return Ok(());
+        }
+        let ty = addable[self.rng.usize(..addable.len())];
         let k = self.rng.usize(1..=5);
         let name = self.types[ty].spec.name.to_string();
         for _ in 0..k {
@@ -473,6 +607,7 @@ impl Sim {
                     failures: 0,
                     recorded: 0,
                     not_before: None,
+                    previous: None,
                 },
             );
             // The hint reaches each live node, or is lost, or arrives twice.
@@ -530,6 +665,13 @@ impl Sim {
                     Ok(None) => self.kill(n),
                     Err(e) => return Err(format!("heartbeat: {e}")),
                 }
+            }
+        }
+        // The follower loop's own wake-up: its poll interval, or its backoff after a failure.
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].life == Life::Alive && self.t >= self.nodes[n].next_follow {
+                self.nodes[n].next_follow = self.t + POLL_INTERVAL;
+                self.wake_followers(n);
             }
         }
         // The reaper, on simulated time: a machine silent for dead_after is deleted, which
@@ -673,6 +815,24 @@ impl Sim {
                     polled.push((ty, r));
                 }
                 self.feed(n, Event::Polled(PollResult { epoch, polled }))?;
+                // Run-now requests are also found by polling (as `poll_job` does).
+                if !self.singletons.is_empty() && !self.injected(4) {
+                    let names = self
+                        .store
+                        .singleton_requests()
+                        .await
+                        .map_err(|e| format!("run-now requests: {e}"))?;
+                    for name in names {
+                        let ty = self
+                            .types
+                            .iter()
+                            .position(|t| *t.spec.name == *name)
+                            .ok_or_else(|| format!("run-now request for unknown type {name}"))?;
+                        if self.nodes[n].life == Life::Alive {
+                            self.feed(n, Event::RunNow { ty })?;
+                        }
+                    }
+                }
             }
             Job::Preempt { ty, task, cost_ms } => {
                 let outcome = self.preempt(machine, ty, &task, cost_ms).await;
@@ -691,6 +851,277 @@ impl Sim {
             Job::Record(outcome, ty, cand, retry) => {
                 self.record(n, outcome, ty, cand, retry).await?
             }
+            Job::Follow => {
+                self.nodes[n].follow_queued = false;
+                self.follow_pass(n).await?;
+            }
+            Job::Bored { ty, run_now } => {
+                self.bored(n, ty, run_now).await?;
+                if self.nodes[n].life == Life::Alive {
+                    self.feed(n, Event::BoredDone { ty })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of node `n`'s follower loop (`Followers::run`): each pair until its queue is
+    /// drained or a transaction fails; then the poll interval, or the backoff after a failure.
+    async fn follow_pass(&mut self, n: usize) -> Check {
+        let mut failed = false;
+        for p in 0..self.pairs.len() {
+            loop {
+                if self.nodes[n].life != Life::Alive {
+                    return Ok(());
+                }
+                match self.follow_consume(n, self.pairs[p]).await? {
+                    Some(k) if k >= self.nodes[n].follow_batch_max => continue,
+                    Some(_) => break,
+                    None => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let node = &mut self.nodes[n];
+        let wait = if failed {
+            node.follow_backoff.next_wait()
+        } else {
+            node.follow_backoff.reset();
+            POLL_INTERVAL
+        };
+        node.next_follow = self.t + wait;
+        Ok(())
+    }
+
+    /// `Followers::consume` of one pair with `Follow::chain`, through the same store
+    /// operations: take queued rows, add one follow-up each, delete the rows, in one
+    /// transaction. The number consumed, or `None` when the node saw the transaction fail.
+    async fn follow_consume(
+        &mut self,
+        n: usize,
+        (from, to): (usize, usize),
+    ) -> Result<Option<usize>, String> {
+        if self.injected(3) {
+            // The transaction never ran.
+            self.stats.follow_faults += 1;
+            return Ok(None);
+        }
+        let from_name = self.types[from].spec.name.to_string();
+        let to_name = self.types[to].spec.name.to_string();
+        let posted = self.clock.now();
+        let added_by = self.nodes[n].machine;
+        let limit = self.nodes[n].follow_batch_max;
+        // Once: a serialization failure after the adds, which the transaction's retry re-runs.
+        let conflict_once = AtomicBool::new(self.injected(3));
+        // An error after the adds: everything rolls back.
+        let fail_inside = self.injected(3);
+        let result = self
+            .db
+            .transaction_with(TxOptions::retry(), |tx| {
+                let (from_name, to_name, conflict_once) = (&from_name, &to_name, &conflict_once);
+                async move {
+                    let queued = Store::follow_take(&tx, from_name, to_name, limit).await?;
+                    if queued.is_empty() {
+                        return Ok(Some(Vec::new()));
+                    }
+                    let mut added = Vec::with_capacity(queued.len());
+                    for q in &queued {
+                        let previous = TaskId(q.task_id);
+                        let new = NewTask {
+                            name: to_name,
+                            posted,
+                            added_by,
+                            previous: Some(previous),
+                            notify: false,
+                        };
+                        added.push((previous, Store::task_add(&tx, &new).await?));
+                    }
+                    let ids: Vec<i64> = queued.iter().map(|q| q.id).collect();
+                    let last_history = queued.iter().map(|q| q.history_id).max().unwrap_or(0);
+                    Store::follow_done(&tx, from_name, to_name, &ids, last_history).await?;
+                    if conflict_once.swap(false, Ordering::Relaxed) {
+                        return Err(harmonydb::Error::new(
+                            ErrorKind::Serialization,
+                            "simulated: could not serialize access",
+                        ));
+                    }
+                    if fail_inside {
+                        return Err(harmonydb::Error::new(
+                            ErrorKind::Connection,
+                            "simulated: connection lost",
+                        ));
+                    }
+                    Ok(Some(added))
+                }
+            })
+            .await;
+        let added = match result {
+            Ok(added) => added.unwrap_or_default(),
+            Err(e) if fail_inside && e.kind() == ErrorKind::Connection => {
+                self.stats.follow_faults += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(format!("follow-up {from_name} -> {to_name}: {e}")),
+        };
+        let k = added.len();
+        for (previous, c) in &added {
+            self.stats.follow_ups += 1;
+            self.tasks.insert(
+                c.id,
+                TaskLedger {
+                    ty: to,
+                    end: TaskEnd::Pending,
+                    failures: 0,
+                    recorded: 0,
+                    not_before: None,
+                    previous: Some(*previous),
+                },
+            );
+        }
+        if k > 0 && self.injected(3) {
+            // Committed, but the reply was lost: the loop retries, and only polls find the
+            // new tasks.
+            self.stats.follow_faults += 1;
+            return Ok(None);
+        }
+        // `notify_added` on this node; the `addt` hints reach some others.
+        for (_, c) in added {
+            for o in 0..self.nodes.len() {
+                if self.nodes[o].life != Life::Alive || (o != n && self.injected(40)) {
+                    continue;
+                }
+                self.feed(
+                    o,
+                    Event::Added {
+                        ty: to,
+                        tasks: vec![c.clone()],
+                    },
+                )?;
+            }
+        }
+        Ok(Some(k))
+    }
+
+    /// The singleton's IAmBored (`singleton.rs`): the local gate, then `task_add` with
+    /// `singleton_take` in one transaction, which commits only when the singleton may run.
+    async fn bored(&mut self, n: usize, ty: usize, run_now: bool) -> Check {
+        let Some(min_interval) = self.types[ty].singleton else {
+            return Ok(());
+        };
+        let t = self.t;
+        let node = &mut self.nodes[n];
+        if !run_now
+            && node
+                .bored_last_try
+                .get(&ty)
+                .is_some_and(|&at| t < at + min_interval)
+        {
+            return Ok(());
+        }
+        node.bored_last_try.insert(ty, t);
+        if self.injected(4) {
+            // The add transaction failed before it ran: IAmBored logs it.
+            return Ok(());
+        }
+        let name = self.types[ty].spec.name.to_string();
+        let now = self.clock.now();
+        let added_by = self.nodes[n].machine;
+        let conflict_once = AtomicBool::new(self.injected(3));
+        let added = self
+            .db
+            .transaction_with(TxOptions::retry(), |tx| {
+                let (name, conflict_once) = (&name, &conflict_once);
+                async move {
+                    let new = NewTask {
+                        name,
+                        posted: now,
+                        added_by,
+                        previous: None,
+                        notify: false,
+                    };
+                    let c = Store::task_add(&tx, &new).await?;
+                    let taken = Store::singleton_take(&tx, name, c.id, min_interval, now).await?;
+                    if conflict_once.swap(false, Ordering::Relaxed) {
+                        return Err(harmonydb::Error::new(
+                            ErrorKind::Serialization,
+                            "simulated: could not serialize access",
+                        ));
+                    }
+                    Ok(taken.then_some(c))
+                }
+            })
+            .await
+            .map_err(|e| format!("singleton {name}: {e}"))?;
+        let Some(c) = added else {
+            return Ok(());
+        };
+        if let Some((id, _)) = self
+            .tasks
+            .iter()
+            .find(|(_, l)| l.ty == ty && l.end == TaskEnd::Pending)
+        {
+            return Err(format!(
+                "singleton {name}: task {} added while task {id} is live",
+                c.id
+            ));
+        }
+        let s = self.singletons.get_mut(&ty).expect("a singleton's ledger");
+        if !s.requested
+            && let Some(last) = s.last_added
+            && now < last + min_interval
+        {
+            return Err(format!(
+                "singleton {name}: task {} added at {now} without a run-now request, {} ms after the last (min_interval {} ms)",
+                c.id,
+                now.as_millis() - last.as_millis(),
+                min_interval.as_millis()
+            ));
+        }
+        s.requested = false;
+        s.last_added = Some(now);
+        self.stats.singleton_runs += 1;
+        self.tasks.insert(
+            c.id,
+            TaskLedger {
+                ty,
+                end: TaskEnd::Pending,
+                failures: 0,
+                recorded: 0,
+                not_before: None,
+                previous: None,
+            },
+        );
+        if self.injected(3) {
+            // Committed, but the reply was lost: only polls find it.
+            return Ok(());
+        }
+        self.feed(n, Event::Added { ty, tasks: vec![c] })
+    }
+
+    /// An operator asks a singleton to run now: `Client::run_now` (found by the nodes' polls)
+    /// or `Engine::run_now`, which also tells its own node at once.
+    async fn run_now(&mut self) -> Check {
+        let singles: Vec<usize> = self.singletons.keys().copied().collect();
+        if singles.is_empty() {
+            return Ok(());
+        }
+        let ty = singles[self.rng.usize(..singles.len())];
+        if self.injected(4) {
+            // The request failed; nothing was recorded.
+            return Ok(());
+        }
+        let name = self.types[ty].spec.name.to_string();
+        self.store
+            .singleton_run_now(&name, false)
+            .await
+            .map_err(|e| format!("run now {name}: {e}"))?;
+        self.stats.run_now_requests += 1;
+        self.singletons.get_mut(&ty).expect("a singleton").requested = true;
+        let n = self.rng.usize(..self.nodes.len());
+        if self.rng.bool() && self.nodes[n].life == Life::Alive {
+            self.feed(n, Event::RunNow { ty })?;
         }
         Ok(())
     }
@@ -834,6 +1265,31 @@ impl Sim {
             }
             Fate::Release => Some(cand.retries),
         };
+        let followed = outcome.fate == Fate::Done && self.pairs.iter().any(|&(f, _)| f == ty);
+        if followed == recorded.followed.is_empty() {
+            return Err(format!(
+                "task {} ({:?}) recorded with follow-ups queued for {:?}; followed type: {followed}",
+                outcome.id, outcome.fate, recorded.followed
+            ));
+        }
+        if followed {
+            if self.injected(5) {
+                // The node dies between queueing the follow-ups and adding them.
+                self.stats.deaths_before_follow += 1;
+                self.kill(n);
+                return Ok(());
+            }
+            // The follow hint reaches some other nodes; the recorder wakes its own loop
+            // (unless it saw an error), and that wake-up may be lost too.
+            for o in 0..self.nodes.len() {
+                if o != n && self.nodes[o].life == Life::Alive && !self.injected(40) {
+                    self.wake_followers(o);
+                }
+            }
+            if !lose_reply && !self.injected(20) {
+                self.wake_followers(n);
+            }
+        }
         if lose_reply {
             // Committed, but the recorder saw an error: it tries again.
             self.stats.lost_replies += 1;
@@ -901,6 +1357,7 @@ impl Sim {
 
     async fn step(&mut self) -> Check {
         match self.rng.u8(..100) {
+            0..2 if !self.singletons.is_empty() => self.run_now().await?,
             0..15 => self.add_tasks().await?,
             15..35 => {
                 let d = match self.rng.u8(..10) {
@@ -945,14 +1402,18 @@ impl Sim {
 
     /// The database against the simulator's ledger.
     async fn check_database(&mut self) -> Check {
-        let rows: Vec<(i64, String, Option<i64>, i64)> = self
+        let rows: Vec<TaskRowSeen> = self
             .db
-            .select("SELECT id, name, owner_id, retries FROM harmony_task", &[])
+            .select(
+                "SELECT id, name, owner_id, retries, previous_task FROM harmony_task",
+                &[],
+            )
             .await
             .map_err(|e| format!("reading tasks: {e}"))?;
         let mut present = HashSet::with_capacity(rows.len());
         let mut owned_per_type: HashMap<&str, usize> = HashMap::new();
-        for (id, name, owner, retries) in &rows {
+        let mut rows_per_type: HashMap<&str, Vec<i64>> = HashMap::new();
+        for (id, name, owner, retries, previous) in &rows {
             let id = TaskId(*id);
             present.insert(id);
             let l = self
@@ -974,6 +1435,13 @@ impl Sim {
             if owner.is_some() {
                 *owned_per_type.entry(name.as_str()).or_default() += 1;
             }
+            if l.previous.map(|p| p.0) != *previous {
+                return Err(format!(
+                    "task {id}: previous_task {previous:?}, created to follow {:?}",
+                    l.previous
+                ));
+            }
+            rows_per_type.entry(name.as_str()).or_default().push(id.0);
         }
         for (id, l) in &self.tasks {
             if l.end == TaskEnd::Pending && !present.contains(id) {
@@ -989,6 +1457,121 @@ impl Sim {
                     "{} tasks of {} owned, max_cluster {}",
                     owned, t.spec.name, t.spec.max_cluster
                 ));
+            }
+        }
+        self.check_singletons(&rows_per_type).await?;
+        self.check_follow_ups(false).await
+    }
+
+    /// At most one task of a singleton type exists, its row points at it, and the run-now flag
+    /// is what was requested and not yet served.
+    async fn check_singletons(&self, rows_per_type: &HashMap<&str, Vec<i64>>) -> Check {
+        if self.singletons.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(String, Option<i64>, bool)> = self
+            .db
+            .select(
+                "SELECT task_name, task_id, run_now_request FROM harmony_task_singletons",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("reading singletons: {e}"))?;
+        for (&ty, s) in &self.singletons {
+            let name = &*self.types[ty].spec.name;
+            let live = rows_per_type.get(name).map_or(&[][..], Vec::as_slice);
+            if live.len() > 1 {
+                return Err(format!("singleton {name}: tasks {live:?} live at once"));
+            }
+            let (_, task_id, requested) = rows
+                .iter()
+                .find(|r| r.0 == name)
+                .ok_or_else(|| format!("singleton {name}: no singleton row"))?;
+            if task_id.as_ref() != live.first() {
+                return Err(format!(
+                    "singleton {name}: the row points at {task_id:?}, live tasks {live:?}"
+                ));
+            }
+            if *requested != s.requested {
+                return Err(format!(
+                    "singleton {name}: run_now_request is {requested}, the simulator recorded {}",
+                    s.requested
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Followers exactly once: every completed task of a followed type has, per follower, one
+    /// queued row or one follow-up ever created (never both, never two); a task that did not
+    /// complete has neither. With `drained`, the queue must be empty.
+    async fn check_follow_ups(&self, drained: bool) -> Check {
+        if self.pairs.is_empty() {
+            return Ok(());
+        }
+        let queued: Vec<(i64, String, String)> = self
+            .db
+            .select(
+                "SELECT task_id, from_type, to_type FROM harmony_task_follow_queue",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("reading the follow queue: {e}"))?;
+        if drained && !queued.is_empty() {
+            return Err(format!(
+                "{} follow-ups still queued after the faults stopped",
+                queued.len()
+            ));
+        }
+        // (completed task, follower type) -> (created, queued)
+        let mut seen: BTreeMap<(TaskId, usize), (u32, u32)> = BTreeMap::new();
+        for l in self.tasks.values() {
+            if let Some(p) = l.previous {
+                seen.entry((p, l.ty)).or_default().0 += 1;
+            }
+        }
+        let type_of = |name: &str| self.types.iter().position(|t| *t.spec.name == *name);
+        for (task, from, to) in &queued {
+            let (Some(from), Some(to)) = (type_of(from), type_of(to)) else {
+                return Err(format!("follow-up of {task} queued for {from} -> {to}"));
+            };
+            let task = TaskId(*task);
+            if self.tasks.get(&task).map(|l| l.ty) != Some(from) {
+                return Err(format!(
+                    "follow-up of task {task} queued as a completion of type {from}"
+                ));
+            }
+            seen.entry((task, to)).or_default().1 += 1;
+        }
+        for (&(task, to), &(created, queued)) in &seen {
+            let Some(l) = self.tasks.get(&task) else {
+                return Err(format!("follow-up of unknown task {task}"));
+            };
+            if !self.pairs.contains(&(l.ty, to)) {
+                return Err(format!(
+                    "task {task} of type {} has a follow-up of type {}, which does not follow it",
+                    l.ty, to
+                ));
+            }
+            let expected = u32::from(l.end == TaskEnd::Done);
+            if created + queued != expected {
+                return Err(format!(
+                    "task {task} ({:?}): {created} follow-ups of {} created and {queued} queued",
+                    l.end, self.types[to].spec.name
+                ));
+            }
+        }
+        for (&id, l) in &self.tasks {
+            if l.end != TaskEnd::Done {
+                continue;
+            }
+            for &(from, to) in &self.pairs {
+                if from == l.ty && !seen.contains_key(&(id, to)) {
+                    return Err(format!(
+                        "task {id} completed: no follow-up of {} created or queued",
+                        self.types[to].spec.name
+                    ));
+                }
             }
         }
         Ok(())
@@ -1008,7 +1591,10 @@ impl Sim {
         // A node on which every type fits, so that all work can finish.
         self.start_node(8.0).await;
         for step in 0..SETTLE_STEPS_MAX {
-            if self.tasks.values().all(|l| l.end != TaskEnd::Pending) {
+            if self.tasks.values().all(|l| l.end != TaskEnd::Pending)
+                && self.singletons.values().all(|s| !s.requested)
+                && self.follow_queue_len().await? == 0
+            {
                 return Ok(step);
             }
             let d = Duration::from_millis(self.rng.u64(1..1_500));
@@ -1032,10 +1618,52 @@ impl Sim {
             .take(5)
             .map(|(id, l)| format!("{id} ({})", self.types[l.ty].spec.name))
             .collect();
+        // Where the first stuck task's type stands: its rows and each live node's view of it.
+        let mut detail = String::new();
+        if let Some((&id, l)) = self.tasks.iter().find(|(_, l)| l.end == TaskEnd::Pending) {
+            let row: Vec<(Option<i64>, i64, Timestamp)> = self
+                .db
+                .select(
+                    "SELECT owner_id, retries, update_time FROM harmony_task WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| format!("reading task {id}: {e}"))?;
+            detail = format!(
+                "; task {id} row (owner, retries, updated) {row:?}, now {}",
+                self.clock.now()
+            );
+            for (n, node) in self.nodes.iter().enumerate() {
+                if node.life == Life::Alive {
+                    detail += &format!(
+                        "; node {n} (machine {}): {}",
+                        node.machine,
+                        node.state.describe(l.ty, self.now())
+                    );
+                }
+            }
+        }
+        let requested: Vec<&str> = self
+            .singletons
+            .iter()
+            .filter(|(_, s)| s.requested)
+            .map(|(&ty, _)| &*self.types[ty].spec.name)
+            .collect();
         Err(format!(
-            "after the faults stopped, tasks never finished: {}",
-            stuck.join(", ")
+            "after the faults stopped, tasks never finished: [{}]; run-now requests never served: {requested:?}; follow-ups still queued: {}{detail}",
+            stuck.join(", "),
+            self.follow_queue_len().await?
         ))
+    }
+
+    async fn follow_queue_len(&self) -> Result<i64, String> {
+        if self.pairs.is_empty() {
+            return Ok(0);
+        }
+        self.db
+            .scalar("SELECT count(*) FROM harmony_task_follow_queue", &[])
+            .await
+            .map_err(|e| format!("counting the follow queue: {e}"))
     }
 
     /// Every recorded attempt has exactly one history row.
@@ -1067,6 +1695,9 @@ async fn wipe(db: &Db) {
     for sql in [
         "DELETE FROM harmony_task_history",
         "DELETE FROM harmony_task_preempt_bid",
+        "DELETE FROM harmony_task_follow_queue",
+        "DELETE FROM harmony_task_follow",
+        "DELETE FROM harmony_task_singletons",
         "DELETE FROM harmony_task",
         "DELETE FROM harmony_task_type_lock",
         "DELETE FROM harmony_machines",
@@ -1087,6 +1718,9 @@ async fn run_seed(seed: u64, db: &Db, total: &mut Stats) -> Result<usize, (usize
         sim.check_history()
             .await
             .map_err(|e| (STEPS_PER_SEED + settled, e))?;
+        sim.check_follow_ups(true)
+            .await
+            .map_err(|e| (STEPS_PER_SEED + settled, e))?;
         Ok(STEPS_PER_SEED + settled)
     }
     .await;
@@ -1103,6 +1737,11 @@ impl Stats {
         self.reaped += o.reaped;
         self.preempted += o.preempted;
         self.zombies_fenced += o.zombies_fenced;
+        self.follow_ups += o.follow_ups;
+        self.follow_faults += o.follow_faults;
+        self.deaths_before_follow += o.deaths_before_follow;
+        self.singleton_runs += o.singleton_runs;
+        self.run_now_requests += o.run_now_requests;
     }
 }
 
@@ -1112,13 +1751,18 @@ fn seeds() -> Vec<u64> {
     }
     let n: u64 = std::env::var("HARMONY_SIM_SEEDS")
         .ok()
-        .map_or(200, |s| s.parse().expect("HARMONY_SIM_SEEDS is a number"));
+        .map_or(DEFAULT_SEEDS, |s| {
+            s.parse().expect("HARMONY_SIM_SEEDS is a number")
+        });
     (0..n).collect()
 }
 
 /// Seeds that find (or found) a real bug, replayed on every run. A change to the simulator
-/// changes what a seed does, so each case says which seed reproduces its bug now; the bugs in
-/// the scheduler's decisions also have focused unit tests in `scheduler/state.rs`.
+/// changes what a seed does, so each case says which seed reproduced its bug when it was found;
+/// the seeds below were found before followers and singletons joined the workload, which changed
+/// every seed's run, so they may no longer reach their bug, but they still replay with every
+/// invariant checked. The bugs in the scheduler's decisions also have focused unit tests in
+/// `scheduler/state.rs`.
 async fn regression(seed: u64) {
     let t = TestDb::sqlite().await;
     if let Err((step, why)) = run_seed(seed, &t.db, &mut Stats::default()).await {
