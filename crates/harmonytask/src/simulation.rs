@@ -9,7 +9,9 @@
 //! events, and the faults — node death (its machine row is reaped after `dead_after` of
 //! simulated time), freeze and resume as a zombie whose late results must be fenced, lost and
 //! duplicated hints, transient database errors on claim, poll and record (before the statement
-//! ran, or after it committed with the reply lost), clock jumps and cordons.
+//! ran, or after it committed with the reply lost), clock jumps and cordons — and operators
+//! cancelling waiting and running tasks (the owner hears of it by a lossy hint or from the
+//! owned-task read of its heartbeat, and the late result must be discarded).
 //!
 //! After every step the checkers assert the invariants: a task never has two live owners (and
 //! never two concurrent attempts by live nodes in the simulator's own run ledger); nothing is
@@ -161,6 +163,9 @@ enum TaskEnd {
     Pending,
     Done,
     FailedForGood,
+    /// An operator cancelled it: its row is gone, one history row says so, and no attempt
+    /// of it may be recorded after.
+    Cancelled,
 }
 
 struct TaskLedger {
@@ -231,6 +236,8 @@ struct Stats {
     deaths_before_follow: u64,
     singleton_runs: u64,
     run_now_requests: u64,
+    cancelled: u64,
+    cancelled_running: u64,
 }
 
 impl Sim {
@@ -660,6 +667,22 @@ impl Sim {
                     Ok(Some(_)) => {
                         self.nodes[n].last_heartbeat = self.t;
                         self.nodes[n].next_heartbeat = self.t + HEARTBEAT_INTERVAL;
+                        // While it runs attempts, the beat reads which tasks it still owns.
+                        if !self.nodes[n].running.is_empty() {
+                            let asked = self.now().mono;
+                            let owned = self
+                                .store
+                                .task_owned(machine)
+                                .await
+                                .map_err(|e| format!("owned tasks: {e}"))?;
+                            self.feed(
+                                n,
+                                Event::Owned {
+                                    owned: owned.into_iter().collect(),
+                                    asked,
+                                },
+                            )?;
+                        }
                     }
                     // Its row is gone: it stops at once (DESIGN §9).
                     Ok(None) => self.kill(n),
@@ -1102,6 +1125,42 @@ impl Sim {
 
     /// An operator asks a singleton to run now: `Client::run_now` (found by the nodes' polls)
     /// or `Engine::run_now`, which also tells its own node at once.
+    /// An operator cancels a waiting or running task (not a singleton's: its row would only
+    /// be re-created). The owner hears of it by a hint, lost 40% of the time, or from the
+    /// owned-task read of its next heartbeat; its late result must be discarded.
+    async fn cancel(&mut self) -> Check {
+        let pending: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, l)| l.end == TaskEnd::Pending && !self.singletons.contains_key(&l.ty))
+            .map(|(id, _)| *id)
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let id = pending[self.rng.usize(..pending.len())];
+        let now = self.clock.now();
+        let c = self
+            .store
+            .task_cancel(id, "sim", now, false)
+            .await
+            .map_err(|e| format!("cancel {id}: {e} (the ledger says it is pending)"))?;
+        let l = self.tasks.get_mut(&id).expect("a pending task");
+        l.end = TaskEnd::Cancelled;
+        l.recorded += 1;
+        self.stats.cancelled += 1;
+        if c.owner.is_some() {
+            self.stats.cancelled_running += 1;
+        }
+        let runners = self.attempts.get(&id).cloned().unwrap_or_default();
+        for n in runners {
+            if self.nodes[n].life == Life::Alive && !self.injected(40) {
+                self.feed(n, Event::Lost { ids: vec![id] })?;
+            }
+        }
+        Ok(())
+    }
+
     async fn run_now(&mut self) -> Check {
         let singles: Vec<usize> = self.singletons.keys().copied().collect();
         if singles.is_empty() {
@@ -1187,11 +1246,14 @@ impl Sim {
                     Fate::Retry => Some(cand.retries + 1),
                     Fate::Release => Some(cand.retries),
                 };
-                return self.applied(n, ty, &outcome, &cand, retries);
+                // The earlier try's time is not known here; the attempt's end is no later.
+                let updated = outcome.work_end;
+                return self.applied(n, ty, &outcome, &cand, retries, updated);
             }
         }
         let lose_reply = self.injected(3);
         let node = &self.nodes[n];
+        let record_now = self.clock.now();
         let recorded = self
             .store
             .task_record(&RecordBatch {
@@ -1199,7 +1261,7 @@ impl Sim {
                 cluster_limited: &[],
                 owner: node.machine,
                 host_and_port: &node.host,
-                now: self.clock.now(),
+                now: record_now,
                 outcomes: std::slice::from_ref(&outcome),
                 singletons: &[],
             })
@@ -1219,7 +1281,11 @@ impl Sim {
                 return Ok(());
             }
             self.stats.fenced_records += 1;
-            if !node.reaped {
+            let cancelled = self
+                .tasks
+                .get(&outcome.id)
+                .is_some_and(|l| l.end == TaskEnd::Cancelled);
+            if !node.reaped && !cancelled {
                 return Err(format!(
                     "node {n} (registered) was fenced out recording task {}",
                     outcome.id
@@ -1298,11 +1364,12 @@ impl Sim {
                 .push(Job::Record(outcome, ty, cand, true));
             return Ok(());
         }
-        self.applied(n, ty, &outcome, &cand, retries)
+        self.applied(n, ty, &outcome, &cand, retries, record_now)
     }
 
-    /// The runner's part once an outcome is known to be recorded: a released task goes back
-    /// to the node's view, and other nodes are hinted.
+    /// The recorder's part once an outcome is known to be recorded: a released task goes back
+    /// to the node's view with the update time its record wrote (`updated`), and other nodes
+    /// are hinted.
     fn applied(
         &mut self,
         n: usize,
@@ -1310,12 +1377,13 @@ impl Sim {
         outcome: &Outcome,
         cand: &Candidate,
         retries: Option<u32>,
+        updated: Timestamp,
     ) -> Check {
         if let Some(retries) = retries {
             let task = Candidate {
                 id: outcome.id,
                 posted: cand.posted,
-                updated: outcome.work_end,
+                updated,
                 retries,
             };
             self.feed(n, Event::Released { ty, task })?;
@@ -1358,6 +1426,7 @@ impl Sim {
     async fn step(&mut self) -> Check {
         match self.rng.u8(..100) {
             0..2 if !self.singletons.is_empty() => self.run_now().await?,
+            2..4 if self.faults => self.cancel().await?,
             0..15 => self.add_tasks().await?,
             15..35 => {
                 let d = match self.rng.u8(..10) {
@@ -1742,6 +1811,8 @@ impl Stats {
         self.deaths_before_follow += o.deaths_before_follow;
         self.singleton_runs += o.singleton_runs;
         self.run_now_requests += o.run_now_requests;
+        self.cancelled += o.cancelled;
+        self.cancelled_running += o.cancelled_running;
     }
 }
 
