@@ -83,7 +83,8 @@ pub struct BenchArgs {
     /// Tasks to measure (each workload has a default).
     #[arg(long, value_name = "N")]
     pub tasks: Option<usize>,
-    /// Latency: add from this process, run on a separate `harmony run` process.
+    /// Latency: add from this process, run on a separate `harmony run` process. With
+    /// `--notify http`, hints travel over HTTP peering instead of NOTIFY.
     #[arg(long)]
     pub cross_node: bool,
 }

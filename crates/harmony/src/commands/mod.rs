@@ -56,7 +56,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
             out
         }
         Command::Demo(args) => crate::demo::run(args, cli.json, notify, shutdown).await,
-        Command::Bench(args) => bench::run(&cli.db, cli.json, args).await,
+        Command::Bench(args) => {
+            let http = cli.notify == crate::cli::NotifyMode::Http;
+            bench::run(&cli.db, cli.json, http, args).await
+        }
     }
 }
 
