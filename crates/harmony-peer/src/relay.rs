@@ -16,6 +16,7 @@
 //! waits at most [`DRAIN_WAIT`] for the requests in flight.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use harmonydb::{Inbound, Notification, Relay};
@@ -44,6 +45,8 @@ pub const SENDS_IN_FLIGHT_MAX: usize = 64;
 pub const PEERS_MAX: usize = 1024;
 /// How long shutdown waits for requests in flight.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(2);
+/// Failed requests are warned about at most this often; every one is counted.
+const WARN_INTERVAL_MS: i64 = 60_000;
 
 /// How a node sends and checks hints.
 #[derive(Debug, Clone)]
@@ -130,6 +133,7 @@ impl HttpRelay {
             metrics,
             permits: Arc::new(Semaphore::new(SENDS_IN_FLIGHT_MAX)),
             tracker: TaskTracker::new(),
+            warned_ms: Arc::new(AtomicI64::new(i64::MIN)),
         };
         (relay, sender)
     }
@@ -168,6 +172,8 @@ pub struct PeerSender {
     metrics: PeerMetrics,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
+    /// When a failure was last logged as a warning (Unix ms).
+    warned_ms: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for PeerSender {
@@ -294,6 +300,7 @@ impl PeerSender {
             let metrics = self.metrics.clone();
             let limit = self.config.send_timeout;
             let peer = peer.clone();
+            let warned_ms = Arc::clone(&self.warned_ms);
             self.tracker.spawn(async move {
                 let _permit = permit;
                 let sent = tokio::time::timeout(limit, async {
@@ -313,7 +320,17 @@ impl PeerSender {
                     Ok(()) => metrics.sent(),
                     Err(e) => {
                         metrics.send_failed();
-                        tracing::debug!(peer = %peer, error = %e, "hint request failed; the peer finds the work by polling");
+                        let now = now_millis();
+                        let last = warned_ms.load(Ordering::Relaxed);
+                        if now.saturating_sub(last) >= WARN_INTERVAL_MS
+                            && warned_ms
+                                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                                .is_ok()
+                        {
+                            tracing::warn!(peer = %peer, error = %e, "hint request to a peer failed; it finds the work by polling (warned once a minute, every failure is counted)");
+                        } else {
+                            tracing::debug!(peer = %peer, error = %e, "hint request failed; the peer finds the work by polling");
+                        }
                     }
                 }
             });

@@ -12,6 +12,7 @@
 //! server (`harmony-web`'s, or the small one the binary starts for `--notify http`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use axum::Router;
 use axum::body::Body;
@@ -35,7 +36,12 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 pub struct PeerState {
     relay: Arc<HttpRelay>,
     verifier: Arc<Verifier>,
+    /// When a refusal was last logged as a warning (Unix ms), for [`WARN_INTERVAL_MS`].
+    warned_ms: Arc<AtomicI64>,
 }
+
+/// Refusals are warned about at most this often; every one is counted.
+const WARN_INTERVAL_MS: i64 = 60_000;
 
 impl PeerState {
     /// The state for `relay`'s node, checking with the relay's cluster secret.
@@ -43,6 +49,7 @@ impl PeerState {
         PeerState {
             relay: Arc::clone(relay),
             verifier: Arc::new(Verifier::new(relay.secret().clone())),
+            warned_ms: Arc::new(AtomicI64::new(i64::MIN)),
         }
     }
 }
@@ -65,7 +72,23 @@ async fn receive(State(s): State<PeerState>, headers: HeaderMap, body: Body) -> 
         }
         Err((reason, message)) => {
             s.relay.metrics().refused(reason);
-            tracing::debug!(reason = reason.as_str(), %message, "hint request refused");
+            let now = now_millis();
+            let last = s.warned_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= WARN_INTERVAL_MS
+                && s.warned_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // A wrong secret or a skewed clock on one node refuses all its hints: say so,
+                // once a minute (the counter has every refusal).
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    %message,
+                    "hint request from a peer refused; do all nodes share --cluster-secret, with clocks in sync? (warned once a minute)"
+                );
+            } else {
+                tracing::debug!(reason = reason.as_str(), %message, "hint request refused");
+            }
             let status = match reason {
                 Refusal::BadSignature | Refusal::Stale => StatusCode::UNAUTHORIZED,
                 Refusal::Replay => StatusCode::CONFLICT,
