@@ -3,7 +3,10 @@
 //! Same node: an in-process engine runs a probe type that timestamps its start; tasks are
 //! added through that engine. Cross node (`--cross-node`): a `harmony run` child process runs
 //! `bench_noop`, which logs its start in microseconds; this process adds through a `Client`
-//! (another process, as another node would) and compares clocks of the same machine.
+//! (another process, as another node would) and compares clocks of the same machine. With
+//! `notify_http` (`harmony --notify http bench latency --cross-node`) the node runs with
+//! `--notify http` and this process sends its hints through a `harmony_peer::HttpRelay`, as
+//! a node or `harmony task add --notify http` would.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -252,11 +255,35 @@ async fn same_node(fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
 async fn cross_node(opts: &BenchOptions, fresh: &FreshDb, n: usize) -> anyhow::Result<BenchResult> {
     let db = fresh.open().await?;
     let store = BenchStore::new(db.clone());
-    let mut node = NodeProcess::spawn(&opts.harmony_exe, &fresh.url, &["--types", BENCH_NOOP])?;
+    // A throw-away secret for this run's node (on its command line: the database is fresh and
+    // dropped afterwards, so the secret guards nothing else).
+    let secret = format!("bench-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let mut extra = vec!["--types", BENCH_NOOP];
+    if opts.notify_http {
+        extra.extend_from_slice(&["--notify", "http", "--cluster-secret", &secret]);
+    }
+    let mut node = NodeProcess::spawn(&opts.harmony_exe, &fresh.url, &extra)?;
     node.wait_registered(&store).await?;
     // Let the node finish its start-up poll so every task below is found by a wake-up.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = Client::new(db.clone());
+    // With HTTP peering, this process's hints go through a relay whose sender reads the peer
+    // list now that the node is registered.
+    let peers = if opts.notify_http {
+        let config = harmony_peer::PeerConfig::new(harmony_peer::ClusterSecret::new(secret)?, "");
+        let (relay, sender) =
+            harmony_peer::HttpRelay::new(config, harmonytask::Admin::new(db.clone()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sending = tokio::spawn(sender.run(stop.clone()));
+        Some((relay, stop, sending))
+    } else {
+        None
+    };
+    let client = match &peers {
+        Some((relay, _, _)) => {
+            Client::new(db.with_relay(Arc::clone(relay) as Arc<dyn harmonydb::Relay>))
+        }
+        None => Client::new(db.clone()),
+    };
     // Warm-up, not measured: connections opened, statements prepared on both sides.
     for _ in 0..WARM_UP {
         client.add_task_with_args(BENCH_NOOP, &[]).await?;
@@ -280,6 +307,17 @@ async fn cross_node(opts: &BenchOptions, fresh: &FreshDb, n: usize) -> anyhow::R
     }
     let seconds = begin.elapsed().as_secs_f64();
     let rss = peak_rss_mb(node.pid());
+    let mut via = "NOTIFY".to_owned();
+    if let Some((relay, stop, sending)) = peers {
+        stop.cancel();
+        let _ = sending.await;
+        let m = relay.metrics();
+        via = format!(
+            "HTTP peering ({} requests sent, {} failed)",
+            m.sent_count(),
+            m.send_failed_count()
+        );
+    }
     node.stop().await?;
     let attempts = store.attempts().await?;
     let started: HashMap<i64, i64> = attempts.iter().map(|a| (a.task_id, a.started_us)).collect();
@@ -292,7 +330,7 @@ async fn cross_node(opts: &BenchOptions, fresh: &FreshDb, n: usize) -> anyhow::R
     r.seconds = seconds;
     r.peak_rss_mb = rss;
     r.detail = format!(
-        "cross node: added by this process, run by a harmony run process; {ADD_RATE_PER_S} adds/s; {} of {} started",
+        "cross node: added by this process, run by a harmony run process, hints by {via}; {ADD_RATE_PER_S} adds/s; {} of {} started",
         samples.len(),
         added.len()
     );

@@ -101,6 +101,8 @@ pub struct BenchOptions {
     pub tasks: Option<usize>,
     /// Latency: add on one process, run on a `harmony run` child process.
     pub cross_node: bool,
+    /// Latency across nodes: hints travel over HTTP (`--notify http`) instead of `NOTIFY`.
+    pub notify_http: bool,
     /// The `harmony` executable, for child node processes.
     pub harmony_exe: PathBuf,
 }

@@ -23,16 +23,28 @@ pub struct Cli {
     #[arg(long = "log", global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
-    /// Wake-up notifications between nodes: on, or off where LISTEN/NOTIFY does not work
+    /// Wake-up notifications between nodes: on, off, or http where LISTEN/NOTIFY does not work
     /// (details: `harmony run --help`).
     #[arg(
         long,
         global = true,
         env = "HARMONY_NOTIFY",
         default_value = "on",
-        value_name = "on|off"
+        value_name = "on|off|http"
     )]
     pub notify: NotifyMode,
+
+    /// With --notify http: the secret every node of the cluster shares (at least 16 bytes),
+    /// which signs the hints nodes send each other. Prefer the environment variable: a flag is
+    /// visible to other users of the machine.
+    #[arg(
+        long,
+        global = true,
+        env = "HARMONY_CLUSTER_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub cluster_secret: Option<Secret>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -71,7 +83,8 @@ pub struct BenchArgs {
     /// Tasks to measure (each workload has a default).
     #[arg(long, value_name = "N")]
     pub tasks: Option<usize>,
-    /// Latency: add from this process, run on a separate `harmony run` process.
+    /// Latency: add from this process, run on a separate `harmony run` process. With
+    /// `--notify http`, hints travel over HTTP peering instead of NOTIFY.
     #[arg(long)]
     pub cross_node: bool,
 }
@@ -83,12 +96,32 @@ pub enum NotifyMode {
     On,
     /// Rely on polling alone.
     Off,
+    /// Send the notifications over HTTP to the other nodes, signed with --cluster-secret.
+    Http,
 }
 
 impl NotifyMode {
-    /// Whether notifications are on.
+    /// Whether notifications are sent at all (`on` or `http`).
     pub fn enabled(self) -> bool {
-        self == NotifyMode::On
+        self != NotifyMode::Off
+    }
+}
+
+/// A secret flag value; its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(redacted)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
     }
 }
 
@@ -101,11 +134,13 @@ impl Command {
 }
 
 /// What `--notify` does, shown once, under `harmony run --help`.
-const NOTIFY_HELP: &str = "Notifications (--notify on|off): `on` sends and listens for wake-ups \
-(Postgres LISTEN/NOTIFY; SQLite change checks), so other nodes start new work within \
-milliseconds. `off` is for YugabyteDB, CockroachDB or PgBouncer in transaction mode: nodes then \
-find work by polling every --poll-interval-unhealthy, and everything stays correct, only slower \
-to start.";
+const NOTIFY_HELP: &str = "Notifications (--notify on|off|http): `on` sends and listens for \
+wake-ups (Postgres LISTEN/NOTIFY; SQLite change checks), so other nodes start new work within \
+milliseconds. `http` is for YugabyteDB, CockroachDB or PgBouncer in transaction mode: nodes send \
+the same wake-ups to each other's --listen address (POST /api/v1/peer/hints), signed with \
+--cluster-secret (HARMONY_CLUSTER_SECRET), and each node serves that route on its --listen \
+address. `off` relies on polling alone: nodes find work every --poll-interval-unhealthy. Either \
+way everything stays correct; hints only make work start sooner.";
 
 /// `harmony run`
 #[derive(Debug, Args)]

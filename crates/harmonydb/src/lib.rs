@@ -33,6 +33,7 @@ mod metrics;
 mod migrate;
 mod notify;
 mod postgres;
+mod relay;
 mod sqlite;
 mod value;
 
@@ -55,13 +56,15 @@ pub use harmonydb_derive::FromRow;
 pub use harmonydb_derive::batch_sql as __batch_sql;
 pub use metrics::DbMetrics;
 pub use migrate::{MigrationInfo, MigrationStatus};
-pub use notify::{Notification, NotifyListener};
+pub use notify::{NOTIFY_BUFFER_MAX, Notification, NotifyListener};
+pub use relay::{Inbound, Relay};
 pub use value::{
     Columns, FromRow, FromValue, Params, Row, SQLITE_TIMESTAMP_FORMAT, Scalar, Timestamp, ToValue,
     Value,
 };
 
 use crate::postgres::{PgBackend, PgTx};
+use crate::relay::Outbox;
 use crate::sqlite::{SqliteBackend, TxMsg};
 
 /// What a statement should give back.
@@ -412,11 +415,17 @@ struct Inner {
 #[derive(Clone)]
 pub struct Db {
     inner: Arc<Inner>,
+    /// Where notifications go instead of `NOTIFY` (see [`Db::with_relay`]).
+    relay: Option<Arc<dyn Relay>>,
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Db({})", self.inner.config)
+        write!(f, "Db({})", self.inner.config)?;
+        if self.relay.is_some() {
+            write!(f, " with relay")?;
+        }
+        Ok(())
     }
 }
 
@@ -522,11 +531,46 @@ impl Db {
                 config,
                 metrics,
             }),
+            relay: None,
         };
         if db.inner.config.migrate_on_open {
             db.migrate().await?;
         }
         Ok(db)
+    }
+
+    /// A handle on the same connections whose notifications go through `relay` instead of
+    /// the database's `NOTIFY` (see the `relay` module): [`Tx::notify`] publishes after the
+    /// commit, [`Db::notify`] at once, and [`Db::listen`] listens to the relay's inbound side.
+    /// This handle itself is unchanged.
+    pub fn with_relay(&self, relay: Arc<dyn Relay>) -> Db {
+        Db {
+            inner: Arc::clone(&self.inner),
+            relay: Some(relay),
+        }
+    }
+
+    /// The relay this handle's notifications go through, if any.
+    pub fn relay(&self) -> Option<&Arc<dyn Relay>> {
+        self.relay.as_ref()
+    }
+
+    /// Sends one notification on its own: through the relay when the handle has one, else
+    /// `pg_notify` on Postgres; a no-op on SQLite without a relay (other processes see commits
+    /// through [`Db::data_version`]).
+    pub async fn notify(&self, channel: &'static str, payload: &str) -> Result<()> {
+        if let Some(relay) = &self.relay {
+            relay.publish(vec![Notification {
+                channel: channel.to_owned(),
+                payload: payload.to_owned(),
+            }]);
+            return Ok(());
+        }
+        if self.dialect() == Dialect::Postgres {
+            self.exec("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                .await?;
+        }
+        Ok(())
     }
 
     /// The configuration this handle was opened with.
@@ -624,6 +668,9 @@ impl Db {
     {
         self.inner.metrics.transaction_started();
         let started = Instant::now();
+        // Only a handle with a relay buffers notifications; without one `Tx::notify` runs
+        // `pg_notify` in the transaction and nothing here costs anything.
+        let outbox = self.relay.as_ref().map(|_| Arc::new(Outbox::default()));
         let (tx, finisher) = match &self.inner.backend {
             Backend::Sqlite(s) => {
                 let begun = s.begin().await;
@@ -635,6 +682,7 @@ impl Db {
                         Tx {
                             inner: TxInner::Sqlite(sender.clone()),
                             metrics: self.inner.metrics.clone(),
+                            outbox: outbox.clone(),
                         },
                         Finisher::Sqlite(sender),
                     ),
@@ -644,6 +692,7 @@ impl Db {
                             Tx {
                                 inner: TxInner::SqliteInline(Arc::clone(&inline)),
                                 metrics: self.inner.metrics.clone(),
+                                outbox: outbox.clone(),
                             },
                             Finisher::SqliteInline(inline),
                         )
@@ -656,6 +705,7 @@ impl Db {
                     Tx {
                         inner: TxInner::Postgres(Arc::clone(&pg)),
                         metrics: self.inner.metrics.clone(),
+                        outbox: outbox.clone(),
                     },
                     Finisher::Postgres(pg),
                 )
@@ -664,9 +714,16 @@ impl Db {
         let out = IN_TRANSACTION.scope((), f(tx)).await;
         match out {
             Ok(r) => {
-                finisher
-                    .finish(r.should_commit(), &self.inner.metrics)
-                    .await?;
+                let commit = r.should_commit();
+                finisher.finish(commit, &self.inner.metrics).await?;
+                // After the commit, and only for it: a rollback (or an attempt that is
+                // retried) publishes nothing.
+                if commit && let (Some(relay), Some(outbox)) = (&self.relay, &outbox) {
+                    let notes = outbox.take();
+                    if !notes.is_empty() {
+                        relay.publish(notes);
+                    }
+                }
                 Ok(r)
             }
             Err(e) => {
@@ -708,8 +765,12 @@ impl Db {
     }
 
     /// Opens a dedicated listening connection for `LISTEN/NOTIFY` (Postgres only; `None` on
-    /// SQLite, where cross-process changes are found with [`Db::data_version`]).
+    /// SQLite, where cross-process changes are found with [`Db::data_version`]). With a relay
+    /// ([`Db::with_relay`]), on either backend, a listener on the relay's inbound side.
     pub async fn listen(&self, channels: &[&'static str]) -> Result<Option<NotifyListener>> {
+        if let Some(relay) = &self.relay {
+            return relay.inbound().subscribe(channels).map(Some);
+        }
         match &self.inner.backend {
             Backend::Sqlite(_) => Ok(None),
             Backend::Postgres(p) => notify::listen(p, channels).await.map(Some),
@@ -821,6 +882,32 @@ enum TxInner {
 pub struct Tx {
     inner: TxInner,
     metrics: DbMetrics,
+    /// With a relay: the notifications to publish after the commit.
+    outbox: Option<Arc<Outbox>>,
+}
+
+impl Tx {
+    /// Sends a notification with this transaction: delivered only if it commits, after the
+    /// commit. Without a relay that is `pg_notify` inside the transaction on Postgres (and a
+    /// no-op on SQLite, whose other processes see commits through [`Db::data_version`]); with
+    /// a relay ([`Db::with_relay`]) the notification is buffered and published after the commit.
+    pub async fn notify(&self, channel: &'static str, payload: &str) -> Result<()> {
+        if let Some(outbox) = &self.outbox {
+            outbox.push(channel, payload);
+            return Ok(());
+        }
+        if self.dialect() == Dialect::Postgres {
+            self.exec("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether notifications of this transaction go through a relay (so statements that send
+    /// `pg_notify` inline must not be used).
+    pub fn relayed(&self) -> bool {
+        self.outbox.is_some()
+    }
 }
 
 impl private::Sealed for Tx {

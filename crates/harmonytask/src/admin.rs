@@ -140,6 +140,17 @@ impl Admin {
         self.store.machine_list().await
     }
 
+    /// The addresses (`host_and_port`) of the machines heard from within `alive_within`, at
+    /// most `limit`: one bounded read of the machine table, cheap enough to repeat every few
+    /// seconds (the HTTP peers' directory).
+    pub async fn machine_addresses(
+        &self,
+        alive_within: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<(MachineId, String)>> {
+        self.store.machine_addresses(alive_within, limit).await
+    }
+
     /// Task type names that registered machines run.
     pub async fn types_in_cluster(&self) -> Result<Vec<String>> {
         self.store.types_in_cluster().await

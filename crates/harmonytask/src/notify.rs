@@ -9,8 +9,12 @@
 //! * **SQLite**, several processes on one file: there is no NOTIFY. The listener reads
 //!   `PRAGMA data_version` of the writer connection every `change_check_interval`; it changes
 //!   only when another connection commits, and then the node polls.
-//! * **Off** (`EngineConfig::notify = false`, for YugabyteDB, CockroachDB or PgBouncer in
-//!   transaction mode): no hints are sent or read; the node polls every
+//! * **Through a relay** (`Db::with_relay`; `harmony run --notify http` for YugabyteDB,
+//!   CockroachDB or PgBouncer in transaction mode): the store's hints are the same, but
+//!   `harmonydb` hands them to the relay after the commit instead of `pg_notify`, and
+//!   `Db::listen` reads the relay's inbound side, which `harmony-peer`'s HTTP route feeds.
+//!   Nothing here changes.
+//! * **Off** (`EngineConfig::notify = false`): no hints are sent or read; the node polls every
 //!   `poll_interval_unhealthy`.
 //!
 //! Hint payloads are short text: `add:TYPE:FROM`, `addt:TYPE:FROM:ID:POSTED_MS`, `rel:TYPE:FROM`,

@@ -6,7 +6,14 @@ use harmony_bench::{BenchOptions, Workload};
 use crate::cli::BenchArgs;
 use crate::commands::{EXIT_OK, UsageError};
 
-pub async fn run(db: &str, json: bool, args: BenchArgs) -> anyhow::Result<u8> {
+pub async fn run(db: &str, json: bool, notify_http: bool, args: BenchArgs) -> anyhow::Result<u8> {
+    if notify_http && !args.cross_node {
+        return Err(UsageError(
+            "--notify http applies to `bench latency --cross-node` only (hints between processes)"
+                .into(),
+        )
+        .into());
+    }
     let workloads: Vec<Workload> = if args.workload == "all" {
         Workload::ALL.to_vec()
     } else {
@@ -34,6 +41,7 @@ pub async fn run(db: &str, json: bool, args: BenchArgs) -> anyhow::Result<u8> {
             nodes: args.nodes,
             tasks: args.tasks,
             cross_node: args.cross_node,
+            notify_http,
             harmony_exe: harmony_exe.clone(),
         };
         let results = harmony_bench::run(&opts).await?;

@@ -6,6 +6,7 @@ use harmonytask::{Admin, MachineRow};
 use serde::Serialize;
 
 use crate::cli::{MachineCommand, MachineTarget};
+use crate::commands::peering::Peering;
 use crate::commands::run::check_listen;
 use crate::commands::{EXIT_OK, UsageError, open_existing};
 use crate::output::{self, Table};
@@ -15,7 +16,7 @@ use crate::output::{self, Table};
 pub async fn run(
     db_url: &str,
     json: bool,
-    notify: bool,
+    notify: &Peering,
     cmd: MachineCommand,
 ) -> anyhow::Result<u8> {
     match cmd {
@@ -105,7 +106,7 @@ struct Acted<'a> {
 async fn act(
     db_url: &str,
     json: bool,
-    notify: bool,
+    notify: &Peering,
     action: Action,
     target: &MachineTarget,
 ) -> anyhow::Result<u8> {
@@ -120,7 +121,7 @@ async fn act(
         (None, false) => {}
     }
     let db = open_existing(db_url).await?;
-    let admin = Admin::new(db).with_notify(notify);
+    let admin = Admin::new(notify.attach(db)).with_notify(notify.enabled());
     let machines = admin.machines().await?;
     let machine = find(&machines, target)?;
     let changed = match action {
@@ -167,7 +168,7 @@ async fn act(
             "{who} asked to restart{already}: it claims nothing new and exits with code 100 once its running tasks have finished"
         ),
     }
-    if !notify {
+    if !notify.enabled() {
         outln!("(--notify off: the machine sees this at its next heartbeat)");
     }
     Ok(EXIT_OK)

@@ -5,6 +5,7 @@ mod bench;
 mod db;
 mod machine;
 mod operate;
+mod peering;
 mod run;
 mod task;
 
@@ -30,13 +31,35 @@ pub const EXIT_RESTART: u8 = 100;
 /// Runs the parsed command. `shutdown` fires on SIGINT/SIGTERM for long-running commands.
 pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let notify = cli.notify.enabled();
+    let peering = || {
+        peering::Peering::new(
+            cli.notify,
+            cli.cluster_secret.as_ref().map(|s| s.0.as_str()),
+        )
+    };
     match cli.command {
         Command::Db(cmd) => db::run(&cli.db, cli.json, cmd).await,
-        Command::Run(args) => run::run(&cli.db, *args, notify, shutdown).await,
-        Command::Task(cmd) => task::run(&cli.db, cli.json, notify, cmd).await,
-        Command::Machine(cmd) => machine::run(&cli.db, cli.json, notify, cmd).await,
+        Command::Run(args) => {
+            let p = peering()?;
+            run::run(&cli.db, *args, &p, shutdown).await
+        }
+        Command::Task(cmd) => {
+            let p = peering()?;
+            let out = task::run(&cli.db, cli.json, &p, cmd).await;
+            p.finish().await;
+            out
+        }
+        Command::Machine(cmd) => {
+            let p = peering()?;
+            let out = machine::run(&cli.db, cli.json, &p, cmd).await;
+            p.finish().await;
+            out
+        }
         Command::Demo(args) => crate::demo::run(args, cli.json, notify, shutdown).await,
-        Command::Bench(args) => bench::run(&cli.db, cli.json, args).await,
+        Command::Bench(args) => {
+            let http = cli.notify == crate::cli::NotifyMode::Http;
+            bench::run(&cli.db, cli.json, http, args).await
+        }
     }
 }
 

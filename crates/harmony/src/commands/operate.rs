@@ -2,6 +2,7 @@
 
 use harmonytask::{Admin, EngineConfig, TaskId, TaskState, TypeWhy};
 
+use crate::commands::peering::Peering;
 use crate::commands::{EXIT_OK, UsageError, check_type_name, open_existing};
 use crate::output::{self, Table};
 
@@ -83,7 +84,7 @@ fn print_nodes(w: &TypeWhy) {
 pub async fn cancel(
     db_url: &str,
     json: bool,
-    notify: bool,
+    notify: &Peering,
     ids: Vec<i64>,
     all_waiting: bool,
     type_name: Option<String>,
@@ -97,7 +98,7 @@ pub async fn cancel(
         );
     }
     let db = open_existing(db_url).await?;
-    let admin = Admin::new(db).with_notify(notify);
+    let admin = Admin::new(notify.attach(db)).with_notify(notify.enabled());
     let by = operator();
     if let (true, Some(name)) = (all_waiting, &type_name) {
         let n = admin.cancel_waiting(name, &by).await?;
@@ -147,13 +148,13 @@ pub async fn cancel(
 pub async fn pause(
     db_url: &str,
     json: bool,
-    notify: bool,
+    notify: &Peering,
     name: &str,
     pause: bool,
 ) -> anyhow::Result<u8> {
     check_type_name("NAME", name)?;
     let db = open_existing(db_url).await?;
-    let admin = Admin::new(db).with_notify(notify);
+    let admin = Admin::new(notify.attach(db)).with_notify(notify.enabled());
     let changed = if pause {
         admin.pause(name, &operator()).await?
     } else {

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog;
 use crate::cli::RunArgs;
+use crate::commands::peering::{Peering, peer_routes};
 use crate::commands::{
     EXIT_FENCED, EXIT_OK, EXIT_RESTART, UsageError, check_type_name, open_migrated,
 };
@@ -20,11 +21,11 @@ use crate::taskfile;
 const KILL_REAP_MARGIN: Duration = Duration::from_secs(1);
 
 /// Starts a node and runs it until a signal (exit 0), fencing (exit 4) or a restart request
-/// (exit 100). `notify` turns wake-up notifications on or off (`--notify`).
+/// (exit 100). `notify` says how wake-up notifications travel (`--notify on|off|http`).
 pub async fn run(
     db_url: &str,
     args: RunArgs,
-    notify: bool,
+    notify: &Peering,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u8> {
     // `main` has replaced the default action of SIGINT/SIGTERM (exit) with cancelling
@@ -43,7 +44,53 @@ pub async fn run(
         selected,
         config,
         db,
+        peers,
     } = prepared;
+    let peer_stop = CancellationToken::new();
+    let peer_loops = tokio_util::task::TaskTracker::new();
+    let db = match peers {
+        Some(p) => {
+            peer_loops.spawn(p.sender.run(peer_stop.clone()));
+            peer_loops.spawn(serve_peers(
+                p.listener,
+                peer_routes(&p.relay),
+                peer_stop.clone(),
+            ));
+            db.with_relay(p.relay as Arc<dyn harmonydb::Relay>)
+        }
+        None => db,
+    };
+    peer_loops.close();
+    let out = run_engine(
+        db,
+        &args,
+        specs,
+        selected,
+        config,
+        notify.enabled(),
+        shutdown,
+    )
+    .await;
+    // After the engine stopped, so that its last hints (released tasks) are still sent.
+    peer_stop.cancel();
+    let _ = tokio::time::timeout(
+        harmony_peer::DRAIN_WAIT + Duration::from_secs(1),
+        peer_loops.wait(),
+    )
+    .await;
+    out
+}
+
+/// Starts the engine on `db` and runs it until it stops.
+async fn run_engine(
+    db: harmonydb::Db,
+    args: &RunArgs,
+    specs: Vec<taskfile::TaskSpec>,
+    selected: Option<BTreeSet<String>>,
+    config: EngineConfig,
+    notify: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u8> {
     let host = config.host_and_port.clone();
     let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs, args.builtin)
         .into_iter()
@@ -104,10 +151,35 @@ struct Prepared {
     selected: Option<BTreeSet<String>>,
     config: EngineConfig,
     db: harmonydb::Db,
+    /// With `--notify http`.
+    peers: Option<NodePeers>,
+}
+
+/// A node's HTTP peering, made before the engine starts.
+struct NodePeers {
+    relay: Arc<harmony_peer::HttpRelay>,
+    sender: harmony_peer::PeerSender,
+    /// Bound to `--listen`, for the peering routes.
+    listener: tokio::net::TcpListener,
+}
+
+/// Serves the peering routes until `stop`. This is the stand-in for the node's web server:
+/// that server mounts the same `Router` (from [`peer_routes`]) instead.
+async fn serve_peers(
+    listener: tokio::net::TcpListener,
+    routes: axum::Router,
+    stop: CancellationToken,
+) {
+    let served = axum::serve(listener, routes)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "the peering server stopped; other nodes' hints no longer arrive, and this node finds their work by polling");
+    }
 }
 
 /// Reads and checks the input, then opens (and migrates) the database.
-async fn prepare(db_url: &str, args: &RunArgs, notify: bool) -> anyhow::Result<Prepared> {
+async fn prepare(db_url: &str, args: &RunArgs, notify: &Peering) -> anyhow::Result<Prepared> {
     let specs = match args.tasks.clone() {
         // On a blocking thread, so that a read that hangs (a network file system) cannot keep
         // the start-up from seeing a signal.
@@ -116,7 +188,7 @@ async fn prepare(db_url: &str, args: &RunArgs, notify: bool) -> anyhow::Result<P
     };
     let known = catalog::known_names(&specs, args.builtin);
     let selected = selected_types(args.types.as_deref(), &known)?;
-    let mut config = engine_config(args, notify)?;
+    let mut config = engine_config(args, notify.enabled())?;
     // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must get
     // its whole kill grace in it, or it would be killed at exit before the SIGKILL was due.
     let kill_grace_max = specs
@@ -129,11 +201,33 @@ async fn prepare(db_url: &str, args: &RunArgs, notify: bool) -> anyhow::Result<P
         config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
     }
     let db = open_migrated(db_url).await?;
+    let peers = match notify.node_config(&args.listen) {
+        Some(peer_config) => {
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .map_err(|e| {
+                    UsageError(format!(
+                        "--listen: cannot serve the peering routes of --notify http on {}: {e}",
+                        args.listen
+                    ))
+                })?;
+            // The relay reads the peer list through a handle without itself.
+            let (relay, sender) =
+                harmony_peer::HttpRelay::new(peer_config, harmonytask::Admin::new(db.clone()));
+            Some(NodePeers {
+                relay,
+                sender,
+                listener,
+            })
+        }
+        None => None,
+    };
     Ok(Prepared {
         specs,
         selected,
         config,
         db,
+        peers,
     })
 }
 

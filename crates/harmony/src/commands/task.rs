@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::catalog;
 use crate::cli::{TaskAddArgs, TaskCommand};
 use crate::command_task::valid_arg_name;
+use crate::commands::peering::Peering;
 use crate::commands::{
     EXIT_OK, UsageError, check_type_name, open_existing, open_migrated, operate,
 };
@@ -32,7 +33,12 @@ const ERR_CELL_CHARS_MAX: usize = 80;
 
 /// Runs one `task` subcommand. `notify` says whether adds and run-now requests wake the nodes
 /// (`--notify`).
-pub async fn run(db_url: &str, json: bool, notify: bool, cmd: TaskCommand) -> anyhow::Result<u8> {
+pub async fn run(
+    db_url: &str,
+    json: bool,
+    notify: &Peering,
+    cmd: TaskCommand,
+) -> anyhow::Result<u8> {
     match cmd {
         TaskCommand::Add(args) => add(db_url, json, notify, args).await,
         TaskCommand::Ls { type_name, limit } => ls(db_url, json, type_name, limit).await,
@@ -67,7 +73,7 @@ struct Added<'a> {
     ids: Vec<TaskId>,
 }
 
-async fn add(db_url: &str, json: bool, notify: bool, a: TaskAddArgs) -> anyhow::Result<u8> {
+async fn add(db_url: &str, json: bool, notify: &Peering, a: TaskAddArgs) -> anyhow::Result<u8> {
     harmonytask::validate_name(&a.type_name).map_err(|e| UsageError(e.to_string()))?;
     if a.count == 0 || a.count > ADD_COUNT_MAX {
         return Err(UsageError(format!(
@@ -95,7 +101,7 @@ async fn add(db_url: &str, json: bool, notify: bool, a: TaskAddArgs) -> anyhow::
             .into());
         }
     }
-    let client = Client::new(db).with_notify(notify);
+    let client = Client::new(notify.attach(db)).with_notify(notify.enabled());
     let ids = if a.count == 1 {
         client
             .add_task_with_args(&a.type_name, &a.args)
@@ -455,10 +461,13 @@ async fn history(
     Ok(EXIT_OK)
 }
 
-async fn restart(db_url: &str, json: bool, notify: bool, id: i64) -> anyhow::Result<u8> {
+async fn restart(db_url: &str, json: bool, notify: &Peering, id: i64) -> anyhow::Result<u8> {
     let db = open_existing(db_url).await?;
     let id = TaskId(id);
-    Admin::new(db).with_notify(notify).restart_task(id).await?;
+    Admin::new(notify.attach(db))
+        .with_notify(notify.enabled())
+        .restart_task(id)
+        .await?;
     if json {
         output::json(&serde_json::json!({ "restarted": id }))?;
     } else {
@@ -559,10 +568,10 @@ async fn prune(
 
 /// `task run-now`: the type must be one that a node registered as a singleton; anything
 /// else is refused and writes nothing.
-async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::Result<u8> {
+async fn run_now(db_url: &str, json: bool, notify: &Peering, name: &str) -> anyhow::Result<u8> {
     check_type_name("NAME", name)?;
     let db = open_existing(db_url).await?;
-    let admin = Admin::new(db).with_notify(notify);
+    let admin = Admin::new(notify.attach(db)).with_notify(notify.enabled());
     match admin.run_now(name).await {
         Ok(()) => {}
         Err(e @ harmonytask::Error::NotSingleton(_)) => {
@@ -581,7 +590,7 @@ async fn run_now(db_url: &str, json: bool, notify: bool, name: &str) -> anyhow::
     }
     if json {
         output::json(&serde_json::json!({ "run_now": name }))?;
-    } else if notify {
+    } else if notify.enabled() {
         outln!("{name}: run-now requested; a node that runs it starts it now");
     } else {
         outln!("{name}: run-now requested; with --notify off the nodes see it at their next poll");

@@ -70,6 +70,7 @@ pub async fn harmony_in(dir: Option<&Path>, args: &[&str]) -> Output {
         .env_remove("HARMONY_DB")
         .env_remove("HARMONY_LOG")
         .env_remove("HARMONY_NOTIFY")
+        .env_remove("HARMONY_CLUSTER_SECRET")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(d) = dir {
@@ -147,6 +148,7 @@ impl Node {
             .env_remove("HARMONY_DB")
             .env_remove("HARMONY_LOG")
             .env_remove("HARMONY_NOTIFY")
+            .env_remove("HARMONY_CLUSTER_SECRET")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if log_to_file {

@@ -12,6 +12,36 @@ use crate::hint::Hint;
 use crate::model::{HistoryQuery, HistoryRow, MachineId, MachineRow, TaskId, TaskRow, TypeSummary};
 
 impl Store {
+    /// The addresses of the registered machines heard from within `alive_within` (server
+    /// clock), at most `limit`, oldest machine first. One bounded read of the machine table
+    /// only, for the peers that send each other hints over HTTP.
+    pub async fn machine_addresses(
+        &self,
+        alive_within: std::time::Duration,
+        limit: usize,
+    ) -> Result<Vec<(MachineId, String)>> {
+        let sql = self.db.dialect().pick(
+            "SELECT id, host_and_port FROM harmony_machines
+             WHERE last_contact >= strftime('%Y-%m-%d %H:%M:%f', 'now', $1) ORDER BY id LIMIT $2",
+            "SELECT id, host_and_port FROM harmony_machines
+             WHERE last_contact >= now() - ($1::bigint * interval '1 millisecond') ORDER BY id LIMIT $2",
+        );
+        let rows: Vec<(i64, String)> = match self.db.dialect() {
+            harmonydb::Dialect::Sqlite => {
+                let age = super::sqlite_age_modifier(alive_within);
+                self.db.select(sql, &[&age, &limit]).await?
+            }
+            harmonydb::Dialect::Postgres => {
+                let ms = super::millis(alive_within);
+                self.db.select(sql, &[&ms, &limit]).await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(id, host)| (MachineId(id), host))
+            .collect())
+    }
+
     /// Every registered machine with its details and owned-task count.
     pub async fn machine_list(&self) -> Result<Vec<MachineRow>> {
         let rows: Vec<Row> = self

@@ -68,24 +68,17 @@ impl Store {
         self.db.dialect()
     }
 
-    /// Sends a wake-up hint inside `tx` (delivered on commit). Postgres only; a no-op on
-    /// SQLite, where other processes see the commit through `PRAGMA data_version`.
+    /// Sends a wake-up hint with `tx` (delivered on commit): `pg_notify` in the transaction on
+    /// Postgres, through the relay after the commit when the handle has one
+    /// (`Db::with_relay`), and a no-op on SQLite without a relay, where other processes see
+    /// the commit through `PRAGMA data_version`.
     pub(crate) async fn notify_in(tx: &Tx, payload: &str) -> harmonydb::Result<()> {
-        if tx.dialect() == Dialect::Postgres {
-            tx.exec("SELECT pg_notify($1, $2)", &[&hint::CHANNEL, &payload])
-                .await?;
-        }
-        Ok(())
+        tx.notify(hint::CHANNEL, payload).await
     }
 
-    /// Sends a wake-up hint on its own (Postgres only).
+    /// Sends a wake-up hint on its own (as [`Store::notify_in`] does).
     pub(crate) async fn notify(&self, payload: &str) -> Result<()> {
-        if self.dialect() == Dialect::Postgres {
-            self.db
-                .exec("SELECT pg_notify($1, $2)", &[&hint::CHANNEL, &payload])
-                .await?;
-        }
-        Ok(())
+        Ok(self.db.notify(hint::CHANNEL, payload).await?)
     }
 }
 

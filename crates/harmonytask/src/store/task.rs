@@ -106,7 +106,9 @@ impl TaskStore for Store {
         added_by: MachineId,
         notify: bool,
     ) -> Result<TaskId> {
-        if notify && self.dialect() == Dialect::Postgres {
+        // The hint built in SQL saves a round trip on the hot path; a relay must get the hint
+        // after the commit instead, so a handle with one inserts, then publishes.
+        if notify && self.dialect() == Dialect::Postgres && self.db.relay().is_none() {
             let posted_ms = posted.as_millis();
             return Ok(self
                 .db
@@ -120,13 +122,21 @@ impl TaskStore for Store {
                 )
                 .await?);
         }
-        Ok(self
+        let id: TaskId = self
             .db
             .scalar(
                 "INSERT INTO harmony_task (name, posted_time, update_time, added_by) VALUES ($1, $2, $2, $3) RETURNING id",
                 &[&name, &posted, &added_by],
             )
-            .await?)
+            .await?;
+        if notify && self.db.relay().is_some() {
+            let hint = Hint::Added {
+                name: name.to_owned(),
+                task: Some((id, posted)),
+            };
+            self.notify(&hint.payload(added_by)).await?;
+        }
+        Ok(id)
     }
 
     async fn task_poll(&self, name: &str, limit: usize) -> Result<Vec<Candidate>> {
