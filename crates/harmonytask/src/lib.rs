@@ -68,8 +68,8 @@ pub use engine::{CompleteCallback, Engine, EngineBuilder};
 pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
 pub use model::{
-    AttemptResult, Blocked, HistoryQuery, HistoryRow, MachineRow, PruneCounts, SingletonRow,
-    TaskRow, TypeSummary,
+    AttemptResult, Blocked, HistoryCounts, HistoryPageQuery, HistoryQuery, HistoryRow, MachineRow,
+    PruneCounts, SingletonRow, TaskPageQuery, TaskRow, TaskState, TypeSummary,
 };
 pub use resources::{ByteSize, Resource, Resources};
 pub use retention::{PruneOutcome, PruneReport, PruneRule};
