@@ -6,6 +6,7 @@ mod db;
 mod machine;
 mod run;
 mod task;
+mod web;
 
 use harmonydb::{BackendConfig, Db, DbConfig, ErrorKind};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
         Command::Machine(cmd) => machine::run(&cli.db, cli.json, notify, cmd).await,
         Command::Demo(args) => crate::demo::run(args, cli.json, notify, shutdown).await,
         Command::Bench(args) => bench::run(&cli.db, cli.json, args).await,
+        Command::Web(args) => web::run(&cli.db, args, notify, shutdown).await,
     }
 }
 

@@ -61,6 +61,26 @@ pub async fn run(
         EngineError::AddressInUse { .. } => UsageError(format!("--listen: {e}")).into(),
         e => anyhow::Error::new(e).context(format!("starting node {host}")),
     })?;
+    // The HTTP API on the address the node registered as. Bound once the registration has
+    // succeeded, so that a second node given a live node's address gets the registration's
+    // message (naming the live machine); a port that cannot be bound stops the node again.
+    let web = match crate::commands::web::start(
+        engine.db().clone(),
+        Some(engine.clone()),
+        &host,
+        args.api_token.clone(),
+        notify,
+    )
+    .await
+    {
+        Ok(web) => web,
+        Err(e) => {
+            if let Err(stop) = engine.shutdown().await {
+                tracing::warn!(error = %stop, "stopping the node after the HTTP API failed to start");
+            }
+            return Err(e);
+        }
+    };
     if engine.task_types().is_empty() {
         tracing::warn!(
             "this node runs no task types: give it --tasks FILE (or --builtin for the test types)"
@@ -79,6 +99,7 @@ pub async fn run(
         r = engine.wait() => r,
         () = shutdown.cancelled() => engine.shutdown().await,
     };
+    web.stop().await;
     match stopped {
         Ok(()) => {
             tracing::info!("node stopped");
