@@ -18,7 +18,7 @@ use futures_util::future::{BoxFuture, Shared};
 use harmonytask::{Admin, HistoryCounts};
 
 /// Waiting tasks of one type are counted up to this many; a count at the cap means "at least".
-pub const QUEUE_DEPTH_CAP: usize = 100_000;
+pub const QUEUE_DEPTH_CAP: usize = 10_000;
 
 /// At most this many waiting types are counted.
 pub const WAITING_TYPES_MAX: usize = 500;

@@ -166,7 +166,7 @@ async fn reads_and_pages(t: &TestDb) {
 }
 
 async fn bad_input(t: &TestDb) {
-    let e = engine(&t.db).await;
+    let (e, release) = common::engine_with_release(&t.db).await;
     let s = serve(&t.db, Some(&e), None, "127.0.0.1:0").await;
     let (failing, held) = add_work(t, &e).await;
     let http = &s.client;
@@ -276,8 +276,7 @@ async fn bad_input(t: &TestDb) {
     )
     .await;
 
-    // A restart request is recorded on the machine row (the node drains: its held task
-    // keeps it draining until shutdown cancels it).
+    // A restart request drains the node: once its held task ends, it stops and says why.
     http.post(&format!("/api/v1/machines/{me}/restart"))
         .await
         .expect(200);
@@ -286,7 +285,12 @@ async fn bad_input(t: &TestDb) {
         m.json["machines"][0]["restart_request"].is_string(),
         "{m:?}"
     );
-    let _ = e.shutdown().await;
+    release.cancel();
+    let stopped = e.wait().await;
+    assert!(
+        matches!(stopped, Err(harmonytask::Error::RestartRequested)),
+        "{stopped:?}"
+    );
     http.get("/healthz").await.expect(503);
 }
 

@@ -55,7 +55,7 @@ pub enum Command {
     Machine(MachineCommand),
     /// A self-contained tour: a fresh ./harmony-demo.db, one node, a small pipeline.
     Demo(DemoArgs),
-    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune.
+    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune, api.
     Bench(BenchArgs),
     /// Serve the HTTP API (health, metrics, JSON) without running tasks.
     Web(WebArgs),
@@ -64,7 +64,7 @@ pub enum Command {
 /// `harmony bench`
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune (--tasks: old history rows), or all.
+    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune (--tasks: old history rows), api (--tasks waiting, --history rows), or all.
     #[arg(value_name = "WORKLOAD")]
     pub workload: String,
     /// Node processes (cluster: only this count instead of 1, 2, 4, 8).
@@ -76,6 +76,9 @@ pub struct BenchArgs {
     /// Latency: add from this process, run on a separate `harmony run` process.
     #[arg(long)]
     pub cross_node: bool,
+    /// api: history rows to fill (default 1,000,000).
+    #[arg(long, value_name = "N")]
+    pub history: Option<usize>,
 }
 
 /// The `--notify` setting.

@@ -215,8 +215,10 @@ impl Admin {
         self.store.machine_exists(id).await
     }
 
-    /// One page of pending and running tasks, in id order (`limit` and `offset` as given: the
-    /// caller bounds them).
+    /// One page of pending and running tasks (`limit` and `offset` as given: the caller bounds
+    /// them): in id order, or, with a type, in posting order (`posted_time`, then id). A
+    /// type's waiting or running page reads an index; a type's page of both states reads that
+    /// type's rows (no index covers owned rows by type).
     pub async fn task_page(&self, q: &crate::model::TaskPageQuery) -> Result<Vec<TaskRow>> {
         self.store.task_page(q).await
     }

@@ -558,7 +558,7 @@ pub enum TaskState {
     Running,
 }
 
-/// One page of pending and running tasks, in id order (see [`crate::Admin::task_page`]).
+/// One page of pending and running tasks (see [`crate::Admin::task_page`] for the order).
 #[derive(Debug, Clone, Default)]
 pub struct TaskPageQuery {
     /// Only this type.

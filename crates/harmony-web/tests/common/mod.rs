@@ -47,8 +47,11 @@ impl Task for FailTask {
     }
 }
 
-/// Runs until its attempt is cancelled (the engine shuts down).
-pub struct HoldTask;
+/// Runs until its attempt is cancelled (the engine shuts down), or succeeds once `release`
+/// fires (a draining node waits for it).
+pub struct HoldTask {
+    pub release: CancellationToken,
+}
 
 #[async_trait]
 impl Task for HoldTask {
@@ -56,8 +59,10 @@ impl Task for HoldTask {
         TypeDetails::new("hold")
     }
     async fn run(&self, _: TaskId, ctx: RunContext) -> Result<Done, TaskError> {
-        ctx.cancelled().cancelled().await;
-        Err(TaskError::new("cancelled"))
+        tokio::select! {
+            () = ctx.cancelled().cancelled() => Err(TaskError::new("cancelled")),
+            () = self.release.cancelled() => Ok(Done(true)),
+        }
     }
 }
 
@@ -77,14 +82,23 @@ pub fn config() -> EngineConfig {
 }
 
 pub async fn engine(db: &harmonydb::Db) -> Engine {
-    Engine::builder(db.clone())
+    engine_with_release(db).await.0
+}
+
+/// An engine and the token that lets its `hold` tasks succeed.
+pub async fn engine_with_release(db: &harmonydb::Db) -> (Engine, CancellationToken) {
+    let release = CancellationToken::new();
+    let engine = Engine::builder(db.clone())
         .config(config())
         .register(OkTask)
         .register(FailTask)
-        .register(HoldTask)
+        .register(HoldTask {
+            release: release.clone(),
+        })
         .start()
         .await
-        .expect("engine starts")
+        .expect("engine starts");
+    (engine, release)
 }
 
 /// A running server; stopped when dropped.

@@ -34,6 +34,7 @@ pub async fn run(db: &str, json: bool, args: BenchArgs) -> anyhow::Result<u8> {
             nodes: args.nodes,
             tasks: args.tasks,
             cross_node: args.cross_node,
+            history: args.history,
             harmony_exe: harmony_exe.clone(),
         };
         let results = harmony_bench::run(&opts).await?;

@@ -277,8 +277,20 @@ impl Store {
     }
 }
 
-/// A task-page statement: `$1` limit, `$2` offset, `$3` the type (when filtered).
+/// A task-page statement: `$1` limit, `$2` offset, `$3` the type (when filtered). Without a
+/// type, pages are in id order (the primary key); with one, in posting order (`posted_time`,
+/// then id), the order of the waiting index, which a type's waiting page then reads exactly.
 macro_rules! task_page_sql {
+    (typed $($filter:tt)*) => {
+        concat!(
+            "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                    t.retries, t.added_by, t.previous_task
+             FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
+             WHERE t.name = $3",
+            $($filter)*,
+            " ORDER BY t.posted_time, t.id LIMIT $1 OFFSET $2"
+        )
+    };
     ($($filter:tt)*) => {
         concat!(
             "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
@@ -343,7 +355,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// One page of pending and running tasks in id order.
+    /// One page of pending and running tasks: in id order, or with a type in posting order.
     pub async fn task_page(&self, q: &crate::model::TaskPageQuery) -> Result<Vec<TaskRow>> {
         use crate::model::TaskState;
         let (limit, offset) = (&q.limit, &q.offset);
@@ -364,13 +376,13 @@ impl Store {
             }
             (Some(name), None) => {
                 self.db
-                    .select(task_page_sql!(" AND t.name = $3"), &[limit, offset, &name])
+                    .select(task_page_sql!(typed ""), &[limit, offset, &name])
                     .await
             }
             (Some(name), Some(TaskState::Waiting)) => {
                 self.db
                     .select(
-                        task_page_sql!(" AND t.name = $3 AND t.owner_id IS NULL"),
+                        task_page_sql!(typed " AND t.owner_id IS NULL"),
                         &[limit, offset, &name],
                     )
                     .await
@@ -378,7 +390,7 @@ impl Store {
             (Some(name), Some(TaskState::Running)) => {
                 self.db
                     .select(
-                        task_page_sql!(" AND t.name = $3 AND t.owner_id IS NOT NULL"),
+                        task_page_sql!(typed " AND t.owner_id IS NOT NULL"),
                         &[limit, offset, &name],
                     )
                     .await
