@@ -12,6 +12,7 @@
 //! SQL layer's overhead over the raw drivers), [`Workload::Recovery`] and [`Workload::Prune`]
 //! (history retention under load).
 
+mod api;
 pub mod builtin;
 mod db;
 mod fresh;
@@ -55,11 +56,14 @@ pub enum Workload {
     /// Prune N old history rows while a node drains no-op tasks: prune rate, longest batch,
     /// drain rate during the prune against before it.
     Prune,
+    /// The web server's endpoint latencies and `/metrics` scrape time with N waiting tasks
+    /// (default 1,000,000) and `--history` rows.
+    Api,
 }
 
 impl Workload {
     /// All workloads, in the order `all` runs them.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Db,
         Workload::Throughput,
         Workload::Latency,
@@ -69,6 +73,7 @@ impl Workload {
         Workload::Memory,
         Workload::Recovery,
         Workload::Prune,
+        Workload::Api,
     ];
 
     /// Its command-line name.
@@ -83,6 +88,7 @@ impl Workload {
             Workload::Db => "db",
             Workload::Recovery => "recovery",
             Workload::Prune => "prune",
+            Workload::Api => "api",
         }
     }
 }
@@ -103,6 +109,8 @@ pub struct BenchOptions {
     pub cross_node: bool,
     /// Latency across nodes: hints travel over HTTP (`--notify http`) instead of `NOTIFY`.
     pub notify_http: bool,
+    /// History rows to fill (`api`; its default when absent).
+    pub history: Option<usize>,
     /// The `harmony` executable, for child node processes.
     pub harmony_exe: PathBuf,
 }
@@ -173,6 +181,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
         Workload::Db => db::db_overhead(opts).await,
         Workload::Recovery => recovery::recovery(opts).await,
         Workload::Prune => prune::prune(opts).await,
+        Workload::Api => api::api(opts).await,
     }
 }
 

@@ -148,6 +148,12 @@ impl BenchStore {
         })
     }
 
+    /// Refreshes the planner's statistics (`ANALYZE`), as autovacuum does after a bulk load.
+    pub async fn analyze(&self) -> Result<()> {
+        self.db.exec_script("ANALYZE").await?;
+        Ok(())
+    }
+
     /// Whether a machine is registered at `host_and_port` (a node finished starting).
     pub async fn machine_registered(&self, host_and_port: &str) -> Result<bool> {
         Ok(self

@@ -67,14 +67,16 @@ pub enum Command {
     Machine(MachineCommand),
     /// A self-contained tour: a fresh ./harmony-demo.db, one node, a small pipeline.
     Demo(DemoArgs),
-    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune.
+    /// Benchmarks: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune, api.
     Bench(BenchArgs),
+    /// Serve the HTTP API (health, metrics, JSON) without running tasks.
+    Web(WebArgs),
 }
 
 /// `harmony bench`
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune (--tasks: old history rows), or all.
+    /// What to measure: throughput, latency, backlog, cluster, packing, memory, db, recovery, prune (--tasks: old history rows), api (--tasks waiting, --history rows), or all.
     #[arg(value_name = "WORKLOAD")]
     pub workload: String,
     /// Node processes (cluster: only this count instead of 1, 2, 4, 8).
@@ -87,6 +89,9 @@ pub struct BenchArgs {
     /// `--notify http`, hints travel over HTTP peering instead of NOTIFY.
     #[arg(long)]
     pub cross_node: bool,
+    /// api: history rows to fill (default 1,000,000).
+    #[arg(long, value_name = "N")]
+    pub history: Option<usize>,
 }
 
 /// The `--notify` setting.
@@ -129,7 +134,7 @@ impl Command {
     /// Whether the command runs until stopped, so SIGINT/SIGTERM should shut it down
     /// gracefully instead of killing it.
     pub fn is_long_running(&self) -> bool {
-        matches!(self, Command::Run(_) | Command::Demo(_))
+        matches!(self, Command::Run(_) | Command::Demo(_) | Command::Web(_))
     }
 }
 
@@ -206,6 +211,27 @@ pub struct RunArgs {
     /// How often this node tries to prune history, e.g. 1h.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub prune_interval: Option<Duration>,
+    /// Bearer token for the HTTP API's write actions (served on --listen). Without one, a
+    /// loopback --listen allows writes and any other is read-only.
+    #[arg(long, env = "HARMONY_API_TOKEN", hide_env_values = true, value_parser = parse_token, value_name = "TOKEN")]
+    pub api_token: Option<harmony_web::ApiToken>,
+}
+
+/// `harmony web`
+#[derive(Debug, Args)]
+pub struct WebArgs {
+    /// Address to serve the HTTP API on (HOST:PORT).
+    #[arg(long, default_value = LISTEN_DEFAULT, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Bearer token for write actions. Without one, a loopback --listen allows writes and any
+    /// other is read-only.
+    #[arg(long, env = "HARMONY_API_TOKEN", hide_env_values = true, value_parser = parse_token, value_name = "TOKEN")]
+    pub api_token: Option<harmony_web::ApiToken>,
+}
+
+/// `--api-token`: any non-empty string (its value never appears in output or logs).
+fn parse_token(s: &str) -> Result<harmony_web::ApiToken, String> {
+    harmony_web::ApiToken::new(s).ok_or_else(|| "must not be empty".to_owned())
 }
 
 /// `--history-keep`: a duration, or `off`.

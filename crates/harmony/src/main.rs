@@ -176,7 +176,7 @@ fn init_tracing(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     // A node's log is its record of what happened; other commands stay quiet unless asked.
     let default = match cli.command {
-        cli::Command::Run(_) => "info",
+        cli::Command::Run(_) | cli::Command::Web(_) => "info",
         _ => "warn",
     };
     // --log wins over HARMONY_LOG, which wins over the default.
@@ -208,7 +208,7 @@ mod tests {
             (
                 &["harmony"][..],
                 "usage: harmony [OPTIONS] <COMMAND>",
-                "db, run, task, machine, demo, bench;",
+                "db, run, task, machine, demo, bench, web;",
             ),
             (
                 &["harmony", "task"][..],

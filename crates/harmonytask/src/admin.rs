@@ -268,4 +268,61 @@ impl Admin {
     pub async fn lease_release(&self, name: &str, holder: &str) -> Result<()> {
         self.store.lease_release(name, holder).await
     }
+
+    /// Whether the database answers (one trivial round trip).
+    pub async fn ping(&self) -> Result<()> {
+        self.store.ping().await
+    }
+
+    /// Whether machine `id` is registered (its row exists: it was not reaped or stopped).
+    pub async fn machine_registered(&self, id: MachineId) -> Result<bool> {
+        self.store.machine_exists(id).await
+    }
+
+    /// One page of pending and running tasks (`limit` and `offset` as given: the caller bounds
+    /// them): in id order, or, with a type, in posting order (`posted_time`, then id). A
+    /// type's waiting or running page reads an index; a type's page of both states reads that
+    /// type's rows (no index covers owned rows by type).
+    pub async fn task_page(&self, q: &crate::model::TaskPageQuery) -> Result<Vec<TaskRow>> {
+        self.store.task_page(q).await
+    }
+
+    /// A task's attempts from the history, oldest first, at most `limit`.
+    pub async fn task_attempts(&self, id: TaskId, limit: usize) -> Result<Vec<HistoryRow>> {
+        self.store.task_attempts(id, limit).await
+    }
+
+    /// One page of history, newest first; the next page is `before` the last row's id.
+    pub async fn history_page(
+        &self,
+        q: &crate::model::HistoryPageQuery,
+    ) -> Result<Vec<HistoryRow>> {
+        self.store.history_page(q).await
+    }
+
+    /// Types with waiting tasks, sorted, at most `limit`, found without scanning the tasks.
+    pub async fn waiting_types(&self, limit: usize) -> Result<Vec<String>> {
+        self.store.waiting_types(limit).await
+    }
+
+    /// Waiting tasks of `name`, counted up to `cap`: a result of `cap` means "at least".
+    pub async fn waiting_count(&self, name: &str, cap: usize) -> Result<i64> {
+        self.store.waiting_count(name, cap).await
+    }
+
+    /// Running (owned) tasks per type, cluster-wide.
+    pub async fn running_counts(&self) -> Result<Vec<(String, i64)>> {
+        self.store.running_counts().await
+    }
+
+    /// Attempts per type that ended within the last `window` (by this admin's clock).
+    pub async fn history_counts_last(
+        &self,
+        window: std::time::Duration,
+    ) -> Result<Vec<crate::model::HistoryCounts>> {
+        let now = self.clock.now().as_millis();
+        let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let since = Timestamp::from_millis(now.saturating_sub(window));
+        self.store.history_counts_since(since).await
+    }
 }

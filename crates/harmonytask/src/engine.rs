@@ -91,6 +91,8 @@ struct Shared {
     /// flight then fails on the owner foreign key, which is not a fence.
     unregistered: AtomicBool,
     counts: watch::Receiver<RunningCounts>,
+    /// Whether notifications flow (the listener sets it), for the operator's health view.
+    pace: Arc<PollPace>,
 }
 
 impl Supervisor for Shared {
@@ -416,6 +418,7 @@ impl EngineBuilder {
             inbox: Arc::clone(&inbox),
             flags: Arc::clone(&flags),
             metrics: metrics.clone(),
+            pace: Arc::clone(&pace),
             tracker: TaskTracker::new(),
             runs: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -742,5 +745,12 @@ impl Engine {
     /// The time now on the engine's clock.
     pub fn now(&self) -> Timestamp {
         self.shared.clock.now()
+    }
+
+    /// Whether wake-up notifications flow now (the listener is connected, or the SQLite change
+    /// check runs); false while the node falls back to its fast safety-net poll, and always
+    /// false with notifications turned off.
+    pub fn notifications_healthy(&self) -> bool {
+        self.shared.pace.is_healthy()
     }
 }

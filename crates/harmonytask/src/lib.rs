@@ -72,8 +72,9 @@ pub use engine::{CompleteCallback, Engine, EngineBuilder};
 pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
 pub use model::{
-    AttemptResult, Blocked, BlockedRow, Cancelled, HistoryQuery, HistoryRow, MachineRow, NodeWhy,
-    PausedRow, PruneCounts, SingletonRow, TaskRow, TaskState, TaskWhy, TypeSummary, TypeWhy,
+    AttemptResult, Blocked, BlockedRow, Cancelled, HistoryCounts, HistoryPageQuery, HistoryQuery,
+    HistoryRow, MachineRow, NodeWhy, PausedRow, PruneCounts, QueueState, SingletonRow,
+    TaskPageQuery, TaskRow, TaskState, TaskWhy, TypeSummary, TypeWhy,
 };
 pub use resources::{ByteSize, Resource, Resources};
 pub use retention::{PruneOutcome, PruneReport, PruneRule};

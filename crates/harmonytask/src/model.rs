@@ -697,3 +697,51 @@ pub struct Cancelled {
     /// The machine that was running it, if any.
     pub owner: Option<MachineId>,
 }
+
+/// Which tasks a page lists: waiting (no owner) or running (owned), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueState {
+    /// Not owned by any machine: waiting to be claimed (or in its retry wait).
+    Waiting,
+    /// Owned by a machine.
+    Running,
+}
+
+/// One page of pending and running tasks (see [`crate::Admin::task_page`] for the order).
+#[derive(Debug, Clone, Default)]
+pub struct TaskPageQuery {
+    /// Only this type.
+    pub name: Option<String>,
+    /// Only waiting or only running tasks.
+    pub state: Option<QueueState>,
+    /// At most this many rows.
+    pub limit: usize,
+    /// Rows skipped first.
+    pub offset: usize,
+}
+
+/// One page of history, newest first (see [`crate::Admin::history_page`]).
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPageQuery {
+    /// Only this type.
+    pub name: Option<String>,
+    /// Only failed attempts.
+    pub failures_only: bool,
+    /// Only rows older than this history row (its `work_end`, then its id): the cursor of
+    /// the next page is the last row's id.
+    pub before: Option<i64>,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
+/// Attempts of one type that ended since some time (see [`crate::Admin::history_counts_since`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, harmonydb::FromRow)]
+pub struct HistoryCounts {
+    /// Type.
+    pub name: String,
+    /// Successful attempts.
+    pub succeeded: i64,
+    /// Other attempts (failed, released).
+    pub failed: i64,
+}

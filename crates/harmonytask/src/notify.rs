@@ -67,6 +67,11 @@ impl PollPace {
         self.healthy.swap(healthy, Ordering::AcqRel) != healthy
     }
 
+    /// Whether notifications flow now.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
     /// The safety-net poll interval in force now.
     pub(crate) fn interval(&self) -> Duration {
         if self.healthy.load(Ordering::Acquire) {

@@ -42,6 +42,7 @@ pub async fn run(db: &str, json: bool, notify_http: bool, args: BenchArgs) -> an
             tasks: args.tasks,
             cross_node: args.cross_node,
             notify_http,
+            history: args.history,
             harmony_exe: harmony_exe.clone(),
         };
         let results = harmony_bench::run(&opts).await?;

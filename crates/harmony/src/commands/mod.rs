@@ -8,6 +8,7 @@ mod operate;
 mod peering;
 mod run;
 mod task;
+mod web;
 
 use harmonydb::{BackendConfig, Db, DbConfig, ErrorKind};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
             let http = cli.notify == crate::cli::NotifyMode::Http;
             bench::run(&cli.db, cli.json, http, args).await
         }
+        Command::Web(args) => web::run(&cli.db, args, notify, shutdown).await,
     }
 }
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog;
 use crate::cli::RunArgs;
-use crate::commands::peering::{Peering, peer_routes};
+use crate::commands::peering::Peering;
 use crate::commands::{
     EXIT_FENCED, EXIT_OK, EXIT_RESTART, UsageError, check_type_name, open_migrated,
 };
@@ -48,17 +48,16 @@ pub async fn run(
     } = prepared;
     let peer_stop = CancellationToken::new();
     let peer_loops = tokio_util::task::TaskTracker::new();
-    let db = match peers {
+    let (db, relay) = match peers {
         Some(p) => {
             peer_loops.spawn(p.sender.run(peer_stop.clone()));
-            peer_loops.spawn(serve_peers(
-                p.listener,
-                peer_routes(&p.relay),
-                peer_stop.clone(),
-            ));
-            db.with_relay(p.relay as Arc<dyn harmonydb::Relay>)
+            let relay = Arc::clone(&p.relay);
+            (
+                db.with_relay(p.relay as Arc<dyn harmonydb::Relay>),
+                Some(relay),
+            )
         }
-        None => db,
+        None => (db, None),
     };
     peer_loops.close();
     let out = run_engine(
@@ -67,7 +66,10 @@ pub async fn run(
         specs,
         selected,
         config,
-        notify.enabled(),
+        Wakeups {
+            notify: notify.enabled(),
+            relay: relay.as_ref(),
+        },
         shutdown,
     )
     .await;
@@ -81,6 +83,13 @@ pub async fn run(
     out
 }
 
+/// How the node's wake-ups travel: `notify` is off for `--notify off`; `relay` is the HTTP
+/// peering of `--notify http`, whose endpoint the node's web server serves.
+struct Wakeups<'a> {
+    notify: bool,
+    relay: Option<&'a Arc<harmony_peer::HttpRelay>>,
+}
+
 /// Starts the engine on `db` and runs it until it stops.
 async fn run_engine(
     db: harmonydb::Db,
@@ -88,9 +97,10 @@ async fn run_engine(
     specs: Vec<taskfile::TaskSpec>,
     selected: Option<BTreeSet<String>>,
     config: EngineConfig,
-    notify: bool,
+    wakeups: Wakeups<'_>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u8> {
+    let Wakeups { notify, relay } = wakeups;
     let host = config.host_and_port.clone();
     let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs, args.builtin)
         .into_iter()
@@ -108,6 +118,27 @@ async fn run_engine(
         EngineError::AddressInUse { .. } => UsageError(format!("--listen: {e}")).into(),
         e => anyhow::Error::new(e).context(format!("starting node {host}")),
     })?;
+    // The HTTP API on the address the node registered as. Bound once the registration has
+    // succeeded, so that a second node given a live node's address gets the registration's
+    // message (naming the live machine); a port that cannot be bound stops the node again.
+    let web = match crate::commands::web::start(
+        engine.db().clone(),
+        Some(engine.clone()),
+        &host,
+        args.api_token.clone(),
+        notify,
+        relay,
+    )
+    .await
+    {
+        Ok(web) => web,
+        Err(e) => {
+            if let Err(stop) = engine.shutdown().await {
+                tracing::warn!(error = %stop, "stopping the node after the HTTP API failed to start");
+            }
+            return Err(e);
+        }
+    };
     if engine.task_types().is_empty() {
         tracing::warn!(
             "this node runs no task types: give it --tasks FILE (or --builtin for the test types)"
@@ -126,6 +157,7 @@ async fn run_engine(
         r = engine.wait() => r,
         () = shutdown.cancelled() => engine.shutdown().await,
     };
+    web.stop().await;
     match stopped {
         Ok(()) => {
             tracing::info!("node stopped");
@@ -155,27 +187,11 @@ struct Prepared {
     peers: Option<NodePeers>,
 }
 
-/// A node's HTTP peering, made before the engine starts.
+/// A node's HTTP peering, made before the engine starts; its endpoint is served by the
+/// node's web server on `--listen`.
 struct NodePeers {
     relay: Arc<harmony_peer::HttpRelay>,
     sender: harmony_peer::PeerSender,
-    /// Bound to `--listen`, for the peering routes.
-    listener: tokio::net::TcpListener,
-}
-
-/// Serves the peering routes until `stop`. This is the stand-in for the node's web server:
-/// that server mounts the same `Router` (from [`peer_routes`]) instead.
-async fn serve_peers(
-    listener: tokio::net::TcpListener,
-    routes: axum::Router,
-    stop: CancellationToken,
-) {
-    let served = axum::serve(listener, routes)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        tracing::warn!(error = %e, "the peering server stopped; other nodes' hints no longer arrive, and this node finds their work by polling");
-    }
 }
 
 /// Reads and checks the input, then opens (and migrates) the database.
@@ -203,22 +219,10 @@ async fn prepare(db_url: &str, args: &RunArgs, notify: &Peering) -> anyhow::Resu
     let db = open_migrated(db_url).await?;
     let peers = match notify.node_config(&args.listen) {
         Some(peer_config) => {
-            let listener = tokio::net::TcpListener::bind(&args.listen)
-                .await
-                .map_err(|e| {
-                    UsageError(format!(
-                        "--listen: cannot serve the peering routes of --notify http on {}: {e}",
-                        args.listen
-                    ))
-                })?;
             // The relay reads the peer list through a handle without itself.
             let (relay, sender) =
                 harmony_peer::HttpRelay::new(peer_config, harmonytask::Admin::new(db.clone()));
-            Some(NodePeers {
-                relay,
-                sender,
-                listener,
-            })
+            Some(NodePeers { relay, sender })
         }
         None => None,
     };

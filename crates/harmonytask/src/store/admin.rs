@@ -306,3 +306,283 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 }
+
+/// A task-page statement: `$1` limit, `$2` offset, `$3` the type (when filtered). Without a
+/// type, pages are in id order (the primary key); with one, in posting order (`posted_time`,
+/// then id), the order of the waiting index, which a type's waiting page then reads exactly.
+macro_rules! task_page_sql {
+    (typed $($filter:tt)*) => {
+        concat!(
+            "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                    t.retries, t.added_by, t.previous_task
+             FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
+             WHERE t.name = $3",
+            $($filter)*,
+            " ORDER BY t.posted_time, t.id LIMIT $1 OFFSET $2"
+        )
+    };
+    ($($filter:tt)*) => {
+        concat!(
+            "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                    t.retries, t.added_by, t.previous_task
+             FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
+             WHERE 1 = 1",
+            $($filter)*,
+            " ORDER BY t.id LIMIT $1 OFFSET $2"
+        )
+    };
+}
+
+/// A history-page statement: `$1` limit, then the filter's parameters.
+macro_rules! history_page_sql {
+    ($($filter:tt)*) => {
+        concat!(
+            "SELECT h.id, h.task_id, h.name, h.posted, h.work_start, h.work_end, h.result, h.err,
+                    h.completed_by_host_and_port
+             FROM harmony_task_history h
+             WHERE 1 = 1",
+            $($filter)*,
+            " ORDER BY h.work_end DESC, h.id DESC LIMIT $1"
+        )
+    };
+}
+
+/// Rows older than history row `$n` in (work_end, id) order; the first condition lets the
+/// `work_end` index bound the scan.
+macro_rules! before_row {
+    ($n:literal) => {
+        concat!(
+            " AND h.work_end <= (SELECT c.work_end FROM harmony_task_history c WHERE c.id = ",
+            $n,
+            ") AND (h.work_end < (SELECT c.work_end FROM harmony_task_history c WHERE c.id = ",
+            $n,
+            ") OR h.id < ",
+            $n,
+            ")"
+        )
+    };
+}
+
+// Operator reads of the web server (pages, bounded counts). Every statement is one of a fixed
+// set, chosen by which filters are given, so that each filter can use its index (a
+// `$1 = '' OR name = $1` filter cannot) and values are always bound, never formatted in.
+impl Store {
+    /// A cheap round trip, to tell whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        let _: i64 = self.db.scalar("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    /// Whether the machine row `id` exists (the node is registered and not reaped).
+    pub async fn machine_exists(&self, id: MachineId) -> Result<bool> {
+        let n: i64 = self
+            .db
+            .scalar(
+                "SELECT count(*) FROM harmony_machines WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// One page of pending and running tasks: in id order, or with a type in posting order.
+    pub async fn task_page(&self, q: &crate::model::TaskPageQuery) -> Result<Vec<TaskRow>> {
+        use crate::model::QueueState;
+        let (limit, offset) = (&q.limit, &q.offset);
+        let rows = match (q.name.as_deref(), q.state) {
+            (None, None) => self.db.select(task_page_sql!(""), &[limit, offset]).await,
+            (None, Some(QueueState::Waiting)) => {
+                self.db
+                    .select(task_page_sql!(" AND t.owner_id IS NULL"), &[limit, offset])
+                    .await
+            }
+            (None, Some(QueueState::Running)) => {
+                // Running tasks are few: read them through the owner index (a range, for
+                // SQLite: machine ids start at 1) and sort them, rather than walk the primary
+                // key past every waiting task.
+                let sql = self.dialect().pick(
+                    "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                            t.retries, t.added_by, t.previous_task
+                     FROM harmony_task t INDEXED BY harmony_task_owner LEFT JOIN harmony_machines m ON m.id = t.owner_id
+                     WHERE t.owner_id > 0 ORDER BY t.id LIMIT $1 OFFSET $2",
+                    task_page_sql!(" AND t.owner_id > 0"),
+                );
+                self.db.select(sql, &[limit, offset]).await
+            }
+            (Some(name), None) => {
+                self.db
+                    .select(task_page_sql!(typed ""), &[limit, offset, &name])
+                    .await
+            }
+            (Some(name), Some(QueueState::Waiting)) => {
+                self.db
+                    .select(
+                        task_page_sql!(typed " AND t.owner_id IS NULL"),
+                        &[limit, offset, &name],
+                    )
+                    .await
+            }
+            (Some(name), Some(QueueState::Running)) => {
+                self.db
+                    .select(
+                        self.dialect().pick(
+                            "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                                    t.retries, t.added_by, t.previous_task
+                             FROM harmony_task t INDEXED BY harmony_task_owner LEFT JOIN harmony_machines m ON m.id = t.owner_id
+                             WHERE t.name = $3 AND t.owner_id > 0 ORDER BY t.posted_time, t.id LIMIT $1 OFFSET $2",
+                            task_page_sql!(typed " AND t.owner_id > 0"),
+                        ),
+                        &[limit, offset, &name],
+                    )
+                    .await
+            }
+        };
+        Ok(rows?)
+    }
+
+    /// A task's attempts, oldest first, at most `limit` (through the `task_id` index).
+    pub async fn task_attempts(&self, id: TaskId, limit: usize) -> Result<Vec<HistoryRow>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT id, task_id, name, posted, work_start, work_end, result, err, completed_by_host_and_port
+                 FROM harmony_task_history WHERE task_id = $1 ORDER BY id LIMIT $2",
+                &[&id, &limit],
+            )
+            .await?)
+    }
+
+    /// One page of history, newest first (by `work_end`, then id).
+    pub async fn history_page(
+        &self,
+        q: &crate::model::HistoryPageQuery,
+    ) -> Result<Vec<HistoryRow>> {
+        let limit = &q.limit;
+        let failed = &false;
+        let rows = match (q.name.as_deref(), q.failures_only, q.before.as_ref()) {
+            (None, false, None) => self.db.select(history_page_sql!(""), &[limit]).await,
+            (None, true, None) => {
+                self.db
+                    .select(history_page_sql!(" AND h.result = $2"), &[limit, failed])
+                    .await
+            }
+            (Some(name), false, None) => {
+                self.db
+                    .select(history_page_sql!(" AND h.name = $2"), &[limit, &name])
+                    .await
+            }
+            (Some(name), true, None) => {
+                self.db
+                    .select(
+                        history_page_sql!(" AND h.name = $2 AND h.result = $3"),
+                        &[limit, &name, failed],
+                    )
+                    .await
+            }
+            (None, false, Some(before)) => {
+                self.db
+                    .select(history_page_sql!(before_row!("$2")), &[limit, before])
+                    .await
+            }
+            (None, true, Some(before)) => {
+                self.db
+                    .select(
+                        history_page_sql!(concat!(" AND h.result = $3", before_row!("$2"))),
+                        &[limit, before, failed],
+                    )
+                    .await
+            }
+            (Some(name), false, Some(before)) => {
+                self.db
+                    .select(
+                        history_page_sql!(concat!(" AND h.name = $3", before_row!("$2"))),
+                        &[limit, before, &name],
+                    )
+                    .await
+            }
+            (Some(name), true, Some(before)) => {
+                self.db
+                    .select(
+                        history_page_sql!(concat!(
+                            " AND h.name = $3 AND h.result = $4",
+                            before_row!("$2")
+                        )),
+                        &[limit, before, &name, failed],
+                    )
+                    .await
+            }
+        };
+        Ok(rows?)
+    }
+
+    /// The names of types with waiting tasks, sorted, at most `limit`: one probe of the
+    /// waiting index per name (a loose index scan), never a scan of the tasks.
+    pub async fn waiting_types(&self, limit: usize) -> Result<Vec<String>> {
+        // SQLite, without statistics, would probe the owner index (`owner_id = NULL`) and sort
+        // every waiting row for each name; INDEXED BY makes each probe one seek of the waiting
+        // index. Postgres picks the partial index itself.
+        let sql = self.dialect().pick(
+            "WITH RECURSIVE w(name) AS (
+                SELECT (SELECT t.name FROM harmony_task t INDEXED BY harmony_task_unowned WHERE t.owner_id IS NULL ORDER BY t.name LIMIT 1)
+                UNION ALL
+                SELECT (SELECT t.name FROM harmony_task t INDEXED BY harmony_task_unowned WHERE t.owner_id IS NULL AND t.name > w.name ORDER BY t.name LIMIT 1)
+                FROM w WHERE w.name IS NOT NULL
+             )
+             SELECT name FROM w WHERE name IS NOT NULL LIMIT $1",
+            "WITH RECURSIVE w(name) AS (
+                SELECT (SELECT t.name FROM harmony_task t WHERE t.owner_id IS NULL ORDER BY t.name LIMIT 1)
+                UNION ALL
+                SELECT (SELECT t.name FROM harmony_task t WHERE t.owner_id IS NULL AND t.name > w.name ORDER BY t.name LIMIT 1)
+                FROM w WHERE w.name IS NOT NULL
+             )
+             SELECT name FROM w WHERE name IS NOT NULL LIMIT $1",
+        );
+        let rows: Vec<(String,)> = self.db.select(sql, &[&limit]).await?;
+        Ok(rows.into_iter().map(|(n,)| n).collect())
+    }
+
+    /// Waiting tasks of `name`, counted up to `cap` (a bounded walk of the waiting index).
+    pub async fn waiting_count(&self, name: &str, cap: usize) -> Result<i64> {
+        Ok(self
+            .db
+            .scalar(
+                "SELECT count(*) FROM (SELECT 1 FROM harmony_task WHERE owner_id IS NULL AND name = $1 LIMIT $2) AS w",
+                &[&name, &cap],
+            )
+            .await?)
+    }
+
+    /// Running (owned) tasks per type, through the owner index.
+    pub async fn running_counts(&self) -> Result<Vec<(String, i64)>> {
+        Ok(self
+            .db
+            .select(
+                // `owner_id > 0` rather than IS NOT NULL (machine ids start at 1): SQLite reads
+                // the owner index only for a range.
+                "SELECT name, count(*) FROM harmony_task WHERE owner_id > 0 GROUP BY name ORDER BY name",
+                &[],
+            )
+            .await?)
+    }
+
+    /// Attempts per type that ended at or after `since`.
+    pub async fn history_counts_since(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<crate::model::HistoryCounts>> {
+        // SQLite would walk the whole (name, work_end) index to group by name; the range of
+        // the work_end index reads only the window.
+        let sql = self.dialect().pick(
+            "SELECT name,
+                    sum(CASE WHEN result THEN 1 ELSE 0 END) AS succeeded,
+                    sum(CASE WHEN result THEN 0 ELSE 1 END) AS failed
+             FROM harmony_task_history INDEXED BY harmony_task_history_work_end
+             WHERE work_end >= $1 GROUP BY name ORDER BY name",
+            "SELECT name,
+                    sum(CASE WHEN result THEN 1 ELSE 0 END) AS succeeded,
+                    sum(CASE WHEN result THEN 0 ELSE 1 END) AS failed
+             FROM harmony_task_history WHERE work_end >= $1 GROUP BY name ORDER BY name",
+        );
+        Ok(self.db.select(sql, &[&since]).await?)
+    }
+}
