@@ -131,7 +131,12 @@ struct Attempt {
     started_wall: Timestamp,
     ends_at: Duration,
     succeeds: bool,
+    /// The first reason it was told to stop for (the one the engine's runner keeps).
     stopped: Option<StopReason>,
+    /// Chosen as a preemption victim: its reservation moved to the time-sensitive task, even
+    /// when it had been told to stop for another reason first (seed 4750: a cancelled attempt,
+    /// still winding down, was then preempted).
+    preempted: bool,
 }
 
 struct Node {
@@ -503,6 +508,7 @@ impl Sim {
                     },
                     succeeds,
                     stopped: stop,
+                    preempted: stop == Some(StopReason::Preempted),
                     cand: task.clone(),
                 };
                 let node = &mut self.nodes[n];
@@ -511,11 +517,7 @@ impl Sim {
                 }
                 // Per-node limits, counted from what actually runs.
                 let mut by_limiter: HashMap<usize, (usize, usize)> = HashMap::new();
-                for a in node
-                    .running
-                    .values()
-                    .filter(|a| a.stopped != Some(StopReason::Preempted))
-                {
+                for a in node.running.values().filter(|a| !a.preempted) {
                     if let Some((key, max)) = self.types[a.ty].spec.limiter {
                         by_limiter.entry(key).or_insert((0, max)).0 += 1;
                     }
@@ -530,7 +532,7 @@ impl Sim {
                 let held = node
                     .running
                     .values()
-                    .filter(|a| a.stopped != Some(StopReason::Preempted))
+                    .filter(|a| !a.preempted)
                     .fold(Amounts::default(), |acc, a| {
                         acc.plus(&self.types[a.ty].spec.cost)
                     });
@@ -547,6 +549,7 @@ impl Sim {
                 }
                 if let Some(a) = self.nodes[n].running.get_mut(&id) {
                     a.stopped.get_or_insert(reason);
+                    a.preempted |= reason == StopReason::Preempted;
                     // Cancellation is honoured soon, not at once.
                     a.ends_at = a
                         .ends_at
@@ -1905,6 +1908,16 @@ async fn seed_486_a_won_bid_never_starts_a_task_during_its_retry_wait() {
 #[tokio::test(flavor = "current_thread")]
 async fn seed_1172_a_retried_recording_never_applies_twice() {
     regression(1172).await;
+}
+
+/// Seed 4750 (found once operators' cancels joined the workload): an attempt whose task was
+/// cancelled, still winding down, was then chosen as a preemption victim. The scheduler moved
+/// its reservation to the time-sensitive task, as for any victim; the simulator's budget check
+/// went by the attempt's first stop reason (cancelled) and counted it twice. The check now
+/// follows the victim mark, as the scheduler's ledger does.
+#[tokio::test(flavor = "current_thread")]
+async fn seed_4750_a_cancelled_attempt_then_preempted_is_counted_once() {
+    regression(4750).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
