@@ -1,5 +1,6 @@
 //! Engine behaviour on one node and on several engines in one process, on SQLite and Postgres.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -14,24 +15,6 @@ use harmonytask::{Admin, HistoryQuery};
 use harmonytask::{
     Blocked, Done, Engine, Limiter, Resources, RetryWait, TaskError, TaskId, TypeDetails,
 };
-
-/// The suite on SQLite and Postgres, and again on Postgres with notifications off
-/// (YugabyteDB, CockroachDB, PgBouncer): correct on polling alone.
-macro_rules! engine_suite {
-    ($($case:ident),* $(,)?) => {
-        harmony_testkit::both_backends!($($case),*);
-        mod postgres_notify_off {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
-                    super::common::NOTIFY_OFF.with(|n| n.set(true));
-                    super::$case(&t).await;
-                }
-            )*
-        }
-    };
-}
 
 engine_suite!(
     runs_and_records_tasks,

@@ -3,6 +3,7 @@
 //! and running tasks, and pausing a type on every node. On SQLite and Postgres, and on
 //! Postgres with notifications off (cancel then reaches the owner through its heartbeat).
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -16,23 +17,7 @@ use harmonytask::{
     TaskId, TaskState, TypeDetails, TypeWhy,
 };
 
-macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        harmony_testkit::both_backends!($($case),*);
-        mod postgres_notify_off {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
-                    super::common::NOTIFY_OFF.with(|n| n.set(true));
-                    super::$case(&t).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+engine_suite!(
     why_names_each_reason,
     why_a_type_nobody_can_run,
     why_a_task,
@@ -264,6 +249,17 @@ async fn drained_of(t: &TestDb, name: &'static str) {
     .await;
 }
 
+/// Every attempt of a task, newest first.
+async fn history_of(a: &Admin, id: TaskId) -> Vec<harmonytask::HistoryRow> {
+    a.history(&HistoryQuery {
+        task: Some(id),
+        limit: 10,
+        ..HistoryQuery::default()
+    })
+    .await
+    .unwrap()
+}
+
 fn attempts(rows: &[harmonytask::HistoryRow]) -> Vec<AttemptResult> {
     rows.iter().map(|h| h.attempt_result()).collect()
 }
@@ -278,14 +274,7 @@ async fn cancel_a_waiting_task(t: &TestDb) {
     let c = a.cancel(id, "ops@test").await.unwrap();
     assert_eq!((c.id, c.name.as_str(), c.owner), (id, "nobody", None));
     assert!(a.task(id).await.unwrap().is_none());
-    let h = a
-        .history(&HistoryQuery {
-            task: Some(id),
-            limit: 10,
-            ..HistoryQuery::default()
-        })
-        .await
-        .unwrap();
+    let h = history_of(&a, id).await;
     assert_eq!(attempts(&h), vec![AttemptResult::Cancelled]);
     assert_eq!(h[0].err, "cancelled");
     assert_eq!(h[0].completed_by_host_and_port, "ops@test");
@@ -351,14 +340,7 @@ async fn cancel_a_running_task_discards_its_late_result(t: &TestDb) {
     assert!(!owned_after.load(Ordering::SeqCst), "still_owned is false");
     // Shutting down records whatever was still queued: nothing is recorded for the task.
     shutdown(&engine).await;
-    let h = a
-        .history(&HistoryQuery {
-            task: Some(id),
-            limit: 10,
-            ..HistoryQuery::default()
-        })
-        .await
-        .unwrap();
+    let h = history_of(&a, id).await;
     assert_eq!(attempts(&h), vec![AttemptResult::Cancelled], "{h:?}");
     assert!(a.task(id).await.unwrap().is_none(), "the task stays gone");
 }

@@ -1,6 +1,6 @@
 //! Helpers for engine tests: a programmable task type and engine settings for fast tests.
 
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, unused_macros)]
 
 use std::future::Future;
 use std::pin::Pin;
@@ -71,6 +71,24 @@ impl Task for Probe {
             None => candidates.to_vec(),
         })
     }
+}
+
+/// The suite on SQLite and Postgres, and again on Postgres with notifications off
+/// (YugabyteDB, CockroachDB, PgBouncer): correct on polling alone.
+macro_rules! engine_suite {
+    ($($case:ident),* $(,)?) => {
+        harmony_testkit::both_backends!($($case),*);
+        mod postgres_notify_off {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(t) = harmony_testkit::TestDb::postgres(stringify!($case)).await else { return };
+                    super::common::NOTIFY_OFF.with(|n| n.set(true));
+                    super::$case(&t).await;
+                }
+            )*
+        }
+    };
 }
 
 thread_local! {
