@@ -120,6 +120,11 @@ fn precheck_write(state: &State, headers: &HeaderMap, body: &Body) -> ApiResult<
 /// A write action's body, read up to the body limit.
 type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
+/// A type name from a path or query: a 400 naming the rule when it breaks it.
+fn check_type(name: &str) -> ApiResult<()> {
+    harmonytask::validate_name(name).map_err(|e| ApiError::bad_request(format!("type: {e}")))
+}
+
 fn ok_action(action: &str, target: Value) -> Response {
     Json(json!({ "ok": true, "action": action, "target": target })).into_response()
 }
@@ -449,7 +454,7 @@ pub async fn run_now(
     body: Body,
 ) -> ApiResult {
     precheck_write(&state, &headers, &body)?;
-    harmonytask::validate_name(&name).map_err(|e| ApiError::bad_request(format!("type: {e}")))?;
+    check_type(&name)?;
     state.admin.run_now(&name).await?;
     tracing::info!(task_type = %name, "run-now requested through the web API");
     Ok(ok_action("run-now", json!({ "type": name })))
@@ -486,7 +491,7 @@ pub struct WhyParams {
 
 /// `GET /api/v1/why?type=NAME`: why the type's waiting tasks do (not) run, per live node.
 pub async fn why_type(AxState(state): Shared, Q(p): Q<WhyParams>) -> ApiResult {
-    harmonytask::validate_name(&p.name).map_err(|e| ApiError::bad_request(format!("type: {e}")))?;
+    check_type(&p.name)?;
     let w = state.admin.why_type(&p.name, dead_after()).await?;
     Ok(Json(w).into_response())
 }
@@ -524,7 +529,7 @@ pub async fn cancel_waiting(
     body: Body,
 ) -> ApiResult {
     precheck_write(&state, &headers, &body)?;
-    harmonytask::validate_name(&name).map_err(|e| ApiError::bad_request(format!("type: {e}")))?;
+    check_type(&name)?;
     let n = state.admin.cancel_waiting(&name, API_OPERATOR).await?;
     tracing::info!(task_type = %name, cancelled = n, "waiting tasks cancelled through the web API");
     Ok(ok_action(
@@ -541,7 +546,7 @@ pub async fn pause(
     body: Body,
 ) -> ApiResult {
     precheck_write(&state, &headers, &body)?;
-    harmonytask::validate_name(&name).map_err(|e| ApiError::bad_request(format!("type: {e}")))?;
+    check_type(&name)?;
     let changed = state.admin.pause(&name, API_OPERATOR).await?;
     tracing::info!(task_type = %name, "type paused through the web API");
     Ok(ok_action(
@@ -558,7 +563,7 @@ pub async fn resume(
     body: Body,
 ) -> ApiResult {
     precheck_write(&state, &headers, &body)?;
-    harmonytask::validate_name(&name).map_err(|e| ApiError::bad_request(format!("type: {e}")))?;
+    check_type(&name)?;
     let changed = state.admin.resume(&name).await?;
     tracing::info!(task_type = %name, "type resumed through the web API");
     Ok(ok_action(
