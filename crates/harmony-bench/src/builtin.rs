@@ -1,5 +1,6 @@
 //! Built-in task types for tests, benchmarks and demos: `bench_noop`, `bench_sleep`
-//! (`ms` argument) and `bench_fail` (fails `fail_times` attempts, then succeeds).
+//! (`ms` argument), `bench_fail` (fails `fail_times` attempts, then succeeds) and `bench_read`
+//! (reads its arguments, as a user's task reads its input, and logs nothing).
 //!
 //! Each logs every physical attempt — task, machine, start, end — in `harmony_test_attempt`
 //! itself, outside the engine's fencing, so that an outside checker can prove that no task ran
@@ -26,8 +27,10 @@ pub const BENCH_NOOP: &str = "bench_noop";
 pub const BENCH_SLEEP: &str = "bench_sleep";
 /// Name of the failing type.
 pub const BENCH_FAIL: &str = "bench_fail";
+/// Name of the input-reading type.
+pub const BENCH_READ: &str = "bench_read";
 /// All built-in names.
-pub const BUILTIN_TYPES: [&str; 3] = [BENCH_NOOP, BENCH_SLEEP, BENCH_FAIL];
+pub const BUILTIN_TYPES: [&str; 4] = [BENCH_NOOP, BENCH_SLEEP, BENCH_FAIL, BENCH_READ];
 
 /// Most attempt log entries written in one transaction.
 const ATTEMPT_BATCH_MAX: usize = 1024;
@@ -258,7 +261,47 @@ impl Task for BenchFail {
     }
 }
 
-/// The three built-in types, sharing one attempt log, each with cost `cost`.
+/// `bench_read`: reads its arguments (one primary-key read of its own input, the work a
+/// user's task does first) and succeeds when `input` is there or no input was given, with
+/// `max` attempts at most at once on a node. Unlike the other built-ins it writes no attempt
+/// log: it costs what a user's task costs, so the bounded benchmarks measure the engine.
+pub struct BenchRead {
+    /// Read the arguments (`false`: do nothing, a no-op with no log).
+    pub read: bool,
+    /// Most attempts at once on a node.
+    pub max: Option<usize>,
+    /// Cost of an attempt.
+    pub cost: Resources,
+}
+
+/// The argument `bench_read` looks for.
+pub const BENCH_READ_INPUT: &str = "input";
+
+#[async_trait]
+impl Task for BenchRead {
+    fn type_details(&self) -> TypeDetails {
+        let mut d = TypeDetails::new(BENCH_READ);
+        d.cost = self.cost;
+        d.max = self.max.map(harmonytask::Limiter::new);
+        d
+    }
+
+    async fn run(&self, _task: TaskId, ctx: RunContext) -> Result<Done, TaskError> {
+        if self.read {
+            let args = ctx
+                .args()
+                .await
+                .map_err(|e| TaskError::new(e.to_string()))?;
+            if args.get(BENCH_READ_INPUT).is_some_and(String::is_empty) {
+                return Err(TaskError::new("argument input is empty"));
+            }
+        }
+        Ok(Done(true))
+    }
+}
+
+/// The built-in types (in the order of [`BUILTIN_TYPES`]), sharing one attempt log, each with
+/// cost `cost`.
 pub fn builtins(db: &Db, cost: Resources) -> Vec<Arc<dyn Task>> {
     let log = AttemptLog::new(db.clone());
     vec![
@@ -271,5 +314,10 @@ pub fn builtins(db: &Db, cost: Resources) -> Vec<Arc<dyn Task>> {
             cost,
         }),
         Arc::new(BenchFail { log, cost }),
+        Arc::new(BenchRead {
+            read: true,
+            max: None,
+            cost,
+        }),
     ]
 }

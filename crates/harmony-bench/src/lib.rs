@@ -109,6 +109,14 @@ pub struct BenchOptions {
     pub cross_node: bool,
     /// Latency across nodes: hints travel over HTTP (`--notify http`) instead of `NOTIFY`.
     pub notify_http: bool,
+    /// Throughput, backlog, cluster: the drained type's per-node limit (`bench_read` instead of
+    /// `bench_noop`).
+    pub max: Option<usize>,
+    /// Throughput, backlog, cluster: each task carries an input that its attempt reads
+    /// (`bench_read`).
+    pub read_input: bool,
+    /// Cluster: each task sleeps this long (`bench_sleep`).
+    pub task_ms: Option<u64>,
     /// History rows to fill (`api`; its default when absent).
     pub history: Option<usize>,
     /// The `harmony` executable, for child node processes.

@@ -182,6 +182,19 @@ impl BenchStore {
         })
     }
 
+    /// History rows of `name`, and how many tasks have more than one (a task recorded twice).
+    pub async fn history_repeats(&self, name: &str) -> Result<(usize, usize)> {
+        let (rows, repeated): (i64, i64) = self
+            .db
+            .query_row(
+                "SELECT CAST(coalesce(sum(n), 0) AS BIGINT), count(*) FILTER (WHERE n > 1)
+                 FROM (SELECT count(*) AS n FROM harmony_task_history WHERE name = $1 GROUP BY task_id) AS per_task",
+                &[&name],
+            )
+            .await?;
+        Ok((rows as usize, repeated as usize))
+    }
+
     /// The highest history id so far (0 when empty).
     pub async fn history_max_id(&self) -> Result<i64> {
         Ok(self

@@ -92,6 +92,17 @@ pub struct BenchArgs {
     /// api: history rows to fill (default 1,000,000).
     #[arg(long, value_name = "N")]
     pub history: Option<usize>,
+    /// throughput, backlog, cluster: at most N attempts at once per node (runs `bench_read`,
+    /// which logs no attempts, instead of `bench_noop`).
+    #[arg(long, value_name = "N")]
+    pub max: Option<usize>,
+    /// throughput, backlog, cluster: each task carries a 64-byte input that it reads when it
+    /// runs (`bench_read`).
+    #[arg(long)]
+    pub read_input: bool,
+    /// cluster: each task sleeps this many milliseconds (`bench_sleep`).
+    #[arg(long, value_name = "MS")]
+    pub task_ms: Option<u64>,
 }
 
 /// The `--notify` setting.

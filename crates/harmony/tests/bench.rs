@@ -45,6 +45,23 @@ async fn throughput_drains_every_task_and_reports_the_reference_rate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_throughput_drains_a_limited_type_that_reads_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("ignored.db").display());
+    let results = bench(
+        &db,
+        &["throughput", "--max", "4", "--read-input", "--tasks", "300"],
+    )
+    .await;
+    let r = &results[0];
+    assert_eq!(r["tasks"], 300, "every queued task was drained: {r}");
+    positive(r, "tasks_per_s");
+    let detail = r["detail"].as_str().unwrap();
+    assert!(detail.starts_with("max 4, input read; "), "{r}");
+    assert!(detail.contains("× reference"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_latency_measures_every_add() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("ignored.db").display());
@@ -83,11 +100,36 @@ async fn cluster_of_processes_on_postgres_runs_each_task_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_cluster_on_postgres_runs_each_task_once() {
+    if !postgres_or_skip("bounded_cluster_on_postgres_runs_each_task_once").await {
+        return;
+    }
+    // Input-reading tasks (checked from history) and sleeping ones (checked from the attempt
+    // log), each under a per-node limit declared in a tasks file.
+    for extra in [&["--read-input"][..], &["--task-ms", "5"][..]] {
+        let mut args = vec!["cluster", "--nodes", "2", "--tasks", "200", "--max", "2"];
+        args.extend_from_slice(extra);
+        let results = bench(&pg_base_url(), &args).await;
+        let r = &results[0];
+        assert_eq!(r["tasks"], 200, "{args:?}: {r}");
+        assert_eq!(r["double_runs"], 0, "{args:?}: {r}");
+        assert!(
+            r["detail"].as_str().unwrap().starts_with("max 2"),
+            "{args:?}: {r}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_workload_is_refused() {
     let out = harmony(&["bench", "speed"]).await;
     out.assert_usage_error(&["unknown workload \"speed\"", "throughput", "all"]);
     let out = harmony(&["bench", "cluster", "--nodes", "0"]).await;
     out.assert_usage_error(&["--nodes"]);
+    let out = harmony(&["bench", "latency", "--max", "8"]).await;
+    out.assert_usage_error(&["--max", "throughput, backlog and cluster"]);
+    let out = harmony(&["bench", "throughput", "--task-ms", "5"]).await;
+    out.assert_usage_error(&["--task-ms", "cluster"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

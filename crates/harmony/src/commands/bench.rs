@@ -30,8 +30,18 @@ pub async fn run(db: &str, json: bool, notify_http: bool, args: BenchArgs) -> an
             })?;
         vec![w]
     };
-    if args.nodes == Some(0) || args.tasks == Some(0) {
-        return Err(UsageError("--nodes and --tasks must be at least 1".into()).into());
+    if args.nodes == Some(0) || args.tasks == Some(0) || args.max == Some(0) {
+        return Err(UsageError("--nodes, --tasks and --max must be at least 1".into()).into());
+    }
+    let drains = [Workload::Throughput, Workload::Backlog, Workload::Cluster];
+    if (args.max.is_some() || args.read_input) && !workloads.iter().all(|w| drains.contains(w)) {
+        return Err(UsageError(
+            "--max and --read-input apply to the throughput, backlog and cluster workloads".into(),
+        )
+        .into());
+    }
+    if args.task_ms.is_some() && workloads != [Workload::Cluster] {
+        return Err(UsageError("--task-ms applies to the cluster workload".into()).into());
     }
     let harmony_exe = std::env::current_exe()?;
     for workload in workloads {
@@ -43,6 +53,9 @@ pub async fn run(db: &str, json: bool, notify_http: bool, args: BenchArgs) -> an
             cross_node: args.cross_node,
             notify_http,
             history: args.history,
+            max: args.max,
+            read_input: args.read_input,
+            task_ms: args.task_ms,
             harmony_exe: harmony_exe.clone(),
         };
         let results = harmony_bench::run(&opts).await?;

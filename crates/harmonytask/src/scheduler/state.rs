@@ -364,6 +364,14 @@ struct Running {
 /// How long a lost claim race keeps a type's offers spread out.
 const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
+/// How many of a type's eligible candidates a claim of `n` offers: the oldest `2n`, and at
+/// least 32 more than `n` so that a few lost races still leave enough. The claim statement
+/// reads every offered id, so offering the whole view (hundreds) to fill one or two freed
+/// slots cost more than the claim itself.
+fn claim_window(n: usize) -> usize {
+    n.saturating_mul(2).max(n.saturating_add(32))
+}
+
 /// The scheduler of one node, without I/O. See the module documentation.
 pub struct SchedulerState {
     specs: Vec<TypeSpec>,
@@ -1059,6 +1067,8 @@ impl SchedulerState {
                     t.claim_reserved = n;
                     let free = self.budget.minus(&self.reserved).to_resources();
                     self.reserve(ty, n);
+                    let mut eligible = eligible;
+                    eligible.truncate(claim_window(n));
                     tracing::debug!(ty, n, offered = eligible.len(), "claiming");
                     out.push(Action::Claim {
                         ty,
@@ -1403,6 +1413,22 @@ mod tests {
             sim.state.blocked(1),
             None | Some(Blocked::Resources { .. })
         ));
+    }
+
+    #[test]
+    fn a_small_claim_offers_the_oldest_few_not_the_whole_view() {
+        let mut sim = Sim::new(vec![spec("a", 1.0)], 2.0, 1);
+        sim.add(0, 1..=300);
+        let a = sim.tick();
+        let Action::Claim { n, offered, .. } = claims(&a)[0].clone() else {
+            unreachable!()
+        };
+        assert_eq!(n, 2);
+        assert_eq!(offered.len(), claim_window(2));
+        assert_eq!(offered.first(), Some(&TaskId(1)), "the oldest first");
+        // A large claim offers twice what it asks for.
+        assert_eq!(claim_window(100), 200);
+        assert_eq!(claim_window(1), 33);
     }
 
     #[test]
