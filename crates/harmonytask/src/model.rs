@@ -6,6 +6,7 @@
 //! importing each other or the engine. It must not import any other module of the crate except
 //! `resources` (the units of [`Blocked`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,6 +242,10 @@ pub struct ClaimOutcome {
     pub claimed: Vec<Claimed>,
     /// The cluster-wide limit left less room than asked for.
     pub cluster_full: bool,
+    /// The claimed tasks' arguments, where the claim read them too (Postgres: the same
+    /// statement), with an entry for every claimed task; `None` where it did not (SQLite,
+    /// whose inline read at run time costs less than a second statement on the writer).
+    pub args: Option<HashMap<TaskId, HashMap<String, String>>>,
 }
 
 /// How one attempt ended, for the completion batch.

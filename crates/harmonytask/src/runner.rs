@@ -73,7 +73,14 @@ pub(crate) struct RunEnv {
 }
 
 /// Runs one claimed task to its recorded end.
-pub(crate) async fn run_one(shared: Arc<RunEnv>, ty: usize, cand: Candidate, handle: RunHandle) {
+/// `args`: the task's arguments where the claim returned them.
+pub(crate) async fn run_one(
+    shared: Arc<RunEnv>,
+    ty: usize,
+    cand: Candidate,
+    args: Option<std::collections::HashMap<String, String>>,
+    handle: RunHandle,
+) {
     let entry = &shared.registry.types[ty];
     let work_start = shared.clock.now();
     let queued_since = if cand.retries == 0 {
@@ -98,6 +105,7 @@ pub(crate) async fn run_one(shared: Arc<RunEnv>, ty: usize, cand: Candidate, han
         meta: Arc::clone(&meta),
         machine: shared.machine,
         db_trouble: Arc::clone(&db_trouble),
+        claimed_args: args.map(Arc::new),
     };
     let span = tracing::debug_span!("task", id = %cand.id, task_type = %entry.name, machine = %shared.machine);
     let guarded = AssertUnwindSafe(tracing::Instrument::instrument(

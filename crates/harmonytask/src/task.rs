@@ -251,6 +251,8 @@ pub struct RunContext {
     /// The last transient database error met by one of the engine's own reads for this attempt
     /// (`args`, `still_owned`), whatever the task then made of it.
     pub(crate) db_trouble: Arc<std::sync::Mutex<Option<String>>>,
+    /// The arguments, where the claim returned them (no read needed).
+    pub(crate) claimed_args: Option<Arc<HashMap<String, String>>>,
 }
 
 impl RunContext {
@@ -322,8 +324,12 @@ impl RunContext {
         }
     }
 
-    /// The task's arguments (`harmony_task_args`), written when it was added.
+    /// The task's arguments (`harmony_task_args`), written when it was added. (On Postgres
+    /// the claim returned them, so this reads nothing.)
     pub async fn args(&self) -> Result<HashMap<String, String>> {
+        if let Some(args) = &self.claimed_args {
+            return Ok(HashMap::clone(args));
+        }
         let args = crate::store::Store::new(self.db.clone())
             .task_args(self.task)
             .await;

@@ -112,6 +112,8 @@ pub(crate) struct Scheduler {
     counts: watch::Sender<RunningCounts>,
     state: SchedulerState,
     handles: HashMap<TaskId, RunHandle>,
+    /// Arguments a claim returned, until the task starts (or is given back).
+    claimed_args: HashMap<TaskId, HashMap<String, String>>,
     actions: Vec<Action>,
 }
 
@@ -145,6 +147,7 @@ impl Scheduler {
             counts,
             state,
             handles: HashMap::new(),
+            claimed_args: HashMap::new(),
             actions: Vec::new(),
         }
     }
@@ -205,11 +208,20 @@ impl Scheduler {
     }
 
     /// Feeds one event to the state and performs what it decided.
-    fn step(&mut self, ev: Event) {
+    fn step(&mut self, mut ev: Event) {
         if let Event::Finished { ty, id } = &ev
             && self.handles.remove(id).is_some()
         {
             self.shared.registry.types[*ty].metrics.running.dec();
+        }
+        // The state decides on tasks, not their arguments: keep them for the start.
+        if let Event::Claimed(ClaimResult {
+            outcome: Ok(outcome),
+            ..
+        }) = &mut ev
+            && let Some(args) = outcome.args.take()
+        {
+            self.claimed_args.extend(args);
         }
         let mut actions = std::mem::take(&mut self.actions);
         self.state.handle_into(ev, now(&self.shared), &mut actions);
@@ -251,9 +263,14 @@ impl Scheduler {
                 let handle = RunHandle::new(ty);
                 self.handles.insert(task.id, handle.clone());
                 shared.registry.types[ty].metrics.running.inc();
-                shared
-                    .runs
-                    .spawn(run_one(Arc::clone(&self.run_env), ty, task, handle.clone()));
+                let args = self.claimed_args.remove(&task.id);
+                shared.runs.spawn(run_one(
+                    Arc::clone(&self.run_env),
+                    ty,
+                    task,
+                    args,
+                    handle.clone(),
+                ));
                 if let Some(reason) = stop {
                     handle.stop(reason);
                 }
@@ -283,6 +300,7 @@ impl Scheduler {
                 });
             }
             Action::Release { task, update_time } => {
+                self.claimed_args.remove(&task);
                 let shared = Arc::clone(shared);
                 self.shared.jobs.spawn(async move {
                     let at = update_time.unwrap_or_else(|| shared.clock.now());

@@ -1365,6 +1365,7 @@ mod tests {
                 outcome: Ok(ClaimOutcome {
                     claimed,
                     cluster_full: false,
+                    args: None,
                 }),
             }))
         }

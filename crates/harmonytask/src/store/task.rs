@@ -2,6 +2,8 @@
 //! `owner_id`), releasing. Crate-private: a claim or a record by anything but the engine's
 //! own loops would break the one-owner rule.
 
+use std::collections::HashMap;
+
 use harmonydb::{Dialect, Executor, Timestamp, Tx};
 
 use super::{Store, prefer_index_order};
@@ -183,9 +185,17 @@ impl TaskStore for Store {
              RETURNING id, posted_time, update_time, retries",
         );
         if p.max_cluster == 0 {
+            if self.dialect() == Dialect::Postgres {
+                let rows: Vec<ClaimedWithArg> = self
+                    .db
+                    .select(CLAIM_WITH_ARGS_PG, &[&p.owner, &ids, &p.limit])
+                    .await?;
+                return Ok(ClaimOutcome::with_args(rows, false));
+            }
             return Ok(ClaimOutcome {
                 claimed: self.db.select(claim, &[&p.owner, &ids, &p.limit]).await?,
                 cluster_full: false,
+                args: None,
             });
         }
         let lock = self.dialect().pick(
@@ -210,10 +220,10 @@ impl TaskStore for Store {
                     let limit = room.min(p.limit);
                     let cluster_full = room < p.limit;
                     if limit == 0 {
-                        return Ok(Some(ClaimOutcome { claimed: Vec::new(), cluster_full }));
+                        return Ok(Some(ClaimOutcome { claimed: Vec::new(), cluster_full, args: None }));
                     }
                     let claimed: Vec<Claimed> = tx.select(claim, &[&p.owner, &ids, &limit]).await?;
-                    Ok(Some(ClaimOutcome { claimed, cluster_full }))
+                    Ok(Some(ClaimOutcome { claimed, cluster_full, args: None }))
                 }
             })
             .await?;
@@ -380,6 +390,62 @@ impl TaskStore for Store {
             )
             .await?
             > 0)
+    }
+}
+
+/// The Postgres claim (the statement of `task_claim`) that also returns the claimed tasks'
+/// arguments, one row per argument (one with NULLs for a task without any), so that the
+/// attempt needs no read of its own.
+const CLAIM_WITH_ARGS_PG: &str = "WITH c AS (
+         UPDATE harmony_task SET owner_id = $1
+         WHERE owner_id IS NULL AND id IN (
+             SELECT t.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, ord)
+             JOIN harmony_task AS t ON t.id = u.id
+             WHERE coalesce(t.owner_id, 0) = 0
+               AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
+             ORDER BY u.ord LIMIT $3 FOR UPDATE OF t SKIP LOCKED)
+         RETURNING id, posted_time, update_time, retries)
+     SELECT c.id, c.posted_time, c.update_time, c.retries, a.key AS arg_key, a.value AS arg_value
+     FROM c LEFT JOIN harmony_task_args AS a ON a.task_id = c.id";
+
+/// A row of [`CLAIM_WITH_ARGS_PG`].
+struct ClaimedWithArg {
+    task: Claimed,
+    arg: Option<(String, String)>,
+}
+
+impl harmonydb::FromRow for ClaimedWithArg {
+    fn from_row(row: &harmonydb::Row) -> harmonydb::Result<Self> {
+        let key: Option<String> = row.get("arg_key")?;
+        let value: Option<String> = row.get("arg_value")?;
+        Ok(ClaimedWithArg {
+            task: Claimed::from_row(row)?,
+            arg: key.zip(value),
+        })
+    }
+}
+
+impl ClaimOutcome {
+    /// Groups a claim's rows (one per argument) into tasks and their arguments.
+    fn with_args(rows: Vec<ClaimedWithArg>, cluster_full: bool) -> Self {
+        let mut claimed: Vec<Claimed> = Vec::new();
+        let mut args: HashMap<TaskId, HashMap<String, String>> = HashMap::new();
+        for r in rows {
+            let entry = args.entry(r.task.id).or_insert_with(|| {
+                claimed.push(r.task.clone());
+                HashMap::new()
+            });
+            if let Some((k, v)) = r.arg {
+                entry.insert(k, v);
+            }
+        }
+        // Oldest first, as the scheduler starts them (the join may reorder rows).
+        claimed.sort_by_key(|c| (c.posted, c.id));
+        ClaimOutcome {
+            claimed,
+            cluster_full,
+            args: Some(args),
+        }
     }
 }
 

@@ -363,7 +363,41 @@ async fn heartbeat_reads_operator_flags(t: &TestDb) {
     ));
 }
 
+/// A Postgres claim returns the claimed tasks' arguments, an entry for each (empty for a task
+/// without any), so that an attempt reads nothing; SQLite's claim leaves them to the attempt.
+async fn claim_returns_arguments_on_postgres(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    let ids = add(&s, 3).await;
+    let args = [
+        ("k".to_owned(), "v".to_owned()),
+        ("x".to_owned(), "y".to_owned()),
+    ];
+    let (first, args) = (ids[0], &args);
+    t.db.transaction(|tx| async move {
+        Store::task_args_insert(&tx, first, args).await?;
+        Ok(Some(()))
+    })
+    .await
+    .unwrap();
+    let got = s.task_claim(&claim(&ids[..2], a)).await.unwrap();
+    let claimed: Vec<TaskId> = got.claimed.iter().map(|c| c.id).collect();
+    assert_eq!(claimed, ids[..2].to_vec(), "each task once, oldest first");
+    match t.db.dialect() {
+        harmonydb::Dialect::Postgres => {
+            let args = got.args.expect("the Postgres claim reads arguments");
+            assert_eq!(args.len(), 2);
+            assert_eq!(args[&ids[0]].len(), 2);
+            assert_eq!(args[&ids[0]]["x"], "y");
+            assert!(args[&ids[1]].is_empty());
+        }
+        harmonydb::Dialect::Sqlite => assert!(got.args.is_none()),
+    }
+    assert_eq!(s.task_args(ids[0]).await.unwrap().len(), 2);
+}
+
 harmony_testkit::both_backends!(
+    claim_returns_arguments_on_postgres,
     register_refuses_a_live_address,
     heartbeat_reads_operator_flags,
     restart_only_failed_tasks,
