@@ -9,6 +9,7 @@ mod cli;
 mod command_task;
 mod commands;
 mod demo;
+mod layers;
 mod taskfile;
 
 use std::process::ExitCode;

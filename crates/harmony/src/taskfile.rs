@@ -170,6 +170,13 @@ struct RawFile {
     task: Vec<Spanned<RawTask>>,
 }
 
+/// A config layer as far as its tasks go: the other sections are read by `layers`.
+#[derive(Deserialize)]
+struct RawLayerTasks {
+    #[serde(default)]
+    task: Vec<Spanned<RawTask>>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTask {
@@ -343,6 +350,28 @@ impl Source<'_> {
 pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
     let src = Source { file, text };
     let raw: RawFile = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    specs_of(&src, raw, true)
+}
+
+/// Parses and checks the `[[task]]` entries of a config layer, whose other sections are
+/// someone else's. With `check_refs` off, `follows` and `may_follow` may name types declared
+/// in other layers (a single layer is checked that way; the merged layers with it on).
+pub fn parse_layer_tasks(
+    file: &str,
+    text: &str,
+    check_refs: bool,
+) -> Result<Vec<TaskSpec>, TaskFileError> {
+    let src = Source { file, text };
+    let raw: RawLayerTasks = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    specs_of(&src, RawFile { task: raw.task }, check_refs)
+}
+
+fn specs_of(
+    src: &Source<'_>,
+    raw: RawFile,
+    check_refs_on: bool,
+) -> Result<Vec<TaskSpec>, TaskFileError> {
+    let file = src.file;
     if raw.task.len() > TASKS_MAX {
         return Err(TaskFileError(format!(
             "{file}: {} task types declared; the limit is {TASKS_MAX}",
@@ -354,7 +383,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for entry in raw.task {
         let entry_span = entry.span();
-        let (spec, r) = task_spec(&src, entry_span.clone(), entry.into_inner())?;
+        let (spec, r) = task_spec(src, entry_span.clone(), entry.into_inner())?;
         refs.push(r);
         let name = spec.name().to_owned();
         if BUILTIN_TYPES.contains(&name.as_str()) {
@@ -375,7 +404,9 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
         }
         specs.push(spec);
     }
-    check_refs(&src, &specs, &refs)?;
+    if check_refs_on {
+        check_refs(src, &specs, &refs)?;
+    }
     Ok(specs)
 }
 

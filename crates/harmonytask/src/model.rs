@@ -223,6 +223,8 @@ pub struct MachineRow {
     pub restart_request: Option<Timestamp>,
     /// Task types it runs.
     pub tasks: String,
+    /// Its config layers, and a note when their latest text could not be applied.
+    pub layers: String,
     /// Tasks it owns now.
     pub running: i64,
     /// Start time.
@@ -744,4 +746,37 @@ pub struct HistoryCounts {
     pub succeeded: i64,
     /// Other attempts (failed, released).
     pub failed: i64,
+}
+
+/// One configuration layer as listed (`harmony config list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, harmonydb::FromRow)]
+pub struct ConfigLayerRow {
+    /// The layer's title (`base` or a name given to `--layers`).
+    pub title: String,
+    /// Its last change.
+    pub timestamp: Timestamp,
+    /// Size of its TOML text.
+    pub bytes: i64,
+}
+
+/// One configuration layer with its TOML text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, harmonydb::FromRow)]
+pub struct ConfigLayer {
+    /// The title.
+    pub title: String,
+    /// The TOML text.
+    pub config: String,
+    /// Its last change.
+    pub timestamp: Timestamp,
+}
+
+/// One version of a layer, from its history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigVersion {
+    /// 1 for the first version written, counting up.
+    pub version: i64,
+    /// The TOML text of this version.
+    pub config: String,
+    /// When it was written.
+    pub changed_at: Timestamp,
 }

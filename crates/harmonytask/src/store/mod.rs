@@ -30,12 +30,14 @@ use crate::error::Result;
 use crate::hint;
 
 mod admin;
+mod config;
 mod follow;
 mod machine;
 mod ops;
 mod preempt;
 mod retention;
 mod singleton;
+mod storage;
 mod task;
 #[cfg(test)]
 mod tests;

@@ -363,7 +363,39 @@ async fn heartbeat_reads_operator_flags(t: &TestDb) {
     ));
 }
 
+async fn config_layers_keep_every_version(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    assert!(s.config_get("a").await.unwrap().is_none());
+    assert!(s.config_set("a", "x = 1\n", now()).await.unwrap());
+    // The same text again writes nothing.
+    assert!(!s.config_set("a", "x = 1\n", now()).await.unwrap());
+    let later = Timestamp::from_millis(now().as_millis() + 1000);
+    assert!(s.config_set("a", "x = 2\n", later).await.unwrap());
+    assert!(s.config_set("b", "y = 'it''s'\n", now()).await.unwrap());
+    let a = s.config_get("a").await.unwrap().unwrap();
+    assert_eq!((a.config.as_str(), a.timestamp), ("x = 2\n", later));
+    let list = s.config_list().await.unwrap();
+    let titles: Vec<&str> = list.iter().map(|l| l.title.as_str()).collect();
+    assert_eq!(titles, ["a", "b"]);
+    assert_eq!(list[0].bytes, 6);
+    let h = s.config_history("a").await.unwrap();
+    let versions: Vec<(i64, &str)> = h.iter().map(|v| (v.version, v.config.as_str())).collect();
+    assert_eq!(versions, [(1, "x = 1\n"), (2, "x = 2\n")]);
+    assert_eq!(h[1].changed_at, later);
+    let many = s
+        .config_get_many(&["b".into(), "none".into(), "a".into()])
+        .await
+        .unwrap();
+    let titles: Vec<&str> = many.iter().map(|l| l.title.as_str()).collect();
+    assert_eq!(titles, ["b", "a"]);
+    assert!(s.config_remove("a").await.unwrap());
+    assert!(!s.config_remove("a").await.unwrap());
+    assert!(s.config_get("a").await.unwrap().is_none());
+    assert_eq!(s.config_history("a").await.unwrap().len(), 2);
+}
+
 harmony_testkit::both_backends!(
+    config_layers_keep_every_version,
     register_refuses_a_live_address,
     heartbeat_reads_operator_flags,
     restart_only_failed_tasks,
