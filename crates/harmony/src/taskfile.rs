@@ -6,6 +6,9 @@
 //! name = "transcode"
 //! command = ["ffmpeg", "-i", "{arg.input}", "out-{task_id}.mp4"]
 //! cost = { cpu = 2, ram = "4GiB", gpu = 0.5 }
+//! # cost.storage = "64GiB" reserves space on a storage path of the node for the task's life
+//! # (cost.storage_kind = "seal" or "store", the default); the command finds it in
+//! # HARMONY_STORAGE_PATH
 //! max = 2
 //! max_failures = 3
 //! retry_wait = "10s"        # or { initial = "1s", factor = 2.0, max = "1m" }
@@ -41,7 +44,8 @@ use std::time::Duration;
 use harmony_bench::builtin::BUILTIN_TYPES;
 use harmonytask::graph::find_cycle;
 use harmonytask::{
-    ByteSize, Follow, Limiter, Resource, Resources, RetryWait, TypeDetails, validate_name,
+    ByteSize, Follow, Limiter, Resource, Resources, RetryWait, StorageKind, StorageNeed,
+    TypeDetails, validate_name,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -205,6 +209,8 @@ struct RawCost {
     cpu: Option<Spanned<f64>>,
     ram: Option<Spanned<RawSize>>,
     gpu: Option<Spanned<f64>>,
+    storage: Option<Spanned<RawSize>>,
+    storage_kind: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -554,7 +560,9 @@ fn task_spec(
 
     let mut details = TypeDetails::new(name.clone());
     if let Some(cost) = t.cost {
-        details.cost = cost_of(src, task, cost.into_inner())?;
+        let mut cost = cost.into_inner();
+        details.storage = storage_of(src, task, cost.storage.take(), cost.storage_kind.take())?;
+        details.cost = cost_of(src, task, cost)?;
     }
     if let Some(max) = t.max {
         let n = limit(src, task, "max", &max, LIMIT_MAX)?;
@@ -739,6 +747,54 @@ fn names(
         out.push((name, s));
     }
     Ok(out)
+}
+
+/// The storage one task of an entry reserves: `cost.storage` (a size, more than 0) of
+/// `cost.storage_kind` (`seal` or `store`, default `store`).
+fn storage_of(
+    src: &Source<'_>,
+    task: Option<&str>,
+    size: Option<Spanned<RawSize>>,
+    kind: Option<Spanned<String>>,
+) -> Result<Option<StorageNeed>, TaskFileError> {
+    let Some(size) = size else {
+        if let Some(k) = kind {
+            return Err(src.error(
+                k.span(),
+                task,
+                "cost.storage_kind",
+                "needs cost.storage (how much to reserve)",
+            ));
+        }
+        return Ok(None);
+    };
+    let s = size.span();
+    let bytes = match size.into_inner() {
+        RawSize::Bytes(n) => u64::try_from(n).unwrap_or(0),
+        RawSize::Text(t) => {
+            t.parse::<ByteSize>()
+                .map_err(|e| src.error(s.clone(), task, "cost.storage", e))?
+                .0
+        }
+    };
+    if bytes == 0 || bytes > i64::MAX as u64 {
+        return Err(src.error(
+            s,
+            task,
+            "cost.storage",
+            "must be a size of more than 0 bytes, such as \"64GiB\"",
+        ));
+    }
+    let kind = match kind {
+        Some(k) => {
+            let span = k.span();
+            k.into_inner()
+                .parse::<StorageKind>()
+                .map_err(|e| src.error(span, task, "cost.storage_kind", e))?
+        }
+        None => StorageKind::Store,
+    };
+    Ok(Some(StorageNeed { bytes, kind }))
 }
 
 /// The cost of an entry. Its bounds are the engine's (`Resources::validate`); an amount out of

@@ -96,6 +96,29 @@ impl Admin {
         self.store.machine_layers_set(id, layers).await
     }
 
+    /// Attaches a storage path to a machine address (or updates it); returns its id.
+    pub async fn storage_attach(&self, p: &crate::store::StorageAttach<'_>) -> Result<i64> {
+        self.store.storage_attach(p).await
+    }
+
+    /// Detaches a storage path; `false` when there was none.
+    pub async fn storage_detach(&self, host_and_port: &str, local_path: &str) -> Result<bool> {
+        self.store.storage_detach(host_and_port, local_path).await
+    }
+
+    /// The storage paths (of one machine address, if given) with their live reservations.
+    pub async fn storage_list(
+        &self,
+        host_and_port: Option<&str>,
+    ) -> Result<Vec<crate::model::StoragePathRow>> {
+        self.store.storage_list(host_and_port).await
+    }
+
+    /// Records a new measurement of a storage path (its node does this periodically).
+    pub async fn storage_refresh(&self, id: i64, capacity: u64, available: u64) -> Result<()> {
+        self.store.storage_refresh(id, capacity, available).await
+    }
+
     /// The configuration layers, by title.
     pub async fn config_list(&self) -> Result<Vec<ConfigLayerRow>> {
         self.store.config_list().await

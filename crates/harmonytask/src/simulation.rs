@@ -826,6 +826,7 @@ impl Sim {
                         offered,
                         accepted,
                         outcome,
+                        no_storage: None,
                     }),
                 )?;
             }

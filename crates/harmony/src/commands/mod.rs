@@ -8,7 +8,7 @@ mod machine;
 mod operate;
 mod peering;
 mod run;
-mod storage;
+pub mod storage;
 mod task;
 mod web;
 

@@ -125,6 +125,14 @@ async fn run_engine(
             e => anyhow::Error::new(e).context(format!("starting node {host}")),
         })?;
         watch.machine = Some(engine.machine_id());
+        // Measures this node's storage paths while this engine runs.
+        let storage_stop = CancellationToken::new();
+        let _storage_guard = storage_stop.clone().drop_guard();
+        tokio::spawn(crate::commands::storage::refresh_loop(
+            Admin::new(db.clone()),
+            host.clone(),
+            storage_stop,
+        ));
         // The HTTP API on the address the node registered as. Bound once the registration has
         // succeeded, so that a second node given a live node's address gets the registration's
         // message (naming the live machine); a port that cannot be bound stops the node again.

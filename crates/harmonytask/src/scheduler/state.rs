@@ -151,6 +151,9 @@ pub struct ClaimResult {
     pub accepted: Vec<TaskId>,
     /// What the claim statement got.
     pub outcome: Result<ClaimOutcome, Error>,
+    /// The type needs storage and no path had room for one task: (bytes needed, best free).
+    /// Nothing was accepted then.
+    pub no_storage: Option<(u64, u64)>,
 }
 
 /// Result of a preemption bid: the claimed time-sensitive task when this node won.
@@ -826,7 +829,10 @@ impl SchedulerState {
                 t.view.remove(c.id);
             }
             if r.accepted.is_empty() {
-                t.blocked = Some(Blocked::Refused);
+                t.blocked = Some(match r.no_storage {
+                    Some((needed, best_free)) => Blocked::NoStorage { needed, best_free },
+                    None => Blocked::Refused,
+                });
                 t.hold_until = Some(hold);
             } else if outcome.cluster_full && claimed_n < r.reserved {
                 t.blocked = Some(Blocked::ClusterLimit {
@@ -1356,6 +1362,7 @@ mod tests {
                     claimed,
                     cluster_full: false,
                 }),
+                no_storage: None,
             }))
         }
     }
@@ -1444,6 +1451,7 @@ mod tests {
             offered: offered.clone(),
             accepted: offered.clone(),
             outcome: err(ErrorKind::Connection),
+            no_storage: None,
         }));
         assert!(a.is_empty());
         assert_eq!(sim.state.reserved().cpu, 0);
@@ -1464,6 +1472,7 @@ mod tests {
             offered: offered.clone(),
             accepted: offered,
             outcome: err(ErrorKind::ForeignKey),
+            no_storage: None,
         }));
         assert_eq!(a, vec![Action::Fenced]);
         assert_eq!(sim.state.reserved().cpu, 0);
@@ -1666,6 +1675,7 @@ mod tests {
             offered,
             accepted: Vec::new(),
             outcome: Ok(ClaimOutcome::default()),
+            no_storage: None,
         }));
         assert_eq!(sim.state.blocked(0), Some(&Blocked::Refused));
         let poll = |sim: &mut Sim, rows: Vec<Candidate>| {

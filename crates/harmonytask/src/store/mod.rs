@@ -47,6 +47,7 @@ pub(crate) use machine::{MachineRegister, MachineStore};
 pub(crate) use ops::{BlockedChange, WHY_COUNT_MAX};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
+pub use storage::{Reserved, StorageAttach};
 pub(crate) use task::{NewTask, RecordBatch, TaskClaim, TaskStore};
 
 /// The store's traits, for `use crate::store::prelude::*` where the engine calls them.
