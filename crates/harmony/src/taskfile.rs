@@ -881,6 +881,43 @@ mod tests {
     }
 
     #[test]
+    fn storage_costs() {
+        let specs = parse(
+            "tasks.toml",
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage = \"64GiB\" }\n\n[[task]]\nname = \"b\"\ncommand = [\"true\"]\ncost = { storage = 1024, storage_kind = \"seal\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            specs[0].details.storage,
+            Some(StorageNeed {
+                bytes: 64 << 30,
+                kind: StorageKind::Store
+            })
+        );
+        assert_eq!(
+            specs[1].details.storage,
+            Some(StorageNeed {
+                bytes: 1024,
+                kind: StorageKind::Seal
+            })
+        );
+        let e =
+            err("[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage = \"0GiB\" }\n");
+        assert!(e.contains("line 4") && e.contains("cost.storage"), "{e}");
+        let e = err(
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage = \"1GiB\", storage_kind = \"tape\" }\n",
+        );
+        assert!(
+            e.contains("cost.storage_kind") && e.contains("seal or store"),
+            "{e}"
+        );
+        let e = err(
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage_kind = \"seal\" }\n",
+        );
+        assert!(e.contains("needs cost.storage"), "{e}");
+    }
+
+    #[test]
     fn full_entry() {
         let specs = parse(
             "tasks.toml",

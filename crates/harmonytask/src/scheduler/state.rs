@@ -1660,6 +1660,32 @@ mod tests {
     }
 
     #[test]
+    fn no_storage_names_its_reason_and_gives_back_the_reservation() {
+        let mut sim = Sim::new(vec![spec("a", 1.0)], 1.0, 1);
+        sim.add(0, [1]);
+        let a = sim.tick();
+        let Action::Claim { n, offered, .. } = claims(&a)[0].clone() else {
+            unreachable!()
+        };
+        sim.ev(Event::Claimed(ClaimResult {
+            ty: 0,
+            reserved: n,
+            offered,
+            accepted: Vec::new(),
+            outcome: Ok(ClaimOutcome::default()),
+            no_storage: Some((64 << 30, 12 << 30)),
+        }));
+        let b = sim.state.blocked(0).cloned().expect("a reason");
+        assert_eq!(b.kind(), "no_storage");
+        assert_eq!(
+            b.to_string(),
+            "no storage: needs 64 GiB, best path has 12 GiB free"
+        );
+        // Held, like a refusal: no claim until the hold ends or new work arrives.
+        assert!(claims(&sim.tick()).is_empty());
+    }
+
+    #[test]
     fn a_hold_after_a_refusal_ends_when_its_tasks_are_gone() {
         // Simulation seed 406: refused, the view emptied, a poll refilled it, and the new
         // tasks waited out the old hold with no blocked reason.
