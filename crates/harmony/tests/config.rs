@@ -17,6 +17,7 @@ harmony_testkit::both_backends!(
     an_invalid_layer_is_refused_with_its_line_and_key,
     history_and_diff_keep_every_version,
     a_running_node_applies_a_changed_max_and_a_new_type,
+    a_change_the_node_cannot_run_is_not_applied,
 );
 
 /// Writes `text` to `dir/name.toml` and runs `harmony config set NAME FILE`.
@@ -379,4 +380,48 @@ async fn a_running_node_applies_a_changed_max_and_a_new_type(t: &TestDb) {
         .json();
     assert!(out[0]["tasks"].as_str().unwrap().contains("fresh"), "{out}");
     assert!(node.is_running());
+}
+
+async fn a_change_the_node_cannot_run_is_not_applied(t: &TestDb) {
+    let db = t.url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    set_ok(db, dir.path(), "work", ONE_AT_A_TIME).await;
+    let mut node = Node::start_plain(
+        db,
+        dir.path(),
+        &[
+            "--layers",
+            "work",
+            "--types",
+            "slow",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    node.wait_log(&["node running", "types=slow"]).await;
+    // The layer checks on its own, but this node was told to run `slow`, which it no longer
+    // declares: the node keeps running `slow` and says why it did not apply the change.
+    set_ok(
+        db,
+        dir.path(),
+        "work",
+        "[[task]]\nname = \"fresh\"\nbuiltin = \"bench_noop\"\n",
+    )
+    .await;
+    let layers = eventually(
+        "machine ls to say the layers were not applied",
+        Duration::from_secs(30),
+        || async move {
+            let out = harmony(&["--db", db, "--json", "machine", "ls"])
+                .await
+                .json();
+            let layers = out[0]["layers"].as_str().unwrap_or("").to_owned();
+            layers.contains("not applied").then_some(layers)
+        },
+    )
+    .await;
+    assert!(layers.contains("--types"), "{layers}");
+    assert!(node.is_running());
+    add_sleeps(db, "slow", 1, 10).await;
+    wait_succeeded(t, "slow", 1, Duration::from_secs(30)).await;
 }

@@ -105,7 +105,7 @@ async fn run_engine(
 ) -> anyhow::Result<u8> {
     let Wakeups { notify, relay } = wakeups;
     let mut watch = LayerWatch::new(db.clone(), args.layers.clone(), &resolved).await;
-    loop {
+    'engines: loop {
         let node = NodeSetup::new(args, notify, &file_specs, &resolved)?;
         let host = node.config.host_and_port.clone();
         let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &node.specs, args.builtin)
@@ -169,22 +169,33 @@ async fn run_engine(
             "node running; SIGINT or SIGTERM stops it gracefully"
         );
 
-        let stopped = tokio::select! {
-            r = engine.wait() => r,
-            () = shutdown.cancelled() => engine.shutdown().await,
-            next = watch.changed() => {
-                tracing::info!(
-                    layers = %next.titles.join(","),
-                    "config layers changed; draining the engine and starting it again with them"
-                );
-                let r = engine.shutdown().await;
-                web.stop().await;
-                if let Err(e) = r {
-                    return Err(anyhow::Error::new(e).context(format!("reconfiguring node {host}")));
-                }
-                resolved = next;
+        let stopped = loop {
+            let next = tokio::select! {
+                r = engine.wait() => break r,
+                () = shutdown.cancelled() => break engine.shutdown().await,
+                next = watch.changed() => next,
+            };
+            // The whole node must check with the new layers (the --types selection too)
+            // before the running engine is stopped for them.
+            if let Err(e) = NodeSetup::new(args, notify, &file_specs, &next) {
+                let shown = format!("{e:#}");
+                tracing::warn!(error = %shown, "config layers changed but this node cannot run them; keeping what it runs");
+                watch
+                    .note(&format!("{} (not applied: {shown})", next.titles.join(",")))
+                    .await;
                 continue;
             }
+            tracing::info!(
+                layers = %next.titles.join(","),
+                "config layers changed; draining the engine and starting it again with them"
+            );
+            let r = engine.shutdown().await;
+            web.stop().await;
+            if let Err(e) = r {
+                return Err(anyhow::Error::new(e).context(format!("reconfiguring node {host}")));
+            }
+            resolved = next;
+            continue 'engines;
         };
         web.stop().await;
         return match stopped {
