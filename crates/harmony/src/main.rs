@@ -209,7 +209,7 @@ mod tests {
             (
                 &["harmony"][..],
                 "usage: harmony [OPTIONS] <COMMAND>",
-                "db, run, task, machine, demo, bench, web;",
+                "db, run, task, machine, demo, bench, web, config, storage;",
             ),
             (
                 &["harmony", "task"][..],

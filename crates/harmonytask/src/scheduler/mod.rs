@@ -399,19 +399,21 @@ async fn claim_job(
     };
     let need = entry.details.storage;
     let (accepted, no_storage) = match need {
-        Some(need) if !accepted.is_empty() => match storage_room(shared, need, accepted).await {
-            Ok(r) => r,
-            Err((accepted, e)) => {
-                return ClaimResult {
-                    ty,
-                    reserved: n,
-                    offered,
-                    accepted,
-                    outcome: Err(e),
-                    no_storage: None,
-                };
+        Some(need) if !accepted.is_empty() => {
+            match storage_room(&shared.store, &shared.host_and_port, need, accepted).await {
+                Ok(r) => r,
+                Err((accepted, e)) => {
+                    return ClaimResult {
+                        ty,
+                        reserved: n,
+                        offered,
+                        accepted,
+                        outcome: Err(e),
+                        no_storage: None,
+                    };
+                }
             }
-        },
+        }
         _ => (accepted, None),
     };
     let outcome = if accepted.is_empty() {
@@ -434,7 +436,7 @@ async fn claim_job(
             undo_with_backoff(shared, &entry.name, &accepted).await;
         }
         match (claimed, need) {
-            (Ok(o), Some(need)) => Ok(reserve_storage(shared, &entry.name, need, o).await),
+            (Ok(o), Some(need)) => Ok(reserve_storage(&storage_env(shared), need, o).await),
             (claimed, _) => claimed,
         }
     };
@@ -448,18 +450,16 @@ async fn claim_job(
     }
 }
 
-/// Cuts `accepted` to as many tasks as this node's storage paths have room for; none fit:
-/// nothing is accepted, and the reason says what was needed and what the best path has.
-async fn storage_room(
-    shared: &SchedulerEnv,
+/// Cuts `accepted` to as many tasks as the storage paths of the node at `host_and_port` have
+/// room for; none fit: nothing is accepted, and the reason says what was needed and what the
+/// best path has. The simulator calls it as the claim job does.
+pub(crate) async fn storage_room(
+    store: &Store,
+    host_and_port: &str,
     need: StorageNeed,
     mut accepted: Vec<TaskId>,
 ) -> std::result::Result<(Vec<TaskId>, Option<(u64, u64)>), (Vec<TaskId>, Error)> {
-    let free = match shared
-        .store
-        .storage_free(&shared.host_and_port, need.kind)
-        .await
-    {
+    let free = match store.storage_free(host_and_port, need.kind).await {
         Ok(f) => f,
         Err(e) => return Err((accepted, e)),
     };
@@ -472,34 +472,46 @@ async fn storage_room(
     Ok((accepted, None))
 }
 
+/// What reserving storage for claimed tasks needs of the node.
+pub(crate) struct StorageEnv<'a> {
+    pub store: &'a Store,
+    pub host_and_port: &'a str,
+    pub machine: MachineId,
+    pub now: Timestamp,
+}
+
+fn storage_env(shared: &SchedulerEnv) -> StorageEnv<'_> {
+    StorageEnv {
+        store: &shared.store,
+        host_and_port: &shared.host_and_port,
+        machine: shared.machine,
+        now: shared.clock.now(),
+    }
+}
+
 /// Reserves storage for each claimed task; one that gets none (another claim took the room
 /// first) is released at once and left out of the outcome, so it never starts.
-async fn reserve_storage(
-    shared: &SchedulerEnv,
-    name: &str,
+pub(crate) async fn reserve_storage(
+    env: &StorageEnv<'_>,
     need: StorageNeed,
     mut outcome: ClaimOutcome,
 ) -> ClaimOutcome {
     let mut kept = Vec::with_capacity(outcome.claimed.len());
     for c in outcome.claimed {
-        match shared
+        match env
             .store
-            .storage_reserve(c.id, &shared.host_and_port, need)
+            .storage_reserve(c.id, env.host_and_port, need)
             .await
         {
             Ok(Reserved::On { local_path, .. }) => {
-                tracing::debug!(task = %c.id, task_type = name, path = %local_path, "storage reserved");
+                tracing::debug!(task = %c.id, path = %local_path, "storage reserved");
                 kept.push(c);
             }
             other => {
                 if let Err(e) = &other {
-                    tracing::warn!(task = %c.id, task_type = name, error = %e, "reserving storage failed; giving the task back");
+                    tracing::warn!(task = %c.id, error = %e, "reserving storage failed; giving the task back");
                 }
-                if let Err(e) = shared
-                    .store
-                    .task_release(c.id, shared.machine, shared.clock.now())
-                    .await
-                {
+                if let Err(e) = env.store.task_release(c.id, env.machine, env.now).await {
                     tracing::warn!(task = %c.id, error = %e, "could not give back a task without storage; it is released when this node stops");
                 }
             }
@@ -606,7 +618,7 @@ async fn preempt_job(
         tracing::debug!(error = %e, "could not clear preemption bids");
     }
     let claimed = match entry.details.storage {
-        Some(need) => reserve_storage(shared, &entry.name, need, claimed).await,
+        Some(need) => reserve_storage(&storage_env(shared), need, claimed).await,
         None => claimed,
     };
     Ok(claimed.claimed.into_iter().next())
