@@ -120,13 +120,13 @@ async fn layers_merge_in_order_below_env_and_flags(t: &TestDb) {
         &["--layers", "a,b", "--poll-interval", "150ms"],
     );
     node.wait_log(&[
-        "engine settings",
+        "node running",
+        "layers=base,a,b",
         "poll_interval=150ms",
         "claim_batch_max=12",
         "dead_after=20s",
     ])
     .await;
-    node.wait_log(&["node running", "layers=base,a,b"]).await;
     let out = harmony(&["--db", db, "--json", "machine", "ls"])
         .await
         .json();

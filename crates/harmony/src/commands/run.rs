@@ -104,10 +104,20 @@ async fn run_engine(
     shutdown: CancellationToken,
 ) -> anyhow::Result<u8> {
     let Wakeups { notify, relay } = wakeups;
-    let mut watch = LayerWatch::new(db.clone(), args.layers.clone(), &resolved).await;
+    let mut watch = LayerWatch::new(db.clone(), args.layers.clone(), &resolved, notify).await;
     'engines: loop {
         let node = NodeSetup::new(args, notify, &file_specs, &resolved)?;
         let host = node.config.host_and_port.clone();
+        let settings = format!(
+            "poll_interval={:?} poll_interval_unhealthy={:?} heartbeat_interval={:?} dead_after={:?} reaper_interval={:?} shutdown_grace={:?} claim_batch_max={}",
+            node.config.poll_interval,
+            node.config.poll_interval_unhealthy,
+            node.config.heartbeat_interval,
+            node.config.dead_after,
+            node.config.reaper_interval,
+            node.config.shutdown_grace,
+            node.config.claim_batch_max,
+        );
         let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &node.specs, args.builtin)
             .into_iter()
             .filter(|t| {
@@ -166,6 +176,8 @@ async fn run_engine(
             types = %engine.task_types().join(","),
             layers = %resolved.titles.join(","),
             notify,
+            // Flags, then environment, then layers, then defaults.
+            settings = %settings,
             "node running; SIGINT or SIGTERM stops it gracefully"
         );
 
@@ -260,16 +272,6 @@ impl NodeSetup {
         if let Some(grace) = kill_grace_max {
             config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
         }
-        tracing::info!(
-            poll_interval = ?config.poll_interval,
-            poll_interval_unhealthy = ?config.poll_interval_unhealthy,
-            heartbeat_interval = ?config.heartbeat_interval,
-            dead_after = ?config.dead_after,
-            reaper_interval = ?config.reaper_interval,
-            shutdown_grace = ?config.shutdown_grace,
-            claim_batch_max = config.claim_batch_max,
-            "engine settings (flags, then environment, then layers, then defaults)"
-        );
         Ok(NodeSetup {
             specs,
             selected,
@@ -292,13 +294,18 @@ struct LayerWatch {
 }
 
 impl LayerWatch {
-    async fn new(db: harmonydb::Db, named: Vec<String>, applied: &Resolved) -> Self {
-        let listener = match db.listen(&[harmonytask::CONFIG_CHANNEL]).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(error = %e, "no notifications for config layers; polling them");
-                None
+    async fn new(db: harmonydb::Db, named: Vec<String>, applied: &Resolved, notify: bool) -> Self {
+        // With --notify off nothing listens (backends without LISTEN); the poll suffices.
+        let listener = if notify {
+            match db.listen(&[harmonytask::CONFIG_CHANNEL]).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no notifications for config layers; polling them");
+                    None
+                }
             }
+        } else {
+            None
         };
         LayerWatch {
             admin: Admin::new(db),
