@@ -71,6 +71,95 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve the HTTP API (health, metrics, JSON) without running tasks.
     Web(WebArgs),
+    /// Configuration layers: TOML documents in the database that nodes read with --layers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Storage paths of this machine, which tasks reserve space on.
+    #[command(subcommand)]
+    Storage(StorageCommand),
+}
+
+/// `harmony config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// The layers, with size and last change.
+    List,
+    /// Prints a layer's TOML.
+    Get {
+        /// The layer's title.
+        name: String,
+    },
+    /// Writes a layer from FILE (or stdin for `-`), after checking it; nodes running it pick
+    /// the change up within seconds.
+    Set {
+        /// The layer's title (`base` is read by every node).
+        name: String,
+        /// The TOML file, or `-` for stdin.
+        file: String,
+    },
+    /// Edits a layer in $EDITOR; the result is checked before it is saved.
+    Edit {
+        /// The layer's title.
+        name: String,
+    },
+    /// The versions of a layer.
+    History {
+        /// The layer's title.
+        name: String,
+    },
+    /// What changed: VERSION (default: the one before the last) against the current text.
+    Diff {
+        /// The layer's title.
+        name: String,
+        /// A version number from `config history`.
+        version: Option<i64>,
+    },
+    /// Removes a layer (its history stays).
+    Rm {
+        /// The layer's title.
+        name: String,
+    },
+    /// The merged settings of `base` and the layers given, with where each value came from.
+    Resolved {
+        /// The layers, in order, read after `base`.
+        #[arg(long, value_delimiter = ',', value_name = "A,B")]
+        layers: Vec<String>,
+    },
+}
+
+/// `harmony storage …`.
+#[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Attaches a directory of this machine as a storage path.
+    Attach {
+        /// The directory.
+        path: PathBuf,
+        /// Preference among paths with room (higher first).
+        #[arg(long, default_value_t = 10)]
+        weight: i64,
+        /// Tasks that seal may reserve space here.
+        #[arg(long)]
+        can_seal: bool,
+        /// Tasks that store may reserve space here.
+        #[arg(long)]
+        can_store: bool,
+        /// Use at most this much of the file system (default: all of it).
+        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+        capacity: Option<ByteSize>,
+        /// The node the path belongs to (its --listen address).
+        #[arg(long, default_value = LISTEN_DEFAULT, value_name = "HOST:PORT")]
+        listen: String,
+    },
+    /// The storage paths of every machine: capacity, available, reserved, health.
+    List,
+    /// Detaches a storage path of this machine (reservations on it go).
+    Detach {
+        /// The directory.
+        path: PathBuf,
+        /// The node the path belongs to (its --listen address).
+        #[arg(long, default_value = LISTEN_DEFAULT, value_name = "HOST:PORT")]
+        listen: String,
+    },
 }
 
 /// `harmony bench`
@@ -188,6 +277,10 @@ pub struct RunArgs {
     /// built-ins with --builtin).
     #[arg(long, value_delimiter = ',', value_name = "A,B")]
     pub types: Option<Vec<String>>,
+    /// Config layers to read after `base`, in order (later ones win); changes to them are
+    /// applied while the node runs.
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    pub layers: Vec<String>,
     /// Safety-net database poll interval while notifications work, e.g. 30s.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub poll_interval: Option<Duration>,

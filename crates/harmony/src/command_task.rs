@@ -199,7 +199,21 @@ impl Task for CommandTask {
         let (program, rest) = argv
             .split_first()
             .ok_or_else(|| TaskError::new("the command is empty"))?;
+        // The storage path reserved for this task (its type declares `cost.storage`).
+        let storage = if self.details.storage.is_some() {
+            ctx.storage_path().await.map_err(|e| match &e {
+                harmonytask::Error::Db(db) => {
+                    TaskError::database(format_args!("reading the storage path of task {task}"), db)
+                }
+                _ => TaskError::new(format!("reading the storage path of task {task}: {e}")),
+            })?
+        } else {
+            None
+        };
         let mut cmd = Command::new(program);
+        if let Some(path) = storage {
+            cmd.env("HARMONY_STORAGE_PATH", path);
+        }
         cmd.args(rest)
             .envs(&self.env)
             .env("HARMONY_TASK_ID", task.to_string())

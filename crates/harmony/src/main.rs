@@ -9,6 +9,7 @@ mod cli;
 mod command_task;
 mod commands;
 mod demo;
+mod layers;
 mod taskfile;
 
 use std::process::ExitCode;
@@ -208,7 +209,7 @@ mod tests {
             (
                 &["harmony"][..],
                 "usage: harmony [OPTIONS] <COMMAND>",
-                "db, run, task, machine, demo, bench, web;",
+                "db, run, task, machine, demo, bench, web, config, storage;",
             ),
             (
                 &["harmony", "task"][..],

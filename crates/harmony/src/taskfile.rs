@@ -6,6 +6,9 @@
 //! name = "transcode"
 //! command = ["ffmpeg", "-i", "{arg.input}", "out-{task_id}.mp4"]
 //! cost = { cpu = 2, ram = "4GiB", gpu = 0.5 }
+//! # cost.storage = "64GiB" reserves space on a storage path of the node for the task's life
+//! # (cost.storage_kind = "seal" or "store", the default); the command finds it in
+//! # HARMONY_STORAGE_PATH
 //! max = 2
 //! max_failures = 3
 //! retry_wait = "10s"        # or { initial = "1s", factor = 2.0, max = "1m" }
@@ -41,7 +44,8 @@ use std::time::Duration;
 use harmony_bench::builtin::BUILTIN_TYPES;
 use harmonytask::graph::find_cycle;
 use harmonytask::{
-    ByteSize, Follow, Limiter, Resource, Resources, RetryWait, TypeDetails, validate_name,
+    ByteSize, Follow, Limiter, Resource, Resources, RetryWait, StorageKind, StorageNeed,
+    TypeDetails, validate_name,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -170,6 +174,13 @@ struct RawFile {
     task: Vec<Spanned<RawTask>>,
 }
 
+/// A config layer as far as its tasks go: the other sections are read by `layers`.
+#[derive(Deserialize)]
+struct RawLayerTasks {
+    #[serde(default)]
+    task: Vec<Spanned<RawTask>>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTask {
@@ -198,6 +209,8 @@ struct RawCost {
     cpu: Option<Spanned<f64>>,
     ram: Option<Spanned<RawSize>>,
     gpu: Option<Spanned<f64>>,
+    storage: Option<Spanned<RawSize>>,
+    storage_kind: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -343,6 +356,28 @@ impl Source<'_> {
 pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
     let src = Source { file, text };
     let raw: RawFile = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    specs_of(&src, raw, true)
+}
+
+/// Parses and checks the `[[task]]` entries of a config layer, whose other sections are
+/// someone else's. With `check_refs` off, `follows` and `may_follow` may name types declared
+/// in other layers (a single layer is checked that way; the merged layers with it on).
+pub fn parse_layer_tasks(
+    file: &str,
+    text: &str,
+    check_refs: bool,
+) -> Result<Vec<TaskSpec>, TaskFileError> {
+    let src = Source { file, text };
+    let raw: RawLayerTasks = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    specs_of(&src, RawFile { task: raw.task }, check_refs)
+}
+
+fn specs_of(
+    src: &Source<'_>,
+    raw: RawFile,
+    check_refs_on: bool,
+) -> Result<Vec<TaskSpec>, TaskFileError> {
+    let file = src.file;
     if raw.task.len() > TASKS_MAX {
         return Err(TaskFileError(format!(
             "{file}: {} task types declared; the limit is {TASKS_MAX}",
@@ -354,7 +389,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for entry in raw.task {
         let entry_span = entry.span();
-        let (spec, r) = task_spec(&src, entry_span.clone(), entry.into_inner())?;
+        let (spec, r) = task_spec(src, entry_span.clone(), entry.into_inner())?;
         refs.push(r);
         let name = spec.name().to_owned();
         if BUILTIN_TYPES.contains(&name.as_str()) {
@@ -375,7 +410,9 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<TaskSpec>, TaskFileError> {
         }
         specs.push(spec);
     }
-    check_refs(&src, &specs, &refs)?;
+    if check_refs_on {
+        check_refs(src, &specs, &refs)?;
+    }
     Ok(specs)
 }
 
@@ -523,7 +560,9 @@ fn task_spec(
 
     let mut details = TypeDetails::new(name.clone());
     if let Some(cost) = t.cost {
-        details.cost = cost_of(src, task, cost.into_inner())?;
+        let mut cost = cost.into_inner();
+        details.storage = storage_of(src, task, cost.storage.take(), cost.storage_kind.take())?;
+        details.cost = cost_of(src, task, cost)?;
     }
     if let Some(max) = t.max {
         let n = limit(src, task, "max", &max, LIMIT_MAX)?;
@@ -710,6 +749,54 @@ fn names(
     Ok(out)
 }
 
+/// The storage one task of an entry reserves: `cost.storage` (a size, more than 0) of
+/// `cost.storage_kind` (`seal` or `store`, default `store`).
+fn storage_of(
+    src: &Source<'_>,
+    task: Option<&str>,
+    size: Option<Spanned<RawSize>>,
+    kind: Option<Spanned<String>>,
+) -> Result<Option<StorageNeed>, TaskFileError> {
+    let Some(size) = size else {
+        if let Some(k) = kind {
+            return Err(src.error(
+                k.span(),
+                task,
+                "cost.storage_kind",
+                "needs cost.storage (how much to reserve)",
+            ));
+        }
+        return Ok(None);
+    };
+    let s = size.span();
+    let bytes = match size.into_inner() {
+        RawSize::Bytes(n) => u64::try_from(n).unwrap_or(0),
+        RawSize::Text(t) => {
+            t.parse::<ByteSize>()
+                .map_err(|e| src.error(s.clone(), task, "cost.storage", e))?
+                .0
+        }
+    };
+    if bytes == 0 || bytes > i64::MAX as u64 {
+        return Err(src.error(
+            s,
+            task,
+            "cost.storage",
+            "must be a size of more than 0 bytes, such as \"64GiB\"",
+        ));
+    }
+    let kind = match kind {
+        Some(k) => {
+            let span = k.span();
+            k.into_inner()
+                .parse::<StorageKind>()
+                .map_err(|e| src.error(span, task, "cost.storage_kind", e))?
+        }
+        None => StorageKind::Store,
+    };
+    Ok(Some(StorageNeed { bytes, kind }))
+}
+
 /// The cost of an entry. Its bounds are the engine's (`Resources::validate`); an amount out of
 /// range is reported at the key that set it.
 fn cost_of(src: &Source<'_>, task: Option<&str>, c: RawCost) -> Result<Resources, TaskFileError> {
@@ -791,6 +878,43 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse("tasks.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn storage_costs() {
+        let specs = parse(
+            "tasks.toml",
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage = \"64GiB\" }\n\n[[task]]\nname = \"b\"\ncommand = [\"true\"]\ncost = { storage = 1024, storage_kind = \"seal\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            specs[0].details.storage,
+            Some(StorageNeed {
+                bytes: 64 << 30,
+                kind: StorageKind::Store
+            })
+        );
+        assert_eq!(
+            specs[1].details.storage,
+            Some(StorageNeed {
+                bytes: 1024,
+                kind: StorageKind::Seal
+            })
+        );
+        let e =
+            err("[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage = \"0GiB\" }\n");
+        assert!(e.contains("line 4") && e.contains("cost.storage"), "{e}");
+        let e = err(
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage = \"1GiB\", storage_kind = \"tape\" }\n",
+        );
+        assert!(
+            e.contains("cost.storage_kind") && e.contains("seal or store"),
+            "{e}"
+        );
+        let e = err(
+            "[[task]]\nname = \"a\"\ncommand = [\"true\"]\ncost = { storage_kind = \"seal\" }\n",
+        );
+        assert!(e.contains("needs cost.storage"), "{e}");
     }
 
     #[test]

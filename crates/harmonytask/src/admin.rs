@@ -12,8 +12,8 @@ use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::model::{
-    BlockedRow, Cancelled, HistoryQuery, HistoryRow, MachineId, MachineRow, PausedRow,
-    SingletonRow, TaskId, TaskRow, TypeSummary,
+    BlockedRow, Cancelled, ConfigLayer, ConfigLayerRow, ConfigVersion, HistoryQuery, HistoryRow,
+    MachineId, MachineRow, PausedRow, SingletonRow, TaskId, TaskRow, TypeSummary,
 };
 use crate::store::Store;
 
@@ -88,6 +88,67 @@ impl Admin {
     pub async fn resume(&self, name: &str) -> Result<bool> {
         crate::name::validate_name(name)?;
         self.store.type_resume(name, self.notify).await
+    }
+
+    /// Sets the layers note of a machine's details row (`machine ls`): the layers it runs,
+    /// and what it could not apply.
+    pub async fn machine_layers_set(&self, id: MachineId, layers: &str) -> Result<()> {
+        self.store.machine_layers_set(id, layers).await
+    }
+
+    /// Attaches a storage path to a machine address (or updates it); returns its id.
+    pub async fn storage_attach(&self, p: &crate::store::StorageAttach<'_>) -> Result<i64> {
+        self.store.storage_attach(p).await
+    }
+
+    /// Detaches a storage path; `false` when there was none.
+    pub async fn storage_detach(&self, host_and_port: &str, local_path: &str) -> Result<bool> {
+        self.store.storage_detach(host_and_port, local_path).await
+    }
+
+    /// The storage paths (of one machine address, if given) with their live reservations.
+    pub async fn storage_list(
+        &self,
+        host_and_port: Option<&str>,
+    ) -> Result<Vec<crate::model::StoragePathRow>> {
+        self.store.storage_list(host_and_port).await
+    }
+
+    /// Records a new measurement of a storage path (its node does this periodically).
+    pub async fn storage_refresh(&self, id: i64, capacity: u64, available: u64) -> Result<()> {
+        self.store.storage_refresh(id, capacity, available).await
+    }
+
+    /// The configuration layers, by title.
+    pub async fn config_list(&self) -> Result<Vec<ConfigLayerRow>> {
+        self.store.config_list().await
+    }
+
+    /// One configuration layer, if it exists.
+    pub async fn config_get(&self, title: &str) -> Result<Option<ConfigLayer>> {
+        self.store.config_get(title).await
+    }
+
+    /// The layers named that exist, in the order asked.
+    pub async fn config_get_many(&self, titles: &[String]) -> Result<Vec<ConfigLayer>> {
+        self.store.config_get_many(titles).await
+    }
+
+    /// Writes a layer (and a history row with the time) and tells the nodes on
+    /// [`CONFIG_CHANNEL`](crate::CONFIG_CHANNEL). The text is stored as given: check it first
+    /// (the CLI refuses a layer that does not parse). `false` when nothing changed.
+    pub async fn config_set(&self, title: &str, config: &str) -> Result<bool> {
+        self.store.config_set(title, config, self.clock.now()).await
+    }
+
+    /// Removes a layer; its history stays. `false` when there was none.
+    pub async fn config_remove(&self, title: &str) -> Result<bool> {
+        self.store.config_remove(title).await
+    }
+
+    /// Every version of a layer, oldest first, numbered from 1.
+    pub async fn config_history(&self, title: &str) -> Result<Vec<ConfigVersion>> {
+        self.store.config_history(title).await
     }
 
     /// The paused types.

@@ -14,6 +14,10 @@ use crate::model::{MachineId, TaskId};
 /// The notification channel.
 pub(crate) const CHANNEL: &str = "harmony";
 
+/// The channel a config layer change is announced on; the payload is the layer's title. A
+/// hint like the others: nodes also poll their layers.
+pub const CONFIG_CHANNEL: &str = "harmony_config";
+
 /// One wake-up hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Hint {

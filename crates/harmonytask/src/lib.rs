@@ -71,15 +71,18 @@ pub use config::EngineConfig;
 pub use engine::{CompleteCallback, Engine, EngineBuilder};
 pub use error::{ConfigError, CostError, Error, Result, TypeError};
 pub use follow::{Follow, FollowAdd};
+pub use hint::CONFIG_CHANNEL;
 pub use model::{
-    AttemptResult, Blocked, BlockedRow, Cancelled, HistoryCounts, HistoryPageQuery, HistoryQuery,
-    HistoryRow, MachineRow, NodeWhy, PausedRow, PruneCounts, QueueState, SingletonRow,
-    TaskPageQuery, TaskRow, TaskState, TaskWhy, TypeSummary, TypeWhy,
+    AttemptResult, Blocked, BlockedRow, Cancelled, ConfigLayer, ConfigLayerRow, ConfigVersion,
+    HistoryCounts, HistoryPageQuery, HistoryQuery, HistoryRow, MachineRow, NodeWhy, PausedRow,
+    PruneCounts, QueueState, SingletonRow, StorageKind, StorageNeed, StoragePathRow, TaskPageQuery,
+    TaskRow, TaskState, TaskWhy, TypeSummary, TypeWhy,
 };
 pub use resources::{ByteSize, Resource, Resources};
 pub use retention::{PruneOutcome, PruneReport, PruneRule};
 pub use singleton::{BoredContext, IAmBored, singleton};
 pub use status::{EngineStatus, RunningTask, TypeStatus};
+pub use store::{Reserved, StorageAttach};
 pub use task::{
     Done, EngineView, Limiter, MachineId, RetryWait, RunContext, TASK_NAME_MAX, Task, TaskError,
     TaskId, TypeDetails, validate_name,

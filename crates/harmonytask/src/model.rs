@@ -224,6 +224,8 @@ pub struct MachineRow {
     pub restart_request: Option<Timestamp>,
     /// Task types it runs.
     pub tasks: String,
+    /// Its config layers, and a note when their latest text could not be applied.
+    pub layers: String,
     /// Tasks it owns now.
     pub running: i64,
     /// Start time.
@@ -495,12 +497,19 @@ pub enum Blocked {
         /// The error, as logged.
         error: String,
     },
+    /// No storage path of this node that takes the type's kind has room for one task.
+    NoStorage {
+        /// Bytes one task needs.
+        needed: u64,
+        /// Free bytes on the best path (0 when there is none).
+        best_free: u64,
+    },
 }
 
 impl Blocked {
     /// The reason's kind, as stored in `harmony_task_blocked.reason` and used as a metric
     /// label: `cordoned`, `at_max`, `resources`, `never_fits`, `refused`, `cluster_limit`,
-    /// `retry_wait`, `draining`, `claim_failed`.
+    /// `retry_wait`, `draining`, `claim_failed`, `no_storage`.
     pub const fn kind(&self) -> &'static str {
         match self {
             Blocked::Cordoned => "cordoned",
@@ -512,6 +521,7 @@ impl Blocked {
             Blocked::RetryWait { .. } => "retry_wait",
             Blocked::Draining => "draining",
             Blocked::ClaimFailed { .. } => "claim_failed",
+            Blocked::NoStorage { .. } => "no_storage",
         }
     }
 }
@@ -546,6 +556,12 @@ impl fmt::Display for Blocked {
             Blocked::RetryWait { until } => write!(f, "retry wait until {until}"),
             Blocked::Draining => f.write_str("node is draining"),
             Blocked::ClaimFailed { error } => write!(f, "claim failed, retrying: {error}"),
+            Blocked::NoStorage { needed, best_free } => write!(
+                f,
+                "no storage: needs {}, best path has {} free",
+                crate::resources::format_bytes(*needed),
+                crate::resources::format_bytes(*best_free)
+            ),
         }
     }
 }
@@ -749,4 +765,111 @@ pub struct HistoryCounts {
     pub succeeded: i64,
     /// Other attempts (failed, released).
     pub failed: i64,
+}
+
+/// One configuration layer as listed (`harmony config list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, harmonydb::FromRow)]
+pub struct ConfigLayerRow {
+    /// The layer's title (`base` or a name given to `--layers`).
+    pub title: String,
+    /// Its last change.
+    pub timestamp: Timestamp,
+    /// Size of its TOML text.
+    pub bytes: i64,
+}
+
+/// One configuration layer with its TOML text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, harmonydb::FromRow)]
+pub struct ConfigLayer {
+    /// The title.
+    pub title: String,
+    /// The TOML text.
+    pub config: String,
+    /// Its last change.
+    pub timestamp: Timestamp,
+}
+
+/// One version of a layer, from its history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigVersion {
+    /// 1 for the first version written, counting up.
+    pub version: i64,
+    /// The TOML text of this version.
+    pub config: String,
+    /// When it was written.
+    pub changed_at: Timestamp,
+}
+
+/// What a storage reservation is for: scratch space while sealing, or long-term storage. A
+/// path takes the kinds it was attached with (`--can-seal`, `--can-store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Scratch space for sealing.
+    Seal,
+    /// Long-term storage.
+    Store,
+}
+
+impl StorageKind {
+    /// `seal` or `store`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StorageKind::Seal => "seal",
+            StorageKind::Store => "store",
+        }
+    }
+}
+
+impl std::str::FromStr for StorageKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "seal" => Ok(StorageKind::Seal),
+            "store" => Ok(StorageKind::Store),
+            other => Err(format!(
+                "{other:?} is not a storage kind; write seal or store"
+            )),
+        }
+    }
+}
+
+/// A task type's need for storage: `bytes` on one path of the claiming node that takes
+/// `kind`, reserved from the claim until the task is done, failed, released or its node dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageNeed {
+    /// Bytes one task reserves (more than 0).
+    pub bytes: u64,
+    /// The kind of path it needs.
+    pub kind: StorageKind,
+}
+
+/// A storage path as listed (`harmony storage list`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StoragePathRow {
+    /// Id.
+    pub id: i64,
+    /// The machine address it belongs to.
+    pub host_and_port: String,
+    /// The directory on that machine.
+    pub local_path: String,
+    /// Preference among paths with room (higher first).
+    pub weight: i64,
+    /// Bytes it may hold.
+    pub capacity: i64,
+    /// Bytes free at the last measurement (at most `capacity`).
+    pub available: i64,
+    /// Bytes reserved by tasks its machine owns now.
+    pub reserved: i64,
+    /// Takes seal reservations.
+    pub can_seal: bool,
+    /// Takes store reservations.
+    pub can_store: bool,
+    /// Last measurement by its node.
+    pub last_heartbeat: Timestamp,
+    /// Seconds since then (database clock).
+    pub seconds_since_heartbeat: f64,
+    /// Whether a live machine is registered at `host_and_port`.
+    pub machine_alive: bool,
 }

@@ -37,6 +37,12 @@
 //! new one without a run-now request waits out `min_interval` since the last; the request flag
 //! in the database is what the simulator recorded; once the faults stop every request is served.
 //!
+//! In every seed ≡ 6 (mod 7) the first type needs storage, and each node attaches two paths
+//! with room for one such task each: the claims go through the claim job's own
+//! `storage_room` and `reserve_storage`. Invariants: reservations on a path never exceed its
+//! available bytes, and every task of the type owned by a registered machine holds a
+//! reservation on a path of that machine (a claimed task without room is given back).
+//!
 //! `HARMONY_SIM_SEEDS=N` runs seeds 0..N (default 200, 100 in a debug build);
 //! `HARMONY_SIM_SEED=N` runs one seed. A failing seed prints
 //! `simulation: seed N failed at step S: <violation>` and replays exactly:
@@ -51,13 +57,14 @@ use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::model::{Candidate, Fate, Outcome};
+use crate::model::{StorageKind, StorageNeed};
 use crate::resources::Amounts;
 use crate::scheduler::{
     Action, ClaimResult, Event, Now, PollResult, PreemptResult, SchedConfig, SchedulerState,
-    StopReason, TypeSpec, undo_failed_claim,
+    StopReason, StorageEnv, TypeSpec, reserve_storage, storage_room, undo_failed_claim,
 };
 use crate::store::prelude::*;
-use crate::store::{MachineRegister, NewTask, RecordBatch, Store, TaskClaim};
+use crate::store::{MachineRegister, NewTask, RecordBatch, StorageAttach, Store, TaskClaim};
 use crate::{Clock, Error, MachineId, ManualClock, Resources, RetryWait, TaskId};
 use harmony_testkit::TestDb;
 use harmonydb::{Db, ErrorKind, Executor, Timestamp, TxOptions};
@@ -87,6 +94,8 @@ struct SimType {
     fail_pct: u64,
     /// A singleton with this `min_interval`: its tasks come only from its IAmBored.
     singleton: Option<Duration>,
+    /// Storage one task reserves on a path of its node (`storage_seed`).
+    storage: Option<StorageNeed>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +232,16 @@ type Check = Result<(), String>;
 /// A task row as the checkers read it: id, name, owner, retries, previous task.
 type TaskRowSeen = (i64, String, Option<i64>, i64, Option<i64>);
 
+/// Seeds whose first type needs storage (none of the regression seeds kept below).
+fn storage_seed(seed: u64) -> bool {
+    seed % 7 == 6
+}
+
+/// What one task of a storage type reserves, and each simulated node's paths: room for one
+/// such task each, so claims are cut short and some wait for storage.
+const STORAGE_NEED_BYTES: u64 = 10;
+const STORAGE_PATHS: &[(&str, u64)] = &[("/sim/a", 15), ("/sim/b", 12)];
+
 /// Chance, in percent, that a committed claim's reply is lost.
 const LOST_CLAIM_REPLY_PCT: u64 = 3;
 
@@ -243,6 +262,10 @@ struct Stats {
     run_now_requests: u64,
     cancelled: u64,
     cancelled_running: u64,
+    /// Tasks of storage types claimed with a reservation.
+    storage_claims: u64,
+    /// Claims of a storage type that nothing fitted.
+    storage_waits: u64,
 }
 
 impl Sim {
@@ -281,6 +304,7 @@ impl Sim {
                     max_failures: [0, 1, 2, 3][rng.usize(..4)],
                     fail_pct: [0, 10, 30, 60][rng.usize(..4)],
                     singleton: None,
+                    storage: None,
                 }
             })
             .collect::<Vec<_>>();
@@ -296,6 +320,13 @@ impl Sim {
             }
         }
         let mut types = types;
+        if storage_seed(seed) {
+            // Without drawing from `rng`, so that every other seed replays as before.
+            types[0].storage = Some(StorageNeed {
+                bytes: STORAGE_NEED_BYTES,
+                kind: StorageKind::Store,
+            });
+        }
         let mut singletons = BTreeMap::new();
         for (i, t) in types.iter_mut().enumerate() {
             if !pairs.iter().any(|&(_, to)| to == i) && rng.u8(..4) == 0 {
@@ -360,6 +391,22 @@ impl Sim {
             })
             .await
             .expect("register a simulated node");
+        if storage_seed(self.seed) {
+            for (dir, bytes) in STORAGE_PATHS {
+                self.store
+                    .storage_attach(&StorageAttach {
+                        host_and_port: &host,
+                        local_path: dir,
+                        weight: 10,
+                        capacity: *bytes,
+                        available: *bytes,
+                        can_seal: false,
+                        can_store: true,
+                    })
+                    .await
+                    .expect("attach a simulated storage path");
+            }
+        }
         // What the engine registers before it reports itself started.
         for &(from, to) in &self.pairs {
             self.store
@@ -779,6 +826,20 @@ impl Sim {
             Job::Claim { ty, offered, n: k } => {
                 let refuse = self.injected(5);
                 let accepted = if refuse { Vec::new() } else { offered.clone() };
+                // What the engine's claim job does for a type that needs storage.
+                let need = self.types[ty].storage;
+                let host = self.nodes[n].host.clone();
+                let (accepted, no_storage) = match need {
+                    Some(need) if !accepted.is_empty() => {
+                        storage_room(&self.store, &host, need, accepted)
+                            .await
+                            .map_err(|(_, e)| format!("storage room: {e}"))?
+                    }
+                    _ => (accepted, None),
+                };
+                if no_storage.is_some() {
+                    self.stats.storage_waits += 1;
+                }
                 let outcome = if accepted.is_empty() {
                     Ok(Default::default())
                 } else if self.injected(4) {
@@ -801,6 +862,20 @@ impl Sim {
                             self.stats.short_claims += 1;
                         }
                     }
+                    let r = match (r, need) {
+                        (Ok(o), Some(need)) => {
+                            let env = StorageEnv {
+                                store: &self.store,
+                                host_and_port: &host,
+                                machine,
+                                now: self.clock.now(),
+                            };
+                            let o = reserve_storage(&env, need, o).await;
+                            self.stats.storage_claims += o.claimed.len() as u64;
+                            Ok(o)
+                        }
+                        (r, _) => r,
+                    };
                     if r.is_ok() && self.injected(LOST_CLAIM_REPLY_PCT) {
                         // Committed, but the reply was lost: the node owns rows it does not
                         // know about.
@@ -826,6 +901,7 @@ impl Sim {
                         offered,
                         accepted,
                         outcome,
+                        no_storage,
                     }),
                 )?;
             }
@@ -1216,6 +1292,24 @@ impl Sim {
             })
             .await?;
         self.store.preempt_clear(task.id).await?;
+        let claimed = match self.types[ty].storage {
+            Some(need) => {
+                let host = self
+                    .nodes
+                    .iter()
+                    .find(|n| n.machine == machine)
+                    .map(|n| n.host.clone())
+                    .unwrap_or_default();
+                let env = StorageEnv {
+                    store: &self.store,
+                    host_and_port: &host,
+                    machine,
+                    now: self.clock.now(),
+                };
+                reserve_storage(&env, need, claimed).await
+            }
+            None => claimed,
+        };
         Ok(claimed.claimed.into_iter().next())
     }
 
@@ -1531,8 +1625,50 @@ impl Sim {
                 ));
             }
         }
+        self.check_storage().await?;
         self.check_singletons(&rows_per_type).await?;
         self.check_follow_ups(false).await
+    }
+
+    /// Reservations on a path never exceed its available bytes, and every task of a storage
+    /// type owned by a registered machine holds a reservation on a path of that machine.
+    async fn check_storage(&self) -> Check {
+        if !storage_seed(self.seed) {
+            return Ok(());
+        }
+        for p in self
+            .store
+            .storage_list(None)
+            .await
+            .map_err(|e| format!("reading storage paths: {e}"))?
+        {
+            if p.reserved > p.available {
+                return Err(format!(
+                    "storage path {} of {}: {} bytes reserved, {} available",
+                    p.local_path, p.host_and_port, p.reserved, p.available
+                ));
+            }
+        }
+        for t in self.types.iter().filter(|t| t.storage.is_some()) {
+            let name: &str = &t.spec.name;
+            let bare: Vec<(i64,)> = self
+                .db
+                .select(
+                    "SELECT t.id FROM harmony_task t JOIN harmony_machines m ON m.id = t.owner_id
+                     WHERE t.name = $1 AND NOT EXISTS (SELECT 1 FROM storage_reservation r
+                        JOIN storage_path p ON p.id = r.path_id
+                        WHERE r.task_id = t.id AND p.host_and_port = m.host_and_port)",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| format!("reading storage reservations: {e}"))?;
+            if let Some((id,)) = bare.first() {
+                return Err(format!(
+                    "task {id} of {name} is owned without a storage reservation"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// At most one task of a singleton type exists, its row points at it, and the run-now flag
@@ -1816,6 +1952,8 @@ impl Stats {
         self.run_now_requests += o.run_now_requests;
         self.cancelled += o.cancelled;
         self.cancelled_running += o.cancelled_running;
+        self.storage_claims += o.storage_claims;
+        self.storage_waits += o.storage_waits;
     }
 }
 

@@ -143,6 +143,9 @@ pub struct TypeDetails {
     pub max_cluster: usize,
     /// What one running task takes from the node's budget.
     pub cost: Resources,
+    /// Storage one task reserves on a path of the claiming node for its life (`None`: none).
+    /// A task is claimed only when a path has room; the reservation ends with the task.
+    pub storage: Option<crate::model::StorageNeed>,
     /// Total attempts before the task fails for good (0 = retry forever).
     pub max_failures: u32,
     /// Wait before a retry.
@@ -177,6 +180,7 @@ impl TypeDetails {
             max: None,
             max_cluster: 0,
             cost: Resources::default(),
+            storage: None,
             max_failures: 0,
             retry_wait: RetryWait::Immediate,
             timeout: None,
@@ -259,6 +263,15 @@ impl RunContext {
     /// This task's id.
     pub fn task_id(&self) -> TaskId {
         self.task
+    }
+
+    /// The storage path reserved for this task on this node (its type declares
+    /// [`TypeDetails::storage`]), or `None`.
+    pub async fn storage_path(&self) -> crate::error::Result<Option<std::path::PathBuf>> {
+        Ok(crate::store::Store::new(self.db.clone())
+            .storage_of_task(self.task, self.machine)
+            .await?
+            .map(std::path::PathBuf::from))
     }
 
     /// This task's type name.

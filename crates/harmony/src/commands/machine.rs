@@ -45,6 +45,7 @@ pub async fn run(
                 "LAST CONTACT",
                 "FLAGS",
                 "TASKS",
+                "LAYERS",
             ]);
             for m in &machines {
                 let mut flags = Vec::new();
@@ -69,6 +70,11 @@ pub async fn run(
                         flags.join(",")
                     },
                     m.tasks.clone(),
+                    if m.layers.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        m.layers.clone()
+                    },
                 ]);
             }
             if t.is_empty() {

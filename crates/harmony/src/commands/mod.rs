@@ -2,11 +2,13 @@
 //! prints as one line.
 
 mod bench;
+pub mod config;
 mod db;
 mod machine;
 mod operate;
 mod peering;
 mod run;
+pub mod storage;
 mod task;
 mod web;
 
@@ -62,6 +64,8 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<u
             bench::run(&cli.db, cli.json, http, args).await
         }
         Command::Web(args) => web::run(&cli.db, args, notify, shutdown).await,
+        Command::Config(cmd) => config::run(&cli.db, cli.json, cmd).await,
+        Command::Storage(cmd) => storage::run(&cli.db, cli.json, cmd).await,
     }
 }
 

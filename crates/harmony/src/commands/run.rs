@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harmonytask::{Engine, EngineConfig, Error as EngineError, Resource, Resources, Task};
+use harmonytask::{Admin, Engine, EngineConfig, Error as EngineError, Resource, Resources, Task};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog;
@@ -14,7 +14,11 @@ use crate::commands::peering::Peering;
 use crate::commands::{
     EXIT_FENCED, EXIT_OK, EXIT_RESTART, UsageError, check_type_name, open_migrated,
 };
+use crate::layers::{self, Resolved};
 use crate::taskfile;
+
+/// How often a node re-reads its config layers (a notification makes it sooner on Postgres).
+const LAYER_POLL: Duration = Duration::from_secs(1);
 
 /// Time allowed, beyond the longest kill grace, for a SIGKILLed command to be reaped and its
 /// attempt to return.
@@ -40,9 +44,8 @@ pub async fn run(
         }
     };
     let Prepared {
-        specs,
-        selected,
-        config,
+        file_specs,
+        resolved,
         db,
         peers,
     } = prepared;
@@ -63,9 +66,8 @@ pub async fn run(
     let out = run_engine(
         db,
         &args,
-        specs,
-        selected,
-        config,
+        file_specs,
+        resolved,
         Wakeups {
             notify: notify.enabled(),
             relay: relay.as_ref(),
@@ -90,98 +92,280 @@ struct Wakeups<'a> {
     relay: Option<&'a Arc<harmony_peer::HttpRelay>>,
 }
 
-/// Starts the engine on `db` and runs it until it stops.
+/// Starts the engine on `db` and runs it until it stops. When the node's config layers change
+/// (and the merged result checks), the engine is drained and started again in this process
+/// with the new settings and types: the process, its address and its web server stay.
 async fn run_engine(
     db: harmonydb::Db,
     args: &RunArgs,
-    specs: Vec<taskfile::TaskSpec>,
-    selected: Option<BTreeSet<String>>,
-    config: EngineConfig,
+    file_specs: Vec<taskfile::TaskSpec>,
+    mut resolved: Resolved,
     wakeups: Wakeups<'_>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u8> {
     let Wakeups { notify, relay } = wakeups;
-    let host = config.host_and_port.clone();
-    let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &specs, args.builtin)
-        .into_iter()
-        .filter(|t| {
-            selected
-                .as_ref()
-                .is_none_or(|s| s.contains(&t.type_details().name))
-        })
-        .collect();
-    let mut builder = Engine::builder(db).config(config);
-    for t in tasks {
-        builder = builder.register_arc(t);
-    }
-    let engine = builder.start().await.map_err(|e| match e {
-        EngineError::AddressInUse { .. } => UsageError(format!("--listen: {e}")).into(),
-        e => anyhow::Error::new(e).context(format!("starting node {host}")),
-    })?;
-    // The HTTP API on the address the node registered as. Bound once the registration has
-    // succeeded, so that a second node given a live node's address gets the registration's
-    // message (naming the live machine); a port that cannot be bound stops the node again.
-    let web = match crate::commands::web::start(
-        engine.db().clone(),
-        Some(engine.clone()),
-        &host,
-        args.api_token.clone(),
-        notify,
-        relay,
-    )
-    .await
-    {
-        Ok(web) => web,
-        Err(e) => {
-            if let Err(stop) = engine.shutdown().await {
-                tracing::warn!(error = %stop, "stopping the node after the HTTP API failed to start");
-            }
-            return Err(e);
-        }
-    };
-    if engine.task_types().is_empty() {
-        tracing::warn!(
-            "this node runs no task types: give it --tasks FILE (or --builtin for the test types)"
+    let mut watch = LayerWatch::new(db.clone(), args.layers.clone(), &resolved, notify).await;
+    'engines: loop {
+        let node = NodeSetup::new(args, notify, &file_specs, &resolved)?;
+        let host = node.config.host_and_port.clone();
+        let settings = format!(
+            "poll_interval={:?} poll_interval_unhealthy={:?} heartbeat_interval={:?} dead_after={:?} reaper_interval={:?} shutdown_grace={:?} claim_batch_max={}",
+            node.config.poll_interval,
+            node.config.poll_interval_unhealthy,
+            node.config.heartbeat_interval,
+            node.config.dead_after,
+            node.config.reaper_interval,
+            node.config.shutdown_grace,
+            node.config.claim_batch_max,
         );
-    }
-    tracing::info!(
-        machine = %engine.machine_id(),
-        host = %host,
-        budget = %engine.budget(),
-        types = %engine.task_types().join(","),
-        notify,
-        "node running; SIGINT or SIGTERM stops it gracefully"
-    );
-
-    let stopped = tokio::select! {
-        r = engine.wait() => r,
-        () = shutdown.cancelled() => engine.shutdown().await,
-    };
-    web.stop().await;
-    match stopped {
-        Ok(()) => {
-            tracing::info!("node stopped");
-            Ok(EXIT_OK)
+        let tasks: Vec<Arc<dyn Task>> = catalog::build(&db, &node.specs, args.builtin)
+            .into_iter()
+            .filter(|t| {
+                node.selected
+                    .as_ref()
+                    .is_none_or(|s| s.contains(&t.type_details().name))
+            })
+            .collect();
+        let mut builder = Engine::builder(db.clone()).config(node.config);
+        for t in tasks {
+            builder = builder.register_arc(t);
         }
-        Err(EngineError::Fenced(id)) => {
-            errln!(
-                "error: node {host} (machine {id}) was declared dead by the cluster — it missed heartbeats for longer than dead-after — and stopped; its tasks run elsewhere, results it finished late were discarded"
+        let engine = builder.start().await.map_err(|e| match e {
+            EngineError::AddressInUse { .. } => UsageError(format!("--listen: {e}")).into(),
+            e => anyhow::Error::new(e).context(format!("starting node {host}")),
+        })?;
+        watch.machine = Some(engine.machine_id());
+        // Measures this node's storage paths while this engine runs.
+        let storage_stop = CancellationToken::new();
+        let _storage_guard = storage_stop.clone().drop_guard();
+        tokio::spawn(crate::commands::storage::refresh_loop(
+            Admin::new(db.clone()),
+            host.clone(),
+            storage_stop,
+        ));
+        // The HTTP API on the address the node registered as. Bound once the registration has
+        // succeeded, so that a second node given a live node's address gets the registration's
+        // message (naming the live machine); a port that cannot be bound stops the node again.
+        let web = match crate::commands::web::start(
+            engine.db().clone(),
+            Some(engine.clone()),
+            &host,
+            args.api_token.clone(),
+            notify,
+            relay,
+        )
+        .await
+        {
+            Ok(web) => web,
+            Err(e) => {
+                if let Err(stop) = engine.shutdown().await {
+                    tracing::warn!(error = %stop, "stopping the node after the HTTP API failed to start");
+                }
+                return Err(e);
+            }
+        };
+        if engine.task_types().is_empty() {
+            tracing::warn!(
+                "this node runs no task types: give it --tasks FILE, --layers with [[task]] entries (or --builtin for the test types)"
             );
-            Ok(EXIT_FENCED)
         }
-        Err(EngineError::RestartRequested) => {
-            tracing::info!("restart requested by an operator; drained, exiting with code 100");
-            Ok(EXIT_RESTART)
+        tracing::info!(
+            machine = %engine.machine_id(),
+            host = %host,
+            budget = %engine.budget(),
+            types = %engine.task_types().join(","),
+            layers = %resolved.titles.join(","),
+            notify,
+            // Flags, then environment, then layers, then defaults.
+            settings = %settings,
+            "node running; SIGINT or SIGTERM stops it gracefully"
+        );
+
+        let stopped = loop {
+            let next = tokio::select! {
+                r = engine.wait() => break r,
+                () = shutdown.cancelled() => break engine.shutdown().await,
+                next = watch.changed() => next,
+            };
+            // The whole node must check with the new layers (the --types selection too)
+            // before the running engine is stopped for them.
+            if let Err(e) = NodeSetup::new(args, notify, &file_specs, &next) {
+                let shown = format!("{e:#}");
+                tracing::warn!(error = %shown, "config layers changed but this node cannot run them; keeping what it runs");
+                watch
+                    .note(&format!("{} (not applied: {shown})", next.titles.join(",")))
+                    .await;
+                continue;
+            }
+            tracing::info!(
+                layers = %next.titles.join(","),
+                "config layers changed; draining the engine and starting it again with them"
+            );
+            let r = engine.shutdown().await;
+            web.stop().await;
+            if let Err(e) = r {
+                return Err(anyhow::Error::new(e).context(format!("reconfiguring node {host}")));
+            }
+            resolved = next;
+            continue 'engines;
+        };
+        web.stop().await;
+        return match stopped {
+            Ok(()) => {
+                tracing::info!("node stopped");
+                Ok(EXIT_OK)
+            }
+            Err(EngineError::Fenced(id)) => {
+                errln!(
+                    "error: node {host} (machine {id}) was declared dead by the cluster — it missed heartbeats for longer than dead-after — and stopped; its tasks run elsewhere, results it finished late were discarded"
+                );
+                Ok(EXIT_FENCED)
+            }
+            Err(EngineError::RestartRequested) => {
+                tracing::info!("restart requested by an operator; drained, exiting with code 100");
+                Ok(EXIT_RESTART)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("running node {host}"))),
+        };
+    }
+}
+
+/// One engine's settings and types: the tasks file's types and the layers' (the file wins
+/// on a name both declare), and the engine settings (flags > environment > layers > defaults).
+struct NodeSetup {
+    specs: Vec<taskfile::TaskSpec>,
+    selected: Option<BTreeSet<String>>,
+    config: EngineConfig,
+}
+
+impl NodeSetup {
+    fn new(
+        args: &RunArgs,
+        notify: bool,
+        file_specs: &[taskfile::TaskSpec],
+        resolved: &Resolved,
+    ) -> anyhow::Result<Self> {
+        let mut specs = file_specs.to_vec();
+        for s in &resolved.tasks {
+            if specs.iter().any(|f| f.name() == s.name()) {
+                tracing::warn!(
+                    task_type = s.name(),
+                    "declared in the tasks file and in a layer; the file's declaration is used"
+                );
+            } else {
+                specs.push(s.clone());
+            }
         }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("running node {host}"))),
+        let known = catalog::known_names(&specs, args.builtin);
+        let selected = selected_types(args.types.as_deref(), &known)?;
+        let mut config = engine_config(args, notify, resolved)?;
+        config.layers = resolved.titles.clone();
+        // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must
+        // get its whole kill grace in it, or it would be killed at exit before the SIGKILL was
+        // due.
+        let kill_grace_max = specs
+            .iter()
+            .filter(|s| matches!(s.kind, taskfile::TaskKind::Command(_)))
+            .filter(|s| selected.as_ref().is_none_or(|sel| sel.contains(s.name())))
+            .map(|s| s.kill_grace)
+            .max();
+        if let Some(grace) = kill_grace_max {
+            config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
+        }
+        Ok(NodeSetup {
+            specs,
+            selected,
+            config,
+        })
+    }
+}
+
+/// Watches a node's layers: a notification on `CONFIG_CHANNEL` (Postgres) or the poll every
+/// `LAYER_POLL` makes it re-read them. A new merged text that checks is returned; one that
+/// does not is logged once and noted in the machine's details (`machine ls`), and the node
+/// keeps what it runs.
+struct LayerWatch {
+    admin: Admin,
+    named: Vec<String>,
+    applied: String,
+    refused: Option<String>,
+    listener: Option<harmonydb::NotifyListener>,
+    machine: Option<harmonytask::MachineId>,
+}
+
+impl LayerWatch {
+    async fn new(db: harmonydb::Db, named: Vec<String>, applied: &Resolved, notify: bool) -> Self {
+        // With --notify off nothing listens (backends without LISTEN); the poll suffices.
+        let listener = if notify {
+            match db.listen(&[harmonytask::CONFIG_CHANNEL]).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no notifications for config layers; polling them");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        LayerWatch {
+            admin: Admin::new(db),
+            named,
+            applied: applied.text.clone(),
+            refused: None,
+            listener,
+            machine: None,
+        }
+    }
+
+    /// Waits for a change of the layers that checks.
+    async fn changed(&mut self) -> Resolved {
+        loop {
+            match self.listener.as_mut() {
+                Some(l) => {
+                    tokio::select! {
+                        n = l.recv() => if n.is_none() { self.listener = None },
+                        () = tokio::time::sleep(LAYER_POLL) => {}
+                    }
+                }
+                None => tokio::time::sleep(LAYER_POLL).await,
+            }
+            match crate::commands::config::read_resolved(&self.admin, &self.named).await {
+                Ok(r) if r.text == self.applied => {
+                    if self.refused.take().is_some() {
+                        self.note(&r.titles.join(",")).await;
+                    }
+                }
+                Ok(r) => {
+                    self.applied = r.text.clone();
+                    self.refused = None;
+                    return r;
+                }
+                Err(e) => {
+                    let shown = e.to_string();
+                    if self.refused.as_deref() != Some(shown.as_str()) {
+                        tracing::warn!(error = %shown, "config layers changed but do not check; keeping the settings and types the node runs");
+                        let titles = layers::titles(&self.named, true).join(",");
+                        self.note(&format!("{titles} (not applied: {shown})")).await;
+                        self.refused = Some(shown);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn note(&self, text: &str) {
+        if let Some(m) = self.machine
+            && let Err(e) = self.admin.machine_layers_set(m, text).await
+        {
+            tracing::debug!(error = %e, "could not note the layers in the machine details");
+        }
     }
 }
 
 /// What a node needs before its engine starts.
 struct Prepared {
-    specs: Vec<taskfile::TaskSpec>,
-    selected: Option<BTreeSet<String>>,
-    config: EngineConfig,
+    file_specs: Vec<taskfile::TaskSpec>,
+    resolved: Resolved,
     db: harmonydb::Db,
     /// With `--notify http`.
     peers: Option<NodePeers>,
@@ -194,7 +378,7 @@ struct NodePeers {
     sender: harmony_peer::PeerSender,
 }
 
-/// Reads and checks the input, then opens (and migrates) the database.
+/// Reads and checks the input, then opens (and migrates) the database and reads the layers.
 async fn prepare(db_url: &str, args: &RunArgs, notify: &Peering) -> anyhow::Result<Prepared> {
     let specs = match args.tasks.clone() {
         // On a blocking thread, so that a read that hangs (a network file system) cannot keep
@@ -202,21 +386,17 @@ async fn prepare(db_url: &str, args: &RunArgs, notify: &Peering) -> anyhow::Resu
         Some(path) => tokio::task::spawn_blocking(move || taskfile::load(&path)).await??,
         None => Vec::new(),
     };
-    let known = catalog::known_names(&specs, args.builtin);
-    let selected = selected_types(args.types.as_deref(), &known)?;
-    let mut config = engine_config(args, notify.enabled())?;
-    // At shutdown the engine waits `cancel_wait` for cancelled attempts; a command must get
-    // its whole kill grace in it, or it would be killed at exit before the SIGKILL was due.
-    let kill_grace_max = specs
-        .iter()
-        .filter(|s| matches!(s.kind, taskfile::TaskKind::Command(_)))
-        .filter(|s| selected.as_ref().is_none_or(|sel| sel.contains(s.name())))
-        .map(|s| s.kill_grace)
-        .max();
-    if let Some(grace) = kill_grace_max {
-        config.cancel_wait = config.cancel_wait.max(grace + KILL_REAP_MARGIN);
+    for l in &args.layers {
+        layers::check_title(l).map_err(|e| UsageError(format!("--layers: {e}")))?;
     }
+    // The flags are checked before the database is opened (the layers need it).
+    engine_config(args, notify.enabled(), &Resolved::empty())?;
     let db = open_migrated(db_url).await?;
+    let resolved = crate::commands::config::read_resolved(&Admin::new(db.clone()), &args.layers)
+        .await
+        .map_err(|e| UsageError(format!("--layers: {e}")))?;
+    // The whole node is checked now, so that bad input stops it before it registers.
+    NodeSetup::new(args, notify.enabled(), &specs, &resolved)?;
     let peers = match notify.node_config(&args.listen) {
         Some(peer_config) => {
             // The relay reads the peer list through a handle without itself.
@@ -227,9 +407,8 @@ async fn prepare(db_url: &str, args: &RunArgs, notify: &Peering) -> anyhow::Resu
         None => None,
     };
     Ok(Prepared {
-        specs,
-        selected,
-        config,
+        file_specs: specs,
+        resolved,
         db,
         peers,
     })
@@ -261,16 +440,27 @@ fn selected_types(
     Ok(Some(set))
 }
 
-/// The engine settings from the flags; detection only fills the budget components not given.
-fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
+/// The engine settings: flags, then the environment and layers (`resolved`), then defaults;
+/// detection only fills the budget components none of them give.
+fn engine_config(
+    args: &RunArgs,
+    notify: bool,
+    resolved: &Resolved,
+) -> anyhow::Result<EngineConfig> {
     check_listen(&args.listen)?;
-    let budget = match (args.cpu, args.ram, args.gpu) {
-        (Some(cpu), Some(ram), Some(gpu)) => Resources::new(cpu, ram.0, gpu),
+    let values: std::collections::BTreeMap<&'static str, layers::EngineValue> =
+        resolved.engine.iter().map(|(k, (v, _))| (*k, *v)).collect();
+    let (l_cpu, l_ram, l_gpu) = layers::budget_parts(&values);
+    let cpu = args.cpu.or(l_cpu);
+    let ram = args.ram.map(|r| r.0).or(l_ram);
+    let gpu = args.gpu.or(l_gpu);
+    let budget = match (cpu, ram, gpu) {
+        (Some(cpu), Some(ram), Some(gpu)) => Resources::new(cpu, ram, gpu),
         (cpu, ram, gpu) => {
             let detected = harmonytask::resources::detect();
             Resources::new(
                 cpu.unwrap_or(detected.cpu),
-                ram.map_or(detected.ram, |r| r.0),
+                ram.unwrap_or(detected.ram),
                 gpu.unwrap_or(detected.gpu),
             )
         }
@@ -282,6 +472,7 @@ fn engine_config(args: &RunArgs, notify: bool) -> anyhow::Result<EngineConfig> {
         notify,
         ..EngineConfig::default()
     };
+    layers::apply_engine(&mut config, &values);
     if let Some(d) = args.poll_interval {
         config.poll_interval = d;
     }

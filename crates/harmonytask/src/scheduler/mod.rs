@@ -41,7 +41,7 @@ use crate::clock::Clock;
 use crate::error::Error;
 use crate::lifecycle::Supervisor;
 use crate::metrics::EngineMetrics;
-use crate::model::{Candidate, ClaimOutcome};
+use crate::model::{Candidate, ClaimOutcome, StorageNeed};
 use crate::notify::PollPace;
 use crate::ownership::NodeFlags;
 use crate::registry::Registry;
@@ -49,7 +49,7 @@ use crate::resources::Resources;
 use crate::runner::{RunEnv, RunHandle, run_one};
 use crate::status::EngineStatus;
 use crate::store::prelude::*;
-use crate::store::{Store, TaskClaim};
+use crate::store::{Reserved, Store, TaskClaim};
 use crate::task::{EngineView, MachineId, TaskId, TypeDetails};
 
 pub use self::state::{
@@ -415,6 +415,25 @@ async fn claim_job(
             Vec::new()
         }
     };
+    let need = entry.details.storage;
+    let (accepted, no_storage) = match need {
+        Some(need) if !accepted.is_empty() => {
+            match storage_room(&shared.store, &shared.host_and_port, need, accepted).await {
+                Ok(r) => r,
+                Err((accepted, e)) => {
+                    return ClaimResult {
+                        ty,
+                        reserved: n,
+                        offered,
+                        accepted,
+                        outcome: Err(e),
+                        no_storage: None,
+                    };
+                }
+            }
+        }
+        _ => (accepted, None),
+    };
     let outcome = if accepted.is_empty() {
         Ok(ClaimOutcome::default())
     } else {
@@ -434,7 +453,10 @@ async fn claim_job(
         {
             undo_with_backoff(shared, &entry.name, &accepted).await;
         }
-        claimed
+        match (claimed, need) {
+            (Ok(o), Some(need)) => Ok(reserve_storage(&storage_env(shared), need, o).await),
+            (claimed, _) => claimed,
+        }
     };
     ClaimResult {
         ty,
@@ -442,7 +464,79 @@ async fn claim_job(
         offered,
         accepted,
         outcome,
+        no_storage,
     }
+}
+
+/// Cuts `accepted` to as many tasks as the storage paths of the node at `host_and_port` have
+/// room for; none fit: nothing is accepted, and the reason says what was needed and what the
+/// best path has. The simulator calls it as the claim job does.
+pub(crate) async fn storage_room(
+    store: &Store,
+    host_and_port: &str,
+    need: StorageNeed,
+    mut accepted: Vec<TaskId>,
+) -> std::result::Result<(Vec<TaskId>, Option<(u64, u64)>), (Vec<TaskId>, Error)> {
+    let free = match store.storage_free(host_and_port, need.kind).await {
+        Ok(f) => f,
+        Err(e) => return Err((accepted, e)),
+    };
+    let fit: u64 = free.iter().map(|f| f / need.bytes.max(1)).sum();
+    if fit == 0 {
+        let best = free.iter().copied().max().unwrap_or(0);
+        return Ok((Vec::new(), Some((need.bytes, best))));
+    }
+    accepted.truncate(usize::try_from(fit).unwrap_or(usize::MAX));
+    Ok((accepted, None))
+}
+
+/// What reserving storage for claimed tasks needs of the node.
+pub(crate) struct StorageEnv<'a> {
+    pub store: &'a Store,
+    pub host_and_port: &'a str,
+    pub machine: MachineId,
+    pub now: Timestamp,
+}
+
+fn storage_env(shared: &SchedulerEnv) -> StorageEnv<'_> {
+    StorageEnv {
+        store: &shared.store,
+        host_and_port: &shared.host_and_port,
+        machine: shared.machine,
+        now: shared.clock.now(),
+    }
+}
+
+/// Reserves storage for each claimed task; one that gets none (another claim took the room
+/// first) is released at once and left out of the outcome, so it never starts.
+pub(crate) async fn reserve_storage(
+    env: &StorageEnv<'_>,
+    need: StorageNeed,
+    mut outcome: ClaimOutcome,
+) -> ClaimOutcome {
+    let mut kept = Vec::with_capacity(outcome.claimed.len());
+    for c in outcome.claimed {
+        match env
+            .store
+            .storage_reserve(c.id, env.host_and_port, need)
+            .await
+        {
+            Ok(Reserved::On { local_path, .. }) => {
+                tracing::debug!(task = %c.id, path = %local_path, "storage reserved");
+                kept.push(c);
+            }
+            other => {
+                if let Err(e) = &other {
+                    tracing::warn!(task = %c.id, error = %e, "reserving storage failed; giving the task back");
+                }
+                if let Err(e) = env.store.task_release(c.id, env.machine, env.now).await {
+                    tracing::warn!(task = %c.id, error = %e, "could not give back a task without storage; it is released when this node stops");
+                }
+            }
+        }
+    }
+    outcome.claimed = kept;
+    outcome
 }
 
 /// Most tries to give back what a failed claim may have claimed.
@@ -541,5 +635,9 @@ async fn preempt_job(
     if let Err(e) = shared.store.preempt_clear(task.id).await {
         tracing::debug!(error = %e, "could not clear preemption bids");
     }
+    let claimed = match entry.details.storage {
+        Some(need) => reserve_storage(&storage_env(shared), need, claimed).await,
+        None => claimed,
+    };
     Ok(claimed.claimed.into_iter().next())
 }

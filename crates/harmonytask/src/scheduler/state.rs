@@ -151,6 +151,9 @@ pub struct ClaimResult {
     pub accepted: Vec<TaskId>,
     /// What the claim statement got.
     pub outcome: Result<ClaimOutcome, Error>,
+    /// The type needs storage and no path had room for one task: (bytes needed, best free).
+    /// Nothing was accepted then.
+    pub no_storage: Option<(u64, u64)>,
 }
 
 /// Result of a preemption bid: the claimed time-sensitive task when this node won.
@@ -834,7 +837,10 @@ impl SchedulerState {
                 t.view.remove(c.id);
             }
             if r.accepted.is_empty() {
-                t.blocked = Some(Blocked::Refused);
+                t.blocked = Some(match r.no_storage {
+                    Some((needed, best_free)) => Blocked::NoStorage { needed, best_free },
+                    None => Blocked::Refused,
+                });
                 t.hold_until = Some(hold);
             } else if outcome.cluster_full && claimed_n < r.reserved {
                 t.blocked = Some(Blocked::ClusterLimit {
@@ -1367,6 +1373,7 @@ mod tests {
                     cluster_full: false,
                     args: None,
                 }),
+                no_storage: None,
             }))
         }
     }
@@ -1471,6 +1478,7 @@ mod tests {
             offered: offered.clone(),
             accepted: offered.clone(),
             outcome: err(ErrorKind::Connection),
+            no_storage: None,
         }));
         assert!(a.is_empty());
         assert_eq!(sim.state.reserved().cpu, 0);
@@ -1491,6 +1499,7 @@ mod tests {
             offered: offered.clone(),
             accepted: offered,
             outcome: err(ErrorKind::ForeignKey),
+            no_storage: None,
         }));
         assert_eq!(a, vec![Action::Fenced]);
         assert_eq!(sim.state.reserved().cpu, 0);
@@ -1678,6 +1687,32 @@ mod tests {
     }
 
     #[test]
+    fn no_storage_names_its_reason_and_gives_back_the_reservation() {
+        let mut sim = Sim::new(vec![spec("a", 1.0)], 1.0, 1);
+        sim.add(0, [1]);
+        let a = sim.tick();
+        let Action::Claim { n, offered, .. } = claims(&a)[0].clone() else {
+            unreachable!()
+        };
+        sim.ev(Event::Claimed(ClaimResult {
+            ty: 0,
+            reserved: n,
+            offered,
+            accepted: Vec::new(),
+            outcome: Ok(ClaimOutcome::default()),
+            no_storage: Some((64 << 30, 12 << 30)),
+        }));
+        let b = sim.state.blocked(0).cloned().expect("a reason");
+        assert_eq!(b.kind(), "no_storage");
+        assert_eq!(
+            b.to_string(),
+            "no storage: needs 64 GiB, best path has 12 GiB free"
+        );
+        // Held, like a refusal: no claim until the hold ends or new work arrives.
+        assert!(claims(&sim.tick()).is_empty());
+    }
+
+    #[test]
     fn a_hold_after_a_refusal_ends_when_its_tasks_are_gone() {
         // Simulation seed 406: refused, the view emptied, a poll refilled it, and the new
         // tasks waited out the old hold with no blocked reason.
@@ -1693,6 +1728,7 @@ mod tests {
             offered,
             accepted: Vec::new(),
             outcome: Ok(ClaimOutcome::default()),
+            no_storage: None,
         }));
         assert_eq!(sim.state.blocked(0), Some(&Blocked::Refused));
         let poll = |sim: &mut Sim, rows: Vec<Candidate>| {

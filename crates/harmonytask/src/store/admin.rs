@@ -42,13 +42,24 @@ impl Store {
             .collect())
     }
 
+    /// Sets what a machine's details row says about its config layers (`machine ls`).
+    pub async fn machine_layers_set(&self, id: MachineId, layers: &str) -> Result<()> {
+        self.db
+            .exec(
+                "UPDATE harmony_machine_details SET layers = $2 WHERE machine_id = $1",
+                &[&id, &layers],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Every registered machine with its details and owned-task count.
     pub async fn machine_list(&self) -> Result<Vec<MachineRow>> {
         let rows: Vec<Row> = self
             .db
             .select(
                 "SELECT m.id, m.host_and_port, m.cpu, m.ram, m.gpu, m.last_contact, m.unschedulable, m.restart_request,
-                        COALESCE(d.machine_name, '') AS machine_name, COALESCE(d.tasks, '') AS tasks,
+                        COALESCE(d.machine_name, '') AS machine_name, COALESCE(d.tasks, '') AS tasks, COALESCE(d.layers, '') AS layers,
                         d.startup_time, COALESCE(d.version, '') AS version,
                         (SELECT count(*) FROM harmony_task t WHERE t.owner_id = m.id) AS running
                  FROM harmony_machines m LEFT JOIN harmony_machine_details d ON d.machine_id = m.id
@@ -69,6 +80,7 @@ impl Store {
                     unschedulable: r.get("unschedulable")?,
                     restart_request: r.get("restart_request")?,
                     tasks: r.get("tasks")?,
+                    layers: r.get("layers")?,
                     running: r.get("running")?,
                     startup_time: r.get("startup_time")?,
                     version: r.get("version")?,

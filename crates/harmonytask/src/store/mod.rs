@@ -30,12 +30,14 @@ use crate::error::Result;
 use crate::hint;
 
 mod admin;
+mod config;
 mod follow;
 mod machine;
 mod ops;
 mod preempt;
 mod retention;
 mod singleton;
+mod storage;
 mod task;
 #[cfg(test)]
 mod tests;
@@ -45,6 +47,7 @@ pub(crate) use machine::{MachineRegister, MachineStore};
 pub(crate) use ops::{BlockedChange, WHY_COUNT_MAX};
 pub(crate) use preempt::PreemptStore;
 pub(crate) use singleton::SingletonStore;
+pub use storage::{Reserved, StorageAttach};
 pub(crate) use task::{NewTask, RecordBatch, TaskClaim, TaskStore};
 
 /// The store's traits, for `use crate::store::prelude::*` where the engine calls them.

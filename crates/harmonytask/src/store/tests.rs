@@ -10,9 +10,9 @@ use harmony_testkit::TestDb;
 use harmonydb::{Executor, Timestamp};
 
 use super::prelude::*;
-use super::{MachineRegister, RecordBatch, Store, TaskClaim};
+use super::{MachineRegister, RecordBatch, Reserved, StorageAttach, Store, TaskClaim};
 use crate::error::Error;
-use crate::model::{Fate, HistoryQuery, MachineId, Outcome, TaskId};
+use crate::model::{Fate, HistoryQuery, MachineId, Outcome, StorageKind, StorageNeed, TaskId};
 
 fn now() -> Timestamp {
     Timestamp::from_millis(1_700_000_000_000)
@@ -396,8 +396,176 @@ async fn claim_returns_arguments_on_postgres(t: &TestDb) {
     assert_eq!(s.task_args(ids[0]).await.unwrap().len(), 2);
 }
 
+async fn config_layers_keep_every_version(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    assert!(s.config_get("a").await.unwrap().is_none());
+    assert!(s.config_set("a", "x = 1\n", now()).await.unwrap());
+    // The same text again writes nothing.
+    assert!(!s.config_set("a", "x = 1\n", now()).await.unwrap());
+    let later = Timestamp::from_millis(now().as_millis() + 1000);
+    assert!(s.config_set("a", "x = 2\n", later).await.unwrap());
+    assert!(s.config_set("b", "y = 'it''s'\n", now()).await.unwrap());
+    let a = s.config_get("a").await.unwrap().unwrap();
+    assert_eq!((a.config.as_str(), a.timestamp), ("x = 2\n", later));
+    let list = s.config_list().await.unwrap();
+    let titles: Vec<&str> = list.iter().map(|l| l.title.as_str()).collect();
+    assert_eq!(titles, ["a", "b"]);
+    assert_eq!(list[0].bytes, 6);
+    let h = s.config_history("a").await.unwrap();
+    let versions: Vec<(i64, &str)> = h.iter().map(|v| (v.version, v.config.as_str())).collect();
+    assert_eq!(versions, [(1, "x = 1\n"), (2, "x = 2\n")]);
+    assert_eq!(h[1].changed_at, later);
+    let many = s
+        .config_get_many(&["b".into(), "none".into(), "a".into()])
+        .await
+        .unwrap();
+    let titles: Vec<&str> = many.iter().map(|l| l.title.as_str()).collect();
+    assert_eq!(titles, ["b", "a"]);
+    assert!(s.config_remove("a").await.unwrap());
+    assert!(!s.config_remove("a").await.unwrap());
+    assert!(s.config_get("a").await.unwrap().is_none());
+    assert_eq!(s.config_history("a").await.unwrap().len(), 2);
+}
+
+fn attach<'a>(host: &'a str, path: &'a str, weight: i64, bytes: u64) -> StorageAttach<'a> {
+    StorageAttach {
+        host_and_port: host,
+        local_path: path,
+        weight,
+        capacity: bytes,
+        available: bytes,
+        can_seal: false,
+        can_store: true,
+    }
+}
+
+const STORE_10: StorageNeed = StorageNeed {
+    bytes: 10,
+    kind: StorageKind::Store,
+};
+
+/// The reserved bytes of each path, by directory.
+async fn reserved(s: &Store) -> Vec<(String, i64, i64)> {
+    s.storage_list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.local_path, p.reserved, p.available))
+        .collect()
+}
+
+/// Reservations pick the heavier path, then the freer one; they count while the path's
+/// machine owns the task, and end with the task, its release, or its machine's reaping.
+async fn storage_reservations_follow_their_tasks(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    let b = register(&s, "b:1").await;
+    s.storage_attach(&attach("a:1", "/small", 10, 15))
+        .await
+        .unwrap();
+    s.storage_attach(&attach("a:1", "/big", 10, 25))
+        .await
+        .unwrap();
+    s.storage_attach(&attach("a:1", "/light", 1, 100))
+        .await
+        .unwrap();
+    let mut seal_only = attach("a:1", "/seal", 99, 1000);
+    (seal_only.can_seal, seal_only.can_store) = (true, false);
+    s.storage_attach(&seal_only).await.unwrap();
+    let ids = add(&s, 6).await;
+    s.task_claim(&claim(&ids, a)).await.unwrap();
+    let mut got = Vec::new();
+    for id in &ids[..4] {
+        match s.storage_reserve(*id, "a:1", STORE_10).await.unwrap() {
+            Reserved::On { local_path, .. } => got.push(local_path),
+            other => panic!("no room: {other:?}"),
+        }
+    }
+    // Weight 10 first, the one with more free space each time (a tie goes to the older
+    // path); then the light one. The seal-only path is never used for store.
+    assert_eq!(got, ["/big", "/small", "/big", "/light"]);
+    let free = s.storage_free("a:1", StorageKind::Store).await.unwrap();
+    assert_eq!(free, [5, 5, 90], "small, big, light");
+    // Another machine's claim of the same bytes does not see a's paths.
+    assert_eq!(
+        s.storage_reserve(ids[4], "b:1", STORE_10).await.unwrap(),
+        Reserved::NoRoom { best_free: 0 }
+    );
+    assert_eq!(
+        s.storage_of_task(ids[0], a).await.unwrap().as_deref(),
+        Some("/big")
+    );
+    assert_eq!(s.storage_of_task(ids[0], b).await.unwrap(), None);
+
+    // Done: the row goes, and its reservation with it.
+    let done = [outcome(ids[0], Fate::Done)];
+    s.task_record(&batch(a, &done)).await.unwrap();
+    // Retried: released, so not counted.
+    let retry = [outcome(ids[1], Fate::Retry)];
+    s.task_record(&batch(a, &retry)).await.unwrap();
+    // ids[0] and ids[2] were on /big, ids[1] on /small: /big keeps ids[2]'s 10 bytes.
+    let r = reserved(&s).await;
+    assert!(r.contains(&("/big".into(), 10, 25)), "{r:?}");
+    assert!(r.contains(&("/small".into(), 0, 15)), "{r:?}");
+    // A task claimed by another machine does not count on a's paths.
+    s.task_claim(&claim(&ids[1..2], b)).await.unwrap();
+    assert!(reserved(&s).await.contains(&("/small".into(), 0, 15)));
+
+    // a dies and is reaped: nothing of it stays reserved.
+    let age = t.db.dialect().pick(
+        "UPDATE harmony_machines SET last_contact = strftime('%Y-%m-%d %H:%M:%f', 'now', '-3600 seconds') WHERE id = $1",
+        "UPDATE harmony_machines SET last_contact = now() - interval '1 hour' WHERE id = $1",
+    );
+    t.db.exec(age, &[&a]).await.unwrap();
+    assert!(reserved(&s).await.iter().any(|(_, r, _)| *r > 0));
+    s.machine_reap(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        reserved(&s).await.iter().all(|(_, r, _)| *r == 0),
+        "{:?}",
+        reserved(&s).await
+    );
+    assert!(s.storage_detach("a:1", "/big").await.unwrap());
+    assert!(!s.storage_detach("a:1", "/big").await.unwrap());
+}
+
+/// Concurrent reservations through two database handles (two nodes' pools) never put more
+/// on a path than it has available.
+async fn concurrent_reservations_never_exceed_available(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let other = Store::new(t.open_another().await);
+    let a = register(&s, "a:1").await;
+    s.storage_attach(&attach("a:1", "/one", 10, 95))
+        .await
+        .unwrap();
+    s.storage_attach(&attach("a:1", "/two", 10, 55))
+        .await
+        .unwrap();
+    let ids = add(&s, 40).await;
+    s.task_claim(&claim(&ids, a)).await.unwrap();
+    let mut joins = Vec::new();
+    for (i, id) in ids.iter().copied().enumerate() {
+        let st = if i % 2 == 0 { s.clone() } else { other.clone() };
+        joins.push(tokio::spawn(async move {
+            st.storage_reserve(id, "a:1", STORE_10).await.unwrap()
+        }));
+    }
+    let mut granted = 0;
+    for j in joins {
+        if matches!(j.await.unwrap(), Reserved::On { .. }) {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 9 + 5, "every 10 bytes that fit, and no more");
+    for (path, reserved, available) in reserved(&s).await {
+        assert!(reserved <= available, "{path}: {reserved} > {available}");
+    }
+}
+
 harmony_testkit::both_backends!(
     claim_returns_arguments_on_postgres,
+    storage_reservations_follow_their_tasks,
+    concurrent_reservations_never_exceed_available,
+    config_layers_keep_every_version,
     register_refuses_a_live_address,
     heartbeat_reads_operator_flags,
     restart_only_failed_tasks,
