@@ -949,7 +949,7 @@ async fn built_in_types_run_only_when_asked() {
     let with = Node::start_plain(db, dir.path(), &["--tasks", tasks, "--builtin"]);
     assert_eq!(
         types_of(with.machine_id(&t).await).await,
-        "bench_noop,bench_sleep,bench_fail,quiet"
+        "bench_noop,bench_sleep,bench_fail,bench_read,quiet"
     );
 
     let out = harmony(&["--db", db, "run", "--types", "bench_noop"]).await;
