@@ -229,6 +229,8 @@ pub struct MachineRow {
     pub startup_time: Option<Timestamp>,
     /// Build version.
     pub version: String,
+    /// Layers it loaded (comma-separated).
+    pub layers: String,
 }
 
 /// A claimed task.
