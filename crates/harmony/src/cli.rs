@@ -413,6 +413,12 @@ pub struct DemoArgs {
     /// How many items go through the pipeline.
     #[arg(long, default_value_t = crate::demo::ITEMS_DEFAULT)]
     pub items: usize,
+    /// Where the demo node serves the dashboard and the API (HOST:PORT).
+    #[arg(long, default_value = crate::demo::LISTEN_DEMO, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Keep the node and its dashboard up after the pipeline is done, until Ctrl-C.
+    #[arg(long)]
+    pub keep_open: bool,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {

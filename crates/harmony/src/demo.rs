@@ -35,6 +35,8 @@ use crate::cli::DemoArgs;
 use crate::commands::{EXIT_OK, UsageError, open_migrated};
 use crate::output::{self, Table};
 
+/// Where the demo serves its dashboard by default (beside `harmony run`'s default port).
+pub const LISTEN_DEMO: &str = "127.0.0.1:4710";
 /// Items sent through the pipeline by default.
 pub const ITEMS_DEFAULT: usize = 100;
 /// Most items accepted.
@@ -213,6 +215,7 @@ pub async fn run(
         ))
         .into());
     }
+    crate::commands::run::check_listen(&args.listen)?;
     let db = fresh_database(Path::new(DEMO_DB_FILE)).await?;
     let pipeline = Arc::new(Pipeline {
         adders: Mutex::new(HashMap::new()),
@@ -222,6 +225,7 @@ pub async fn run(
     let mut builder = Engine::builder(db.clone()).config(EngineConfig {
         budget: Some(budget()),
         machine_name: "demo".into(),
+        host_and_port: args.listen.clone(),
         notify,
         ..EngineConfig::default()
     });
@@ -232,6 +236,17 @@ pub async fn run(
         });
     }
     let engine = builder.start().await?;
+    let web = crate::commands::web::start(
+        db.clone(),
+        Some(engine.clone()),
+        &args.listen,
+        None,
+        notify,
+        None,
+    )
+    .await?;
+    // On stderr: stdout carries the report (JSON with --json).
+    eprintln!("dashboard: http://{}/", args.listen);
     engine
         .add_tasks(STAGES[0].name, args.items, |_, _| async { Ok(true) })
         .await?;
@@ -275,14 +290,21 @@ pub async fn run(
     };
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    engine.shutdown().await?;
-
     let report = report(&db, args.items, elapsed, interrupted).await?;
     if json {
         output::json(&report)?;
     } else {
         print_report(&report);
     }
+    if args.keep_open && !shutdown.is_cancelled() {
+        eprintln!(
+            "the dashboard stays open at http://{}/; Ctrl-C stops it",
+            args.listen
+        );
+        shutdown.cancelled().await;
+    }
+    engine.shutdown().await?;
+    web.stop().await;
     Ok(EXIT_OK)
 }
 
