@@ -1,4 +1,5 @@
-//! Harmony's HTTP server (axum): health, Prometheus metrics and the JSON operator API.
+//! Harmony's HTTP server (axum): health, Prometheus metrics, the JSON operator API and the
+//! web dashboard ([`dashboard`]).
 //!
 //! Every `harmony run` node serves it on its `--listen` address (the address it registers
 //! as); `harmony web` serves it without running tasks. It reads the cluster through
@@ -9,6 +10,9 @@
 //!
 //! | | |
 //! |---|---|
+//! | `GET /`, `/tasks`, `/tasks/{id}`, `/history`, `/types/{name}`, `/machines/{id}` | the dashboard's HTML pages (see [`dashboard`]) |
+//! | `GET /events?view=PAGE` | server-sent events: the page's fragment after each shared refresh |
+//! | `GET /assets/dashboard.js`, `/assets/dashboard.css` | the dashboard's vendored script and style |
 //! | `GET /healthz` | 200 `{"ok":true,…}` when the database answers and (on a node) the machine row is registered; 503 with `reason` otherwise |
 //! | `GET /metrics` | Prometheus text format 0.0.4, or OpenMetrics when the scraper asks for it (`Accept: application/openmetrics-text`): engine counters and histograms per type, queue depth and running per type, budget and reserved per resource, blocked types, database metrics, notification health |
 //! | `GET /api/v1/machines` | every registered machine |
