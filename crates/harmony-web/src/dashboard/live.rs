@@ -1,7 +1,7 @@
 //! The dashboard's one shared refresh per node, and the render cache its subscribers share.
 //!
 //! One loop ([`run`]) reads the cluster's state (machines, bounded per-type counts, blocked
-//! reasons, pauses, singletons; the last day's counts, cached for
+//! reasons, pauses, singletons; the last day's counts at most every
 //! [`crate::cluster::HISTORY_COUNTS_TTL`]) and
 //! publishes it as a numbered [`Snapshot`] on a watch channel. It wakes every
 //! [`LIVE_INTERVAL`] while at least one browser is subscribed, every [`IDLE_SAMPLE_INTERVAL`]
@@ -76,6 +76,8 @@ pub struct Snapshot {
     pub running: Vec<(String, i64)>,
     /// Attempts of the last 24 h per type.
     pub history24: Arc<Vec<HistoryCounts>>,
+    /// When `history24` was read.
+    pub history24_at: Option<Instant>,
     /// Singleton type names.
     pub singletons: Vec<String>,
     /// Paused types.
@@ -199,7 +201,7 @@ pub(crate) async fn run(state: Arc<State>, shutdown: CancellationToken) {
         let started = Instant::now();
         let now = Timestamp::from_system(SystemTime::now());
         let since = last.map(|(_, t)| t);
-        let snap = match read(&state, generation, now, since).await {
+        let snap = match read(&state, generation, now, since, &prev).await {
             Ok(mut snap) => {
                 if let Some(sample) = sample(&snap, now, since) {
                     ring.push_back(sample);
@@ -237,14 +239,29 @@ async fn read(
     generation: u64,
     now: Timestamp,
     since: Option<Timestamp>,
+    prev: &Snapshot,
 ) -> Result<Snapshot, String> {
     let admin = &state.admin;
     let redact = |e: harmonytask::Error| harmonydb::redact(&e.to_string());
-    let counts = state.counts().await?;
+    // Its own reads, not the caches of `/metrics` and `/api/v1/types`: those answer with
+    // what a scraper's own request loaded, unaffected by the dashboard.
+    let counts = crate::cluster::load_counts(admin.clone())
+        .await
+        .map_err(redact)?;
     let machines = admin.machines().await.map_err(redact)?;
-    // Cached for HISTORY_COUNTS_TTL and shared with /api/v1/types: a day of history is
-    // read at most that often, however fast the refresh runs.
-    let history24 = state.history_counts().await?;
+    // A day of history is read at most every HISTORY_COUNTS_TTL, however fast the refresh
+    // runs.
+    let history24 = match prev.history24_at {
+        Some(at) if at.elapsed() < crate::cluster::HISTORY_COUNTS_TTL => {
+            (Arc::clone(&prev.history24), Some(at))
+        }
+        _ => (
+            crate::cluster::load_history_counts(admin.clone())
+                .await
+                .map_err(redact)?,
+            Some(Instant::now()),
+        ),
+    };
     let singletons = admin.singleton_names().await.map_err(redact)?;
     let paused = admin.paused().await.map_err(redact)?;
     let blocked = admin
@@ -271,7 +288,8 @@ async fn read(
         machines,
         waiting: counts.waiting.clone(),
         running: counts.running.clone(),
-        history24,
+        history24: history24.0,
+        history24_at: history24.1,
         singletons,
         paused,
         blocked,
