@@ -17,7 +17,7 @@ const PAD_LEFT: f64 = 44.0;
 const PAD_BOTTOM: f64 = 18.0;
 const PAD_TOP: f64 = 8.0;
 
-/// Line colours, told apart in light and dark mode.
+/// Line colours, told apart in light and dark mode (more types than colours repeat them).
 const PALETTE: [&str; CHART_LINES_MAX] = [
     "#2f7ed8", "#e4572e", "#29a36a", "#b07aa1", "#f2a900", "#17becf", "#8c564b", "#7f7f7f",
 ];
@@ -44,7 +44,12 @@ pub fn render(
             *p = p.max(value(ts));
         }
     }
-    let mut names: Vec<(&str, f64)> = peaks.into_iter().collect();
+    // A type keeps its colour across charts: by its place among every type sampled.
+    let colour = |name: &str| {
+        let i = peaks.keys().position(|n| *n == name).unwrap_or(0);
+        PALETTE[i % PALETTE.len()]
+    };
+    let mut names: Vec<(&str, f64)> = peaks.iter().map(|(n, p)| (*n, *p)).collect();
     names.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
     let left_out = names.len().saturating_sub(CHART_LINES_MAX);
     names.truncate(CHART_LINES_MAX);
@@ -81,7 +86,7 @@ pub fn render(
         r#"<text class="axis" x="{PAD_LEFT}" y="{h}">−{span}</text><text class="axis" x="{WIDTH}" y="{h}" text-anchor="end">now</text>"#,
         h = HEIGHT - 4.0
     );
-    for (i, (name, _)) in names.iter().enumerate() {
+    for (name, _) in &names {
         let mut points = String::new();
         for s in samples {
             let v = s.per_type.get(*name).map_or(0.0, value);
@@ -90,7 +95,7 @@ pub fn render(
         let _ = write!(
             svg,
             r#"<polyline fill="none" stroke="{}" stroke-width="2" vector-effect="non-scaling-stroke" points="{}"><title>{}</title></polyline>"#,
-            PALETTE[i],
+            colour(name),
             points.trim_end(),
             escape(name)
         );
@@ -102,7 +107,7 @@ pub fn render(
                 r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{}"/>"#,
                 x(last.at_ms),
                 y(v),
-                PALETTE[i]
+                colour(name)
             );
         }
     }
@@ -114,11 +119,11 @@ pub fn render(
             escape(unit)
         );
     }
-    for (i, (name, peak)) in names.iter().enumerate() {
+    for (name, peak) in &names {
         let _ = write!(
             svg,
             r#"<li><span class="swatch" style="background:{}"></span>{} <span class="muted">peak {} {}</span></li>"#,
-            PALETTE[i],
+            colour(name),
             escape(name),
             short_number(*peak),
             escape(unit)
