@@ -35,8 +35,6 @@ use crate::cli::DemoArgs;
 use crate::commands::{EXIT_OK, UsageError, open_migrated};
 use crate::output::{self, Table};
 
-/// Where the demo serves its dashboard by default (beside `harmony run`'s default port).
-pub const LISTEN_DEMO: &str = "127.0.0.1:4710";
 /// Items sent through the pipeline by default.
 pub const ITEMS_DEFAULT: usize = 100;
 /// Most items accepted.
