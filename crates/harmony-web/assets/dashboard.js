@@ -35,10 +35,23 @@
     }
   }
 
+  // While a filter field has the focus, an update would wipe what is being typed: keep the
+  // latest fragment and swap it in when the field is left.
+  var deferred = null;
+  function editing() {
+    var a = document.activeElement;
+    return a && main.contains(a) && /^(INPUT|SELECT|TEXTAREA)$/.test(a.tagName);
+  }
+  main.addEventListener("focusout", function () {
+    setTimeout(function () {
+      if (deferred !== null && !editing()) { var html = deferred; deferred = null; swap(html); }
+    }, 0);
+  });
+
   if (main && main.dataset.view && window.EventSource) {
     var source = new EventSource("/events?view=" + encodeURIComponent(main.dataset.view));
     source.addEventListener("fragment", function (e) {
-      swap(e.data);
+      if (editing()) { deferred = e.data; } else { swap(e.data); }
       status.textContent = "live";
       document.body.setAttribute("data-generation", e.lastEventId);
     });
