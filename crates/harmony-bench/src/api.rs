@@ -7,6 +7,11 @@
 //! none of them queued) and the web server on a loopback port, and times sequential HTTP/1.1
 //! requests (one connection each, as curl makes them). `/metrics` is timed both uncached (each
 //! request more than the 1 s cache lifetime after the last) and cached.
+//!
+//! The dashboard: its pages are timed the same way (the overview both cold, when its shared
+//! snapshot is stale and the load waits for a refresh, and warm), and the database queries per
+//! second are counted (`harmonydb`'s query counter) for [`SSE_WINDOW`] with no dashboard
+//! open, with 1 and with 20 open event streams (what 1 and 20 browsers on the overview hold).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +39,10 @@ const INSERT_BATCH: usize = 10_000;
 const SAMPLES: usize = 30;
 /// Uncached `/metrics` scrapes timed (each waits out the cache).
 const UNCACHED_SCRAPES: usize = 8;
+/// Cold overview loads timed (each waits out the dashboard's refresh interval).
+const COLD_PAGES: usize = 5;
+/// How long queries are counted for each number of open event streams.
+const SSE_WINDOW: Duration = Duration::from_secs(20);
 
 pub(crate) async fn api(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
     let waiting = opts.tasks.unwrap_or(1_000_000);
@@ -85,6 +94,7 @@ pub(crate) async fn api(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>>
         .bind("127.0.0.1:0")
         .await?;
     let addr = server.local_addr().to_string();
+    let live = server.live();
     let stop = CancellationToken::new();
     let serving = tokio::spawn(server.run(stop.clone()));
 
@@ -169,6 +179,83 @@ pub(crate) async fn api(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>>
         };
         push(label, samples, bytes);
     }
+    // The dashboard's pages.
+    let machine = node.engine.machine_id().0;
+    let mut samples = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..COLD_PAGES {
+        tokio::time::sleep(
+            harmony_web::dashboard::live::LIVE_INTERVAL + Duration::from_millis(100),
+        )
+        .await;
+        let (ms, body) = timed(&addr, "/").await?;
+        bytes = body.len();
+        samples.push(ms);
+    }
+    push(
+        "GET / (dashboard overview) cold: waits for a refresh".into(),
+        samples,
+        bytes,
+    );
+    let machine_page = format!("/machines/{machine}");
+    let task_page = format!("/tasks/{some_task}");
+    let pages: Vec<(&str, usize)> = vec![
+        ("/", SAMPLES),
+        ("/tasks", SAMPLES),
+        ("/tasks?type=api_small&state=waiting", SAMPLES),
+        ("/history", SAMPLES),
+        ("/types/api_waiting", 5),
+        (machine_page.as_str(), SAMPLES),
+        (task_page.as_str(), SAMPLES),
+    ];
+    for (path, n) in pages {
+        let mut samples = Vec::with_capacity(n);
+        let mut bytes = 0;
+        for _ in 0..n {
+            let (ms, body) = timed(&addr, path).await?;
+            bytes = body.len();
+            samples.push(ms);
+        }
+        push(format!("GET {path} (dashboard)"), samples, bytes);
+    }
+
+    // Database queries per second with 0, 1 and 20 open event streams on the overview. The
+    // node's own engine queries too: the 0-stream rate is its share plus the idle refresh.
+    let mut streams: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    for want in [0usize, 1, 20] {
+        while streams.len() < want {
+            streams.push(tokio::spawn(hold_events(addr.clone())));
+        }
+        let live = Arc::clone(&live);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while live.subscribers() < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(
+            live.subscribers() == want,
+            "{want} event streams wanted, {} open",
+            live.subscribers()
+        );
+        // One interval to settle into the watched pace.
+        tokio::time::sleep(harmony_web::dashboard::live::LIVE_INTERVAL).await;
+        let (q0, r0, t0) = (db.metrics().queries(), live.refreshes(), Instant::now());
+        tokio::time::sleep(SSE_WINDOW).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let queries = db.metrics().queries() - q0;
+        let refreshes = live.refreshes() - r0;
+        let mut r = BenchResult::new("api", backend);
+        r.tasks = waiting;
+        r.seconds = secs;
+        r.detail = format!(
+            "dashboard with {want} open event streams: {:.2} database queries/s ({queries} in {secs:.1} s, node included), {refreshes} shared refreshes",
+            queries as f64 / secs
+        );
+        results.push(r);
+    }
+    for s in streams {
+        s.abort();
+    }
+
     if let Some(r) = results.first_mut() {
         r.detail = format!(
             "{}; fill: tasks {tasks_secs:.1} s, history {history_secs:.1} s",
@@ -182,6 +269,22 @@ pub(crate) async fn api(opts: &BenchOptions) -> anyhow::Result<Vec<BenchResult>>
     drop(node);
     fresh.cleanup().await?;
     Ok(results)
+}
+
+/// Holds one dashboard event stream of the overview open (as a browser does), reading and
+/// dropping what it sends, until aborted.
+async fn hold_events(addr: String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+        return;
+    };
+    let req = format!(
+        "GET /events?view=%2F HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 /// One timed GET: milliseconds and the body. A non-200 answer is an error.

@@ -475,7 +475,7 @@ pub async fn restart_task(
 // ---- why, cancel, pause ----
 
 /// A node's heartbeat older than this makes its reasons stale (the engine's default).
-fn dead_after() -> std::time::Duration {
+pub(crate) fn dead_after() -> std::time::Duration {
     harmonytask::EngineConfig::default().dead_after
 }
 

@@ -1,4 +1,5 @@
-//! Harmony's HTTP server (axum): health, Prometheus metrics and the JSON operator API.
+//! Harmony's HTTP server (axum): health, Prometheus metrics, the JSON operator API and the
+//! web dashboard ([`dashboard`]).
 //!
 //! Every `harmony run` node serves it on its `--listen` address (the address it registers
 //! as); `harmony web` serves it without running tasks. It reads the cluster through
@@ -9,6 +10,9 @@
 //!
 //! | | |
 //! |---|---|
+//! | `GET /`, `/tasks`, `/tasks/{id}`, `/history`, `/types/{name}`, `/machines/{id}` | the dashboard's HTML pages (see [`dashboard`]) |
+//! | `GET /events?view=PAGE` | server-sent events: the page's fragment after each shared refresh |
+//! | `GET /assets/dashboard.js`, `/assets/dashboard.css` | the dashboard's vendored script and style |
 //! | `GET /healthz` | 200 `{"ok":true,…}` when the database answers and (on a node) the machine row is registered; 503 with `reason` otherwise |
 //! | `GET /metrics` | Prometheus text format 0.0.4, or OpenMetrics when the scraper asks for it (`Accept: application/openmetrics-text`): engine counters and histograms per type, queue depth and running per type, budget and reserved per resource, blocked types, database metrics, notification health |
 //! | `GET /api/v1/machines` | every registered machine |
@@ -56,6 +60,7 @@
 mod api;
 pub mod auth;
 pub mod cluster;
+pub mod dashboard;
 mod error;
 mod scrape;
 
@@ -93,6 +98,14 @@ pub(crate) struct State {
     registry: Registry,
     counts: Cached<ClusterCounts>,
     history_counts: Cached<Vec<HistoryCounts>>,
+    /// The dashboard's shared refresh.
+    live: Arc<dashboard::live::Live>,
+    /// The dashboard's renders, per view and refresh.
+    views: dashboard::live::ViewCache,
+    /// Fires when the server stops: ends the event streams and the refresh loop.
+    stop: CancellationToken,
+    /// How often the dashboard refreshes while watched.
+    live_interval: std::time::Duration,
 }
 
 impl State {
@@ -140,9 +153,17 @@ pub struct WebServerBuilder {
     /// state, limits and authentication.
     extra_routes: Vec<Router>,
     extra_metrics: Vec<RegisterMetrics>,
+    live_interval: std::time::Duration,
 }
 
 impl WebServerBuilder {
+    /// How often the dashboard's shared refresh runs while a browser watches (default
+    /// [`dashboard::live::LIVE_INTERVAL`]); it is also the shortest time between two refreshes.
+    pub fn live_interval(mut self, interval: std::time::Duration) -> Self {
+        self.live_interval = interval.max(std::time::Duration::from_millis(10));
+        self
+    }
+
     /// Serve this node's status and metrics too.
     pub fn engine(mut self, engine: Engine) -> Self {
         self.engine = Some(engine);
@@ -222,16 +243,21 @@ impl WebServerBuilder {
             registry,
             counts: Cached::new(COUNTS_TTL),
             history_counts: Cached::new(HISTORY_COUNTS_TTL),
+            live: Arc::default(),
+            views: dashboard::live::ViewCache::default(),
+            stop: CancellationToken::new(),
+            live_interval: self.live_interval,
         });
         let router = self
             .extra_routes
             .into_iter()
-            .fold(router(state), |r, extra| r.merge(extra));
+            .fold(router(Arc::clone(&state)), |r, extra| r.merge(extra));
         Ok(WebServer {
             listener,
             local,
             write_mode,
             router,
+            state,
         })
     }
 }
@@ -242,6 +268,7 @@ pub struct WebServer {
     local: SocketAddr,
     write_mode: WriteMode,
     router: Router,
+    state: Arc<State>,
 }
 
 impl WebServer {
@@ -254,6 +281,7 @@ impl WebServer {
             notify: true,
             extra_routes: Vec::new(),
             extra_metrics: Vec::new(),
+            live_interval: dashboard::live::LIVE_INTERVAL,
         }
     }
 
@@ -267,12 +295,29 @@ impl WebServer {
         self.write_mode
     }
 
-    /// Serves until `shutdown` fires, then stops accepting and lets requests in flight finish.
+    /// The dashboard's shared refresh (for its subscriber and refresh counts).
+    pub fn live(&self) -> Arc<dashboard::live::Live> {
+        Arc::clone(&self.state.live)
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting, ends the dashboard's event
+    /// streams and lets requests in flight finish. The dashboard's refresh loop runs alongside.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        let stop = self.state.stop.clone();
+        let refresh = tokio::spawn(dashboard::live::run(Arc::clone(&self.state), stop.clone()));
+        let on_stop = stop.clone();
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                on_stop.cancel();
+            })
             .await
-            .map_err(Error::Serve)
+            .map_err(Error::Serve);
+        stop.cancel();
+        if let Err(e) = refresh.await {
+            tracing::warn!(error = %e, "the dashboard refresh task failed");
+        }
+        served
     }
 }
 
@@ -295,6 +340,15 @@ fn router(state: Arc<State>) -> Router {
         .route("/types", get(api::types))
         .route("/types/{name}/run-now", post(api::run_now));
     Router::new()
+        .route("/", get(dashboard::page))
+        .route("/tasks", get(dashboard::page))
+        .route("/tasks/{id}", get(dashboard::page))
+        .route("/history", get(dashboard::page))
+        .route("/types/{name}", get(dashboard::page))
+        .route("/machines/{id}", get(dashboard::page))
+        .route("/events", get(dashboard::events))
+        .route("/assets/dashboard.js", get(dashboard::script))
+        .route("/assets/dashboard.css", get(dashboard::style))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .nest("/api/v1", api)

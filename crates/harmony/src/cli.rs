@@ -517,6 +517,13 @@ pub struct DemoArgs {
     /// How many items go through the pipeline.
     #[arg(long, default_value_t = crate::demo::ITEMS_DEFAULT)]
     pub items: usize,
+    /// Where the demo node serves the dashboard and the API (HOST:PORT); the default is that of
+    /// `harmony run`, so stop a local node first, or choose another address.
+    #[arg(long, default_value = LISTEN_DEFAULT, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Keep the node and its dashboard up after the pipeline is done, until Ctrl-C.
+    #[arg(long)]
+    pub keep_open: bool,
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {

@@ -213,6 +213,7 @@ pub async fn run(
         ))
         .into());
     }
+    crate::commands::run::check_listen(&args.listen)?;
     let db = fresh_database(Path::new(DEMO_DB_FILE)).await?;
     let pipeline = Arc::new(Pipeline {
         adders: Mutex::new(HashMap::new()),
@@ -222,6 +223,7 @@ pub async fn run(
     let mut builder = Engine::builder(db.clone()).config(EngineConfig {
         budget: Some(budget()),
         machine_name: "demo".into(),
+        host_and_port: args.listen.clone(),
         notify,
         ..EngineConfig::default()
     });
@@ -232,6 +234,17 @@ pub async fn run(
         });
     }
     let engine = builder.start().await?;
+    let web = crate::commands::web::start(
+        db.clone(),
+        Some(engine.clone()),
+        &args.listen,
+        None,
+        notify,
+        None,
+    )
+    .await?;
+    // On stderr: stdout carries the report (JSON with --json).
+    eprintln!("dashboard: http://{}/", args.listen);
     engine
         .add_tasks(STAGES[0].name, args.items, |_, _| async { Ok(true) })
         .await?;
@@ -275,14 +288,21 @@ pub async fn run(
     };
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    engine.shutdown().await?;
-
     let report = report(&db, args.items, elapsed, interrupted).await?;
     if json {
         output::json(&report)?;
     } else {
         print_report(&report);
     }
+    if args.keep_open && !shutdown.is_cancelled() {
+        eprintln!(
+            "the dashboard stays open at http://{}/; Ctrl-C stops it",
+            args.listen
+        );
+        shutdown.cancelled().await;
+    }
+    engine.shutdown().await?;
+    web.stop().await;
     Ok(EXIT_OK)
 }
 

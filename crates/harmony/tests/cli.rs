@@ -753,12 +753,20 @@ async fn demo_runs_and_prints_a_summary() {
     let dir = tempfile::tempdir().unwrap();
     // A stale file from an earlier run is replaced, not reused.
     std::fs::write(dir.path().join("harmony-demo.db"), b"not a database").unwrap();
+    let listen = format!("127.0.0.1:{}", harmony_testkit::free_port());
     let out = harmony_in(
         Some(dir.path()),
-        &["demo", "--scale", "0.01", "--items", "40"],
+        &[
+            "demo", "--scale", "0.01", "--items", "40", "--listen", &listen,
+        ],
     )
     .await;
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("dashboard: http://{listen}/")),
+        "the demo prints its dashboard's address: {}",
+        out.stderr
+    );
     for stage in ["DemoFetch", "DemoEncode", "DemoProve", "DemoStore"] {
         let line = out
             .stdout

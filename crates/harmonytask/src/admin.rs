@@ -386,4 +386,26 @@ impl Admin {
         let since = Timestamp::from_millis(now.saturating_sub(window));
         self.store.history_counts_since(since).await
     }
+
+    /// The tasks machine `owner` runs now, in id order: at most `limit` after `offset`.
+    pub async fn machine_tasks(
+        &self,
+        owner: MachineId,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<TaskRow>> {
+        self.store.machine_tasks(owner, limit, offset).await
+    }
+
+    /// The attempts the machine at `host` ran among the cluster's newest `scan_max`
+    /// attempts, newest first, at most `limit` (a bounded read: the history has no index by
+    /// machine).
+    pub async fn machine_history(
+        &self,
+        host: &str,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<Vec<HistoryRow>> {
+        self.store.machine_history(host, limit, scan_max).await
+    }
 }

@@ -619,6 +619,31 @@ impl Engine {
             .collect()
     }
 
+    /// The settings of every type this node registers, in registration order.
+    pub fn type_settings(&self) -> Vec<crate::status::TypeSettings> {
+        self.shared
+            .registry
+            .types
+            .iter()
+            .map(|t| {
+                let d = &t.details;
+                crate::status::TypeSettings {
+                    name: t.name.to_string(),
+                    cost: d.cost,
+                    max: d.max.as_ref().map(|l| l.max()).filter(|&m| m > 0),
+                    max_cluster: d.max_cluster,
+                    max_failures: d.max_failures,
+                    retry_wait: format!("{:?}", d.retry_wait),
+                    timeout_ms: d
+                        .timeout
+                        .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                    singleton: t.is_singleton(),
+                    time_sensitive: d.time_sensitive,
+                }
+            })
+            .collect()
+    }
+
     /// Adds a task. `extra` runs inside the transaction that inserts the task row, with the new
     /// id, to write the caller's own rows that reference it: `Ok(true)` commits, `Ok(false)`
     /// or an error rolls back (no task). A unique violation from `extra` means "already

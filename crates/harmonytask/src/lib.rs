@@ -81,7 +81,7 @@ pub use model::{
 pub use resources::{ByteSize, Resource, Resources};
 pub use retention::{PruneOutcome, PruneReport, PruneRule};
 pub use singleton::{BoredContext, IAmBored, singleton};
-pub use status::{EngineStatus, RunningTask, TypeStatus};
+pub use status::{EngineStatus, RunningTask, TypeSettings, TypeStatus};
 pub use store::{Reserved, StorageAttach};
 pub use task::{
     Done, EngineView, Limiter, MachineId, RetryWait, RunContext, TASK_NAME_MAX, Task, TaskError,

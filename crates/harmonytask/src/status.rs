@@ -56,3 +56,27 @@ pub struct TypeStatus {
     /// What one task costs.
     pub cost: Resources,
 }
+
+/// A registered type's settings on this node, as declared at registration (they live in the
+/// node's registry, not the database: another node may register the same type otherwise).
+#[derive(Debug, Clone, Serialize)]
+pub struct TypeSettings {
+    /// Type name.
+    pub name: String,
+    /// What one task costs.
+    pub cost: Resources,
+    /// Per-node limit on running tasks (`None`: unlimited), possibly shared with other types.
+    pub max: Option<usize>,
+    /// Cluster-wide limit on running tasks (0 = none).
+    pub max_cluster: usize,
+    /// Attempts before a task fails for good (0 = retry forever).
+    pub max_failures: u32,
+    /// The wait before a retry, for humans (`Constant(30s)`).
+    pub retry_wait: String,
+    /// Per-attempt deadline.
+    pub timeout_ms: Option<u64>,
+    /// Registered as a singleton.
+    pub singleton: bool,
+    /// Runs first and may preempt.
+    pub time_sensitive: bool,
+}

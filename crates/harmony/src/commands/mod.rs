@@ -7,10 +7,10 @@ mod db;
 mod machine;
 mod operate;
 mod peering;
-mod run;
+pub(crate) mod run;
 pub mod storage;
 mod task;
-mod web;
+pub(crate) mod web;
 
 use harmonydb::{BackendConfig, Db, DbConfig, ErrorKind};
 use tokio_util::sync::CancellationToken;

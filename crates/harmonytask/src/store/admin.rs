@@ -597,4 +597,46 @@ impl Store {
         );
         Ok(self.db.select(sql, &[&since]).await?)
     }
+
+    /// The tasks `owner` runs now, in id order, at most `limit` after skipping `offset`
+    /// (through the owner index).
+    pub async fn machine_tasks(
+        &self,
+        owner: MachineId,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<TaskRow>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                        t.retries, t.added_by, t.previous_task
+                 FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
+                 WHERE t.owner_id = $1 ORDER BY t.id LIMIT $2 OFFSET $3",
+                &[&owner.0, &limit, &offset],
+            )
+            .await?)
+    }
+
+    /// The attempts `host` (a machine's `host_and_port`) ran among the cluster's latest
+    /// `scan_max` attempts, newest first, at most `limit`. The history has no index by host:
+    /// the inner query bounds the scan to the newest rows of the `work_end` index.
+    pub async fn machine_history(
+        &self,
+        host: &str,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<Vec<HistoryRow>> {
+        Ok(self
+            .db
+            .select(
+                "SELECT h.id, h.task_id, h.name, h.posted, h.work_start, h.work_end, h.result, h.err,
+                        h.completed_by_host_and_port
+                 FROM (SELECT * FROM harmony_task_history ORDER BY work_end DESC, id DESC LIMIT $3) h
+                 WHERE h.completed_by_host_and_port = $1
+                 ORDER BY h.work_end DESC, h.id DESC LIMIT $2",
+                &[&host, &limit, &scan_max],
+            )
+            .await?)
+    }
 }

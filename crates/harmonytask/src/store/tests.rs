@@ -561,11 +561,53 @@ async fn concurrent_reservations_never_exceed_available(t: &TestDb) {
     }
 }
 
+/// A machine's page lists only the tasks it owns, in id order and paged; its history lists
+/// only the attempts it ran, newest first, within the scan bound.
+async fn machine_tasks_and_history(t: &TestDb) {
+    let s = Store::new(t.db.clone());
+    let a = register(&s, "a:1").await;
+    let b = register(&s, "b:1").await;
+    let ids = add(&s, 5).await;
+    s.task_claim(&claim(&ids[..3], a)).await.unwrap();
+    s.task_claim(&claim(&ids[3..4], b)).await.unwrap();
+    let page = |limit, offset| s.machine_tasks(a, limit, offset);
+    let got: Vec<TaskId> = page(10, 0).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(got, ids[..3].to_vec());
+    let got: Vec<TaskId> = page(1, 1).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![ids[1]]);
+    let rows = s.machine_tasks(b, 10, 0).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].owner_host.as_deref(), Some("b:1"));
+
+    let outcomes = [outcome(ids[0], Fate::Done), outcome(ids[1], Fate::Fail)];
+    s.task_record(&batch(a, &outcomes)).await.unwrap();
+    let hist = s.machine_history("a:1", 10, 1_000).await.unwrap();
+    let mut got: Vec<i64> = hist.iter().map(|h| h.task_id).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![ids[0].0, ids[1].0]);
+    assert!(
+        s.machine_history("b:1", 10, 1_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.machine_history("a:1", 1, 1_000).await.unwrap().len(), 1);
+    assert!(
+        s.machine_tasks(a, 10, 0)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.id == ids[2]),
+        "finished tasks are no longer the machine's"
+    );
+}
+
 harmony_testkit::both_backends!(
     claim_returns_arguments_on_postgres,
     storage_reservations_follow_their_tasks,
     concurrent_reservations_never_exceed_available,
     config_layers_keep_every_version,
+    machine_tasks_and_history,
     register_refuses_a_live_address,
     heartbeat_reads_operator_flags,
     restart_only_failed_tasks,
