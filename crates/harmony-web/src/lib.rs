@@ -321,6 +321,22 @@ impl WebServer {
     }
 }
 
+/// After a successful operator write, the dashboard's next refresh reads everything again
+/// (and runs at once), so the page that made the change shows it without waiting for the slow
+/// reads' interval.
+async fn mark_written(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let write = request.method() == axum::http::Method::POST;
+    let response = next.run(request).await;
+    if write && response.status().is_success() {
+        state.live.written();
+    }
+    response
+}
+
 fn router(state: Arc<State>) -> Router {
     let api = Router::new()
         .route("/machines", get(api::machines))
@@ -338,7 +354,11 @@ fn router(state: Arc<State>) -> Router {
         .route("/types/{name}/cancel-waiting", post(api::cancel_waiting))
         .route("/history", get(api::history))
         .route("/types", get(api::types))
-        .route("/types/{name}/run-now", post(api::run_now));
+        .route("/types/{name}/run-now", post(api::run_now))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            mark_written,
+        ));
     Router::new()
         .route("/", get(dashboard::page))
         .route("/tasks", get(dashboard::page))

@@ -153,6 +153,58 @@ async fn queries_over(
 /// Twenty browsers on one page cost the database what one costs: the refresh is shared and
 /// the page is rendered once per round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_the_server_refreshes_the_slow_reads_at_once() {
+    let t = TestDb::sqlite().await;
+    let client = harmonytask::Client::new(t.db.clone());
+    client
+        .add_task_with_args("alpha", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    let server = WebServer::builder(t.db.clone())
+        .live_interval(Duration::from_millis(200))
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let live = server.live();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone()));
+    let (mut rx, _watching) = live.subscribe();
+    // Wait for a round that made the slow reads; the round after it would not make them
+    // again on time alone (they run every SLOW_ROUNDS rounds).
+    let mut slow_at = rx.borrow_and_update().slow_at;
+    loop {
+        rx.changed().await.unwrap();
+        let snap = rx.borrow_and_update().clone();
+        if snap.slow_at.is_some() && snap.slow_at != slow_at {
+            slow_at = snap.slow_at;
+            break;
+        }
+        slow_at = snap.slow_at;
+    }
+    let http = Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Full<hyper::body::Bytes>>();
+    let req = hyper::Request::post(format!("http://{addr}/api/v1/types/alpha/pause"))
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .unwrap();
+    let r = http.request(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    rx.changed().await.unwrap();
+    let next = rx.borrow_and_update().clone();
+    assert_ne!(
+        next.slow_at, slow_at,
+        "the round after a write makes the slow reads"
+    );
+    assert!(
+        next.paused.iter().any(|p| p.task_name == "alpha"),
+        "the pause shows in the next round: {:?}",
+        next.paused
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_share_one_refresh() {
     let t = TestDb::sqlite().await;
     let client = harmonytask::Client::new(t.db.clone());

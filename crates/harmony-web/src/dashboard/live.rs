@@ -1,8 +1,9 @@
 //! The dashboard's one shared refresh per node, and the render cache its subscribers share.
 //!
-//! One loop ([`run`]) reads the cluster's state (machines, bounded per-type counts, blocked
-//! reasons, pauses, singletons; the last day's counts at most every
-//! [`crate::cluster::HISTORY_COUNTS_TTL`]) and
+//! One loop ([`run`]) reads the cluster's state (bounded per-type counts and recent
+//! completions every round; machines, blocked reasons, pauses and singletons every
+//! [`SLOW_ROUNDS`] rounds, and in the round after an operator write made through this server;
+//! the last day's counts at most every [`crate::cluster::HISTORY_COUNTS_TTL`]) and
 //! publishes it as a numbered [`Snapshot`] on a watch channel. It wakes every
 //! [`LIVE_INTERVAL`] while at least one browser is subscribed, every [`IDLE_SAMPLE_INTERVAL`]
 //! otherwise (to keep the charts' ring filled), and early when a page load finds the snapshot
@@ -32,6 +33,10 @@ use crate::State;
 
 /// How often the shared refresh runs while a browser is subscribed.
 pub const LIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// The slow reads (machines, blocked reasons, pauses, singletons) run every this many
+/// rounds, and after an operator write through this server: with them every round, a watched
+/// node cost about 5 queries/s; this way about 2 (with two waiting types).
+pub const SLOW_ROUNDS: u32 = 5;
 /// How often it runs while nobody watches (chart samples only).
 pub const IDLE_SAMPLE_INTERVAL: Duration = Duration::from_secs(30);
 /// The span of the charts.
@@ -94,6 +99,8 @@ pub struct Snapshot {
     pub samples: Arc<Vec<Sample>>,
     /// The last refresh failed with this (the data is the previous round's).
     pub error: Option<String>,
+    /// When the slow reads (machines, singletons, pauses, blocked reasons) were made.
+    pub slow_at: Option<Instant>,
 }
 
 /// The shared snapshot and who watches it.
@@ -102,6 +109,8 @@ pub struct Live {
     subscribers: AtomicUsize,
     poke: Notify,
     refreshes: AtomicU64,
+    /// An operator write went through this server since the last slow reads.
+    written: std::sync::atomic::AtomicBool,
 }
 
 /// One open event stream; dropping it unsubscribes.
@@ -122,11 +131,19 @@ impl Default for Live {
             subscribers: AtomicUsize::new(0),
             poke: Notify::new(),
             refreshes: AtomicU64::new(0),
+            written: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
 
 impl Live {
+    /// Says that an operator write went through this server: the next refresh runs at once
+    /// (within the interval) and makes every read.
+    pub fn written(&self) {
+        self.written.store(true, Ordering::Release);
+        self.poke.notify_one();
+    }
+
     /// The snapshot now, however old.
     pub fn current(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
@@ -248,7 +265,31 @@ async fn read(
     let counts = crate::cluster::load_counts(admin.clone())
         .await
         .map_err(redact)?;
-    let machines = admin.machines().await.map_err(redact)?;
+    let written = state.live.written.swap(false, Ordering::AcqRel);
+    let slow_due = written
+        || prev
+            .slow_at
+            .is_none_or(|at| at.elapsed() >= state.live_interval * SLOW_ROUNDS);
+    let (machines, singletons, paused, blocked, slow_at) = if slow_due {
+        (
+            admin.machines().await.map_err(redact)?,
+            admin.singleton_names().await.map_err(redact)?,
+            admin.paused().await.map_err(redact)?,
+            admin
+                .blocked(None, crate::api::dead_after())
+                .await
+                .map_err(redact)?,
+            Some(Instant::now()),
+        )
+    } else {
+        (
+            prev.machines.clone(),
+            prev.singletons.clone(),
+            prev.paused.clone(),
+            prev.blocked.clone(),
+            prev.slow_at,
+        )
+    };
     // A day of history is read at most every HISTORY_COUNTS_TTL, however fast the refresh
     // runs.
     let history24 = match prev.history24_at {
@@ -262,12 +303,6 @@ async fn read(
             Some(Instant::now()),
         ),
     };
-    let singletons = admin.singleton_names().await.map_err(redact)?;
-    let paused = admin.paused().await.map_err(redact)?;
-    let blocked = admin
-        .blocked(None, crate::api::dead_after())
-        .await
-        .map_err(redact)?;
     let recent = match since {
         Some(since) => Some(
             admin
@@ -298,6 +333,7 @@ async fn read(
         recent: recent.unwrap_or_default(),
         samples: Arc::new(Vec::new()),
         error: None,
+        slow_at,
     })
 }
 
