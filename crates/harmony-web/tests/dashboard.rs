@@ -121,6 +121,27 @@ async fn pages_render_and_escape(t: &TestDb) {
 both_backends!(pages_render_and_escape);
 
 /// Reads an event stream until its first `fragment` event; keeps it open.
+/// A server over `t` refreshing every `interval`, running until the token fires.
+async fn live_server(
+    t: &TestDb,
+    interval: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<harmony_web::dashboard::live::Live>,
+    CancellationToken,
+) {
+    let server = WebServer::builder(t.db.clone())
+        .live_interval(interval)
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let live = server.live();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone()));
+    (addr, live, stop)
+}
+
 async fn first_fragment(body: &mut hyper::body::Incoming) -> String {
     let mut seen = String::new();
     while !seen.contains("event: fragment") {
@@ -161,15 +182,7 @@ async fn a_write_through_the_server_refreshes_the_slow_reads_at_once() {
         .await
         .unwrap()
         .unwrap();
-    let server = WebServer::builder(t.db.clone())
-        .live_interval(Duration::from_millis(200))
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let live = server.live();
-    let stop = CancellationToken::new();
-    tokio::spawn(server.run(stop.clone()));
+    let (addr, live, stop) = live_server(&t, Duration::from_millis(200)).await;
     let (mut rx, _watching) = live.subscribe();
     // Wait for a round that made the slow reads; the round after it would not make them
     // again on time alone (they run every SLOW_ROUNDS rounds).
@@ -213,15 +226,7 @@ async fn subscribers_share_one_refresh() {
             client.add_task_with_args(name, &[]).await.unwrap().unwrap();
         }
     }
-    let server = WebServer::builder(t.db.clone())
-        .live_interval(Duration::from_millis(100))
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let live = server.live();
-    let stop = CancellationToken::new();
-    tokio::spawn(server.run(stop.clone()));
+    let (addr, live, stop) = live_server(&t, Duration::from_millis(100)).await;
     let http = Client::builder(TokioExecutor::new())
         .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
     let open = |view: &str| {

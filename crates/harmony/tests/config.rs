@@ -363,6 +363,16 @@ async fn a_running_node_applies_a_changed_max_and_a_new_type(t: &TestDb) {
         "[[task]]\nname = \"slow\"\nbuiltin = \"bench_sleep\"\nfollows = [\"elsewhere\"]\n",
     )
     .await;
+    layers_not_applied(db).await;
+    let out = harmony(&["--db", db, "--json", "machine", "ls"])
+        .await
+        .json();
+    assert!(out[0]["tasks"].as_str().unwrap().contains("fresh"), "{out}");
+    assert!(node.is_running());
+}
+
+/// Waits until `machine ls` says the node did not apply its layers; returns its LAYERS text.
+async fn layers_not_applied(db: &str) -> String {
     eventually(
         "machine ls to say the layers were not applied",
         Duration::from_secs(30),
@@ -374,12 +384,7 @@ async fn a_running_node_applies_a_changed_max_and_a_new_type(t: &TestDb) {
             layers.contains("not applied").then_some(layers)
         },
     )
-    .await;
-    let out = harmony(&["--db", db, "--json", "machine", "ls"])
-        .await
-        .json();
-    assert!(out[0]["tasks"].as_str().unwrap().contains("fresh"), "{out}");
-    assert!(node.is_running());
+    .await
 }
 
 async fn a_change_the_node_cannot_run_is_not_applied(t: &TestDb) {
@@ -408,18 +413,7 @@ async fn a_change_the_node_cannot_run_is_not_applied(t: &TestDb) {
         "[[task]]\nname = \"fresh\"\nbuiltin = \"bench_noop\"\n",
     )
     .await;
-    let layers = eventually(
-        "machine ls to say the layers were not applied",
-        Duration::from_secs(30),
-        || async move {
-            let out = harmony(&["--db", db, "--json", "machine", "ls"])
-                .await
-                .json();
-            let layers = out[0]["layers"].as_str().unwrap_or("").to_owned();
-            layers.contains("not applied").then_some(layers)
-        },
-    )
-    .await;
+    let layers = layers_not_applied(db).await;
     assert!(layers.contains("--types"), "{layers}");
     assert!(node.is_running());
     add_sleeps(db, "slow", 1, 10).await;

@@ -11,6 +11,16 @@ use crate::error::{Error, Result};
 use crate::hint::Hint;
 use crate::model::{HistoryQuery, HistoryRow, MachineId, MachineRow, TaskId, TaskRow, TypeSummary};
 
+/// The columns of a [`TaskRow`] and the join that gives the owner's address; a statement adds
+/// its `WHERE`, order and limit.
+macro_rules! task_row_sql {
+    () => {
+        "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
+                t.retries, t.added_by, t.previous_task
+         FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id"
+    };
+}
+
 impl Store {
     /// The addresses of the registered machines heard from within `alive_within` (server
     /// clock), at most `limit`, oldest machine first. One bounded read of the machine table
@@ -150,11 +160,11 @@ impl Store {
         Ok(self
             .db
             .select(
-                "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
-                        t.retries, t.added_by, t.previous_task
-                 FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
-                 WHERE ($1 = '' OR t.name = $1)
-                 ORDER BY t.posted_time, t.id LIMIT $2",
+                concat!(
+                    task_row_sql!(),
+                    " WHERE ($1 = '' OR t.name = $1)
+                 ORDER BY t.posted_time, t.id LIMIT $2"
+                ),
                 &[&name.unwrap_or(""), &limit],
             )
             .await?)
@@ -164,13 +174,7 @@ impl Store {
     pub async fn task_get(&self, id: TaskId) -> Result<Option<TaskRow>> {
         Ok(self
             .db
-            .query_opt(
-                "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
-                        t.retries, t.added_by, t.previous_task
-                 FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
-                 WHERE t.id = $1",
-                &[&id],
-            )
+            .query_opt(concat!(task_row_sql!(), " WHERE t.id = $1"), &[&id])
             .await?)
     }
 
@@ -325,20 +329,16 @@ impl Store {
 macro_rules! task_page_sql {
     (typed $($filter:tt)*) => {
         concat!(
-            "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
-                    t.retries, t.added_by, t.previous_task
-             FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
-             WHERE t.name = $3",
+            task_row_sql!(),
+            " WHERE t.name = $3",
             $($filter)*,
             " ORDER BY t.posted_time, t.id LIMIT $1 OFFSET $2"
         )
     };
     ($($filter:tt)*) => {
         concat!(
-            "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
-                    t.retries, t.added_by, t.previous_task
-             FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
-             WHERE 1 = 1",
+            task_row_sql!(),
+            " WHERE 1 = 1",
             $($filter)*,
             " ORDER BY t.id LIMIT $1 OFFSET $2"
         )
@@ -609,10 +609,10 @@ impl Store {
         Ok(self
             .db
             .select(
-                "SELECT t.id, t.name, t.owner_id, m.host_and_port AS owner_host, t.posted_time, t.update_time,
-                        t.retries, t.added_by, t.previous_task
-                 FROM harmony_task t LEFT JOIN harmony_machines m ON m.id = t.owner_id
-                 WHERE t.owner_id = $1 ORDER BY t.id LIMIT $2 OFFSET $3",
+                concat!(
+                    task_row_sql!(),
+                    " WHERE t.owner_id = $1 ORDER BY t.id LIMIT $2 OFFSET $3"
+                ),
                 &[&owner.0, &limit, &offset],
             )
             .await?)
