@@ -219,9 +219,15 @@ impl Scheduler {
             outcome: Ok(outcome),
             ..
         }) = &mut ev
-            && let Some(args) = outcome.args.take()
+            && let Some(mut args) = outcome.args.take()
         {
-            self.claimed_args.extend(args);
+            // Only for what the claim kept (a task given back at once, with no storage room,
+            // never starts).
+            for c in &outcome.claimed {
+                if let Some(a) = args.remove(&c.id) {
+                    self.claimed_args.insert(c.id, a);
+                }
+            }
         }
         let mut actions = std::mem::take(&mut self.actions);
         self.state.handle_into(ev, now(&self.shared), &mut actions);
