@@ -11,6 +11,23 @@ use crate::error::Result;
 use crate::hint::{self, Hint};
 use crate::model::{Candidate, ClaimOutcome, Claimed, Fate, MachineId, Outcome, TaskId};
 
+/// The Postgres claim statement: `$1` owner, `$2` candidate ids in preference order, `$3`
+/// limit. The candidates drive a nested loop over the primary key. The filter is written
+/// `coalesce(owner_id, 0) = 0` (machine ids start at 1) so that the planner cannot pick the
+/// partial index on unowned tasks, whose scan grows with the backlog.
+macro_rules! pg_claim_sql {
+    () => {
+        "UPDATE harmony_task SET owner_id = $1
+         WHERE owner_id IS NULL AND id IN (
+             SELECT t.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, ord)
+             JOIN harmony_task AS t ON t.id = u.id
+             WHERE coalesce(t.owner_id, 0) = 0
+               AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
+             ORDER BY u.ord LIMIT $3 FOR UPDATE OF t SKIP LOCKED)
+         RETURNING id, posted_time, update_time, retries"
+    };
+}
+
 /// Parameters of a claim.
 #[derive(Debug, Clone)]
 pub struct TaskClaim<'a> {
@@ -172,17 +189,7 @@ impl TaskStore for Store {
                             AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
                           ORDER BY j.key LIMIT $3)
              RETURNING id, posted_time, update_time, retries",
-            // The candidates drive a nested loop over the primary key. The filter is written
-            // `coalesce(owner_id, 0) = 0` (machine ids start at 1) so that the planner cannot
-            // pick the partial index on unowned tasks, whose scan grows with the backlog.
-            "UPDATE harmony_task SET owner_id = $1
-             WHERE owner_id IS NULL AND id IN (
-                 SELECT t.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, ord)
-                 JOIN harmony_task AS t ON t.id = u.id
-                 WHERE coalesce(t.owner_id, 0) = 0
-                   AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
-                 ORDER BY u.ord LIMIT $3 FOR UPDATE OF t SKIP LOCKED)
-             RETURNING id, posted_time, update_time, retries",
+            pg_claim_sql!(),
         );
         if p.max_cluster == 0 {
             if self.dialect() == Dialect::Postgres {
@@ -396,17 +403,13 @@ impl TaskStore for Store {
 /// The Postgres claim (the statement of `task_claim`) that also returns the claimed tasks'
 /// arguments, one row per argument (one with NULLs for a task without any), so that the
 /// attempt needs no read of its own.
-const CLAIM_WITH_ARGS_PG: &str = "WITH c AS (
-         UPDATE harmony_task SET owner_id = $1
-         WHERE owner_id IS NULL AND id IN (
-             SELECT t.id FROM unnest($2::bigint[]) WITH ORDINALITY AS u(id, ord)
-             JOIN harmony_task AS t ON t.id = u.id
-             WHERE coalesce(t.owner_id, 0) = 0
-               AND NOT EXISTS (SELECT 1 FROM harmony_task_pause AS p WHERE p.task_name = t.name)
-             ORDER BY u.ord LIMIT $3 FOR UPDATE OF t SKIP LOCKED)
-         RETURNING id, posted_time, update_time, retries)
+const CLAIM_WITH_ARGS_PG: &str = concat!(
+    "WITH c AS (",
+    pg_claim_sql!(),
+    ")
      SELECT c.id, c.posted_time, c.update_time, c.retries, a.key AS arg_key, a.value AS arg_value
-     FROM c LEFT JOIN harmony_task_args AS a ON a.task_id = c.id";
+     FROM c LEFT JOIN harmony_task_args AS a ON a.task_id = c.id"
+);
 
 /// A row of [`CLAIM_WITH_ARGS_PG`].
 struct ClaimedWithArg {
